@@ -1,0 +1,92 @@
+//! The edge: turns the parsed command line into work, adds context to
+//! failures, and renders them as one line without secrets.
+
+use std::io::Write;
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::config::{Cli, Command, DbUrl, ProtocolChoice};
+use crate::db::{self, Server};
+use crate::job::{self, Plan};
+use crate::retry::{Protocol, Retrier};
+
+/// Runs what `cli` asks for, writing results to `out`.
+///
+/// # Errors
+/// Anything that stops the command; render it with [`error_line`].
+pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    // Every argument is checked before anything connects or writes.
+    if cli.command.is_none() {
+        cli.job.validate().map_err(anyhow::Error::msg)?;
+    }
+    let url = database_url(cli)?;
+    match cli.command {
+        Some(Command::Migrate) => migrate(&url, out),
+        None => main_job(cli, &url, out),
+    }
+}
+
+/// One line for stderr: the context chain, with the password scrubbed out.
+pub fn error_line(err: &anyhow::Error, cli: &Cli) -> String {
+    let line = format!("{err:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match cli.database_url.as_deref().map(DbUrl::parse) {
+        Some(Ok(url)) => db::scrub(&line, &url),
+        _ => line,
+    }
+}
+
+fn database_url(cli: &Cli) -> anyhow::Result<DbUrl> {
+    let raw = cli.database_url.as_deref().ok_or_else(|| {
+        anyhow!("no database url; set DATABASE_URL (or put it in .env, see .env.example) or pass --database-url")
+    })?;
+    DbUrl::parse(raw).map_err(anyhow::Error::msg)
+}
+
+fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut conn = db::establish(url)?;
+    let applied = db::run_migrations(&mut conn)?;
+    if applied.is_empty() {
+        writeln!(out, "Schema is up to date.")?;
+    }
+    for version in applied {
+        writeln!(out, "Applied migration {version}.")?;
+    }
+    Ok(())
+}
+
+fn main_job(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut conn = db::establish(url)?;
+    let server = Server::detect(&mut conn).context("asking the server for its version")?;
+    if !db::accounts_table_exists(&mut conn).context("looking for the accounts table")? {
+        bail!(
+            "table \"accounts\" does not exist in {}; create it with `diesel migration run`, \
+             `cockroach sql --url \"$DATABASE_URL\" < dbinit.sql` (psql \"$DATABASE_URL\" -f dbinit.sql on PostgreSQL), \
+             or `bank migrate`",
+            url.redacted()
+        );
+    }
+    drop(conn);
+    let retrier = retrier(cli, server);
+    tracing::debug!(?server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
+    let pool = db::pool(url, 2).context("building the connection pool")?;
+    let plan = Plan {
+        accounts: cli.job.accounts,
+        delete: cli.job.delete,
+        seed: cli.job.seed,
+    };
+    let report = job::run(&pool, &retrier, plan, out)?;
+    tracing::debug!(retries = report.retries, "main job done");
+    Ok(())
+}
+
+fn retrier(cli: &Cli, server: Server) -> Retrier {
+    let protocol = match cli.retry.protocol {
+        ProtocolChoice::Auto => server.retry_protocol(),
+        ProtocolChoice::Savepoint => Protocol::Savepoint,
+        ProtocolChoice::Restart => Protocol::Restart,
+    };
+    Retrier::new(cli.retry.policy(), protocol)
+}

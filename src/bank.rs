@@ -1,0 +1,194 @@
+//! The bank's operations: pure units of work on a connection that return
+//! what they did and print nothing, so the retry helper can run them again.
+
+use diesel::dsl::case_when;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use uuid::Uuid;
+
+use crate::models::Account;
+use crate::retry::AsDieselError;
+use crate::schema::accounts;
+
+/// Rows per multi-row `INSERT`. Each row binds two parameters and PostgreSQL
+/// allows 65,535 per statement, so the limit is 32,767 rows; past a few
+/// thousand rows larger statements stop saving time (see bench/RESULTS.md).
+pub const ROWS_PER_INSERT: usize = 2_000;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BankError {
+    /// An account the operation needs is not there.
+    #[error("account {0} does not exist")]
+    AccountNotFound(Uuid),
+    /// The source account cannot cover the amount.
+    #[error("account {id} holds {balance}, less than the {amount} to transfer")]
+    InsufficientFunds {
+        /// The source account.
+        id: Uuid,
+        /// Its balance.
+        balance: i64,
+        /// The amount asked for.
+        amount: i64,
+    },
+    /// A transfer needs two different accounts.
+    #[error("cannot transfer from account {0} to itself")]
+    SameAccount(Uuid),
+    /// The database refused or failed.
+    #[error(transparent)]
+    Database(#[from] diesel::result::Error),
+}
+
+impl AsDieselError for BankError {
+    fn as_diesel(&self) -> Option<&diesel::result::Error> {
+        match self {
+            BankError::Database(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Inserts `rows` in multi-row statements of [`ROWS_PER_INSERT`].
+///
+/// # Errors
+/// The database's error; a duplicate id is a `UniqueViolation`.
+pub fn insert_accounts(conn: &mut PgConnection, rows: &[Account]) -> QueryResult<usize> {
+    let mut inserted = 0;
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        inserted += diesel::insert_into(accounts::table)
+            .values(chunk)
+            .execute(conn)?;
+    }
+    Ok(inserted)
+}
+
+/// How much a transfer moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// `floor(source balance / 2)`, read inside the transaction, as the tutorial does.
+    HalfOfSource,
+    /// A fixed amount.
+    Exactly(i64),
+}
+
+/// A committed transfer, as the transaction saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// The source before the transfer.
+    pub from: Account,
+    /// The destination before the transfer.
+    pub to: Account,
+    /// What moved.
+    pub amount: i64,
+    /// The source after the transfer.
+    pub from_after: Account,
+    /// The destination after the transfer.
+    pub to_after: Account,
+}
+
+/// Moves money between two accounts in two statements: one `SELECT ... FOR
+/// UPDATE` that locks both rows in id order (a fixed order, so concurrent
+/// transfers queue instead of deadlocking, as CockroachDB recommends for
+/// read-modify-write), and one `UPDATE ... RETURNING` for both balances.
+///
+/// # Errors
+/// [`BankError`]; nothing is changed when it fails.
+pub fn transfer(
+    conn: &mut PgConnection,
+    from: Uuid,
+    to: Uuid,
+    amount: Amount,
+) -> Result<Transfer, BankError> {
+    if from == to {
+        return Err(BankError::SameAccount(from));
+    }
+    let rows: Vec<Account> = accounts::table
+        .filter(accounts::id.eq_any([from, to]))
+        .order(accounts::id)
+        .for_update()
+        .select(Account::as_select())
+        .load(conn)?;
+    let find = |id: Uuid| {
+        rows.iter()
+            .find(|a| a.id == id)
+            .copied()
+            .ok_or(BankError::AccountNotFound(id))
+    };
+    let (source, destination) = (find(from)?, find(to)?);
+    let amount = match amount {
+        Amount::HalfOfSource => source.balance / 2,
+        Amount::Exactly(amount) => amount,
+    };
+    if amount > source.balance {
+        return Err(BankError::InsufficientFunds {
+            id: from,
+            balance: source.balance,
+            amount,
+        });
+    }
+    let delta = case_when(accounts::id.eq(from), (-amount).into_sql::<BigInt>())
+        .otherwise(amount.into_sql::<BigInt>());
+    let after: Vec<Account> =
+        diesel::update(accounts::table.filter(accounts::id.eq_any([from, to])))
+            .set(accounts::balance.eq(accounts::balance + delta))
+            .returning(Account::as_returning())
+            .get_results(conn)?;
+    let find_after = |id: Uuid| {
+        after
+            .iter()
+            .find(|a| a.id == id)
+            .copied()
+            .ok_or(BankError::AccountNotFound(id))
+    };
+    Ok(Transfer {
+        from: source,
+        to: destination,
+        amount,
+        from_after: find_after(from)?,
+        to_after: find_after(to)?,
+    })
+}
+
+/// Deletes the given accounts in one statement and returns the ids that
+/// were there to delete, in the order given.
+///
+/// # Errors
+/// The database's error.
+pub fn delete_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Uuid>> {
+    let deleted: Vec<Uuid> = diesel::delete(accounts::table.filter(accounts::id.eq_any(ids)))
+        .returning(accounts::id)
+        .get_results(conn)?;
+    Ok(ids
+        .iter()
+        .copied()
+        .filter(|id| deleted.contains(id))
+        .collect())
+}
+
+/// Reads the given accounts, in id order.
+///
+/// # Errors
+/// The database's error.
+pub fn find_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
+    accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .order(accounts::id)
+        .select(Account::as_select())
+        .load(conn)
+}
+
+/// The number of accounts and the sum of their balances.
+///
+/// # Errors
+/// The database's error.
+pub fn totals(conn: &mut PgConnection) -> QueryResult<(i64, i64)> {
+    // SUM(INT8) is NUMERIC on both servers; the cast keeps it an i64 without
+    // pulling in a decimal crate (a bank of i64 balances cannot overflow it
+    // before it overflows the balances themselves).
+    accounts::table
+        .select((
+            diesel::dsl::count_star(),
+            diesel::dsl::sql::<BigInt>("COALESCE(SUM(balance), 0)::INT8"),
+        ))
+        .first(conn)
+}

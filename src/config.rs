@@ -1,0 +1,293 @@
+//! Configuration: the command line, its validation, and the database URL
+//! (parsed once, redacted whenever it is shown).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use url::Url;
+
+use crate::retry::{Backoff, RetryPolicy};
+
+/// The CockroachDB bank tutorial, in Rust with Diesel.
+///
+/// With no subcommand: create accounts, transfer between two of them, delete
+/// a few, each step in a retried SERIALIZABLE transaction.
+#[derive(Debug, Parser)]
+#[command(name = "bank", version, about)]
+pub struct Cli {
+    /// Where the database is, e.g. postgresql://root@127.0.0.1:26257/defaultdb?sslmode=disable
+    /// (also read from DATABASE_URL and from a .env file).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
+
+    /// Log debug messages (statements, retries) to stderr; RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+
+    /// Retry budgets.
+    #[command(flatten)]
+    pub retry: RetryArgs,
+
+    /// Main job sizes.
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// What to run instead of the main job.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands besides the main job.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update the schema by applying the embedded migrations
+    /// (the same ones `diesel migration run` applies).
+    Migrate,
+}
+
+/// The main job's sizes.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// How many accounts to create.
+    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_accounts, allow_negative_numbers = true)]
+    pub accounts: u64,
+
+    /// How many of the new accounts to delete at the end.
+    #[arg(long, value_name = "N", default_value = "5", value_parser = parse_positive, allow_negative_numbers = true)]
+    pub delete: u64,
+
+    /// Seed the random generator: the same seed gives the same ids, balances and choices.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+}
+
+impl JobArgs {
+    /// Checks what single flags cannot check alone, before anything is written.
+    ///
+    /// # Errors
+    /// A one-line message naming the bad values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.delete > self.accounts {
+            return Err(format!(
+                "--delete {} is more than --accounts {}; delete at most as many accounts as are created",
+                self.delete, self.accounts
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The retry helper's budgets, shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct RetryArgs {
+    /// Retries allowed after the first attempt of each transaction.
+    #[arg(long, value_name = "N", global = true, default_value = "10", value_parser = parse_retries, allow_negative_numbers = true)]
+    pub max_retries: u32,
+
+    /// Give up on a transaction whose retries would start after this many seconds.
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds)]
+    pub tx_deadline: Duration,
+
+    /// Retry protocol: savepoint (CockroachDB's), restart (PostgreSQL's), or auto by server.
+    #[arg(long, value_name = "PROTOCOL", global = true, default_value = "auto")]
+    pub protocol: ProtocolChoice,
+}
+
+impl RetryArgs {
+    /// The policy these flags describe.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_retries.saturating_add(1),
+            deadline: Some(self.tx_deadline),
+            backoff: Backoff {
+                base: Duration::from_millis(10),
+                cap: Duration::from_secs(1),
+                first_retry_immediate: false,
+            },
+        }
+    }
+}
+
+/// `--protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolChoice {
+    /// Savepoint on CockroachDB, restart elsewhere.
+    Auto,
+    /// CockroachDB's `SAVEPOINT cockroach_restart` protocol.
+    Savepoint,
+    /// Roll back and begin again.
+    Restart,
+}
+
+fn parse_positive(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if n < 1 => Err("must be at least 1".into()),
+        Ok(n) => u64::try_from(n).map_err(|_| format!("must be at most {}", u64::MAX)),
+        Err(_) => Err("must be a whole number, like 100".into()),
+    }
+}
+
+fn parse_accounts(text: &str) -> Result<u64, String> {
+    match parse_positive(text)? {
+        1 => Err("must be at least 2, so that the transfer has two distinct accounts".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_retries(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if n < 0 => Err("must be 0 or more".into()),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX - 1)),
+        Err(_) => Err("must be a whole number, like 10".into()),
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err("must be a number of seconds between 0 and 86400, like 30 or 0.5".into()),
+    }
+}
+
+/// A database URL that parsed as `postgres://` or `postgresql://`.
+#[derive(Clone)]
+pub struct DbUrl {
+    url: Url,
+}
+
+impl std::fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DbUrl({})", self.redacted())
+    }
+}
+
+impl DbUrl {
+    /// Parses and checks the URL without ever echoing it (it may hold a password).
+    ///
+    /// # Errors
+    /// A one-line message saying what is wrong and what the URL should look like.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        const SHAPE: &str =
+            "expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...]";
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err(format!("the database url is empty; {SHAPE}"));
+        }
+        let url = Url::parse(raw)
+            .map_err(|err| format!("the database url is malformed ({err}); {SHAPE}"))?;
+        match url.scheme() {
+            "postgres" | "postgresql" => {}
+            other => {
+                return Err(format!(
+                    "the database url has scheme '{other}', which is not a PostgreSQL wire-protocol url; {SHAPE}"
+                ))
+            }
+        }
+        if url.cannot_be_a_base() {
+            return Err(format!(
+                "the database url is malformed (no '//' after the scheme); {SHAPE}"
+            ));
+        }
+        Ok(Self { url })
+    }
+
+    /// The URL handed to libpq: the user's, plus an `application_name` (so the
+    /// app shows up in CockroachDB's console and `pg_stat_activity`, as in the
+    /// tutorial) and a `connect_timeout` (so an unreachable host fails
+    /// instead of hanging), unless the user set them.
+    pub fn for_libpq(&self) -> String {
+        let mut url = self.url.clone();
+        let has = |key: &str| self.url.query_pairs().any(|(k, _)| k == key);
+        let mut extra = Vec::new();
+        if !has("application_name") {
+            extra.push(("application_name", "docs_simplecrud_diesel"));
+        }
+        if !has("connect_timeout") {
+            extra.push(("connect_timeout", "10"));
+        }
+        if !extra.is_empty() {
+            url.query_pairs_mut().extend_pairs(extra);
+        }
+        url.into()
+    }
+
+    /// `user@host:port/database`, for messages: never the password or the query.
+    pub fn redacted(&self) -> String {
+        let user = match self.url.username() {
+            "" => String::new(),
+            name => format!("{name}@"),
+        };
+        let host = self.url.host_str().unwrap_or("localhost");
+        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{user}{host}{port}{}", self.url.path())
+    }
+
+    /// The host name as written, for messages.
+    pub fn host(&self) -> String {
+        self.url.host_str().unwrap_or("localhost").to_owned()
+    }
+
+    /// The password, percent-decoded, so output can be scrubbed of it.
+    pub fn password(&self) -> Option<String> {
+        let raw = self.url.password()?;
+        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        (!decoded.is_empty()).then(|| decoded.into_owned())
+    }
+
+    /// The same URL pointing at another database (tests create one each).
+    pub fn with_database(&self, name: &str) -> Self {
+        let mut url = self.url.clone();
+        url.set_path(&format!("/{name}"));
+        Self { url }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_drops_the_password_and_query() {
+        let url = DbUrl::parse("postgresql://max:s3cret@db.example:26257/bank?sslmode=verify-full")
+            .unwrap();
+        assert_eq!(url.redacted(), "max@db.example:26257/bank");
+        assert_eq!(url.password().as_deref(), Some("s3cret"));
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn libpq_url_gets_application_name_and_timeout_once() {
+        let url = DbUrl::parse("postgresql://root@h:1/d?application_name=mine").unwrap();
+        let libpq = url.for_libpq();
+        assert!(libpq.contains("application_name=mine"));
+        assert!(!libpq.contains("docs_simplecrud_diesel"));
+        assert!(libpq.contains("connect_timeout=10"));
+    }
+
+    #[test]
+    fn bad_urls_get_one_line_that_hides_them() {
+        for bad in ["", "not a url", "mysql://u:pw@h/d", "postgresql:pw"] {
+            let err = DbUrl::parse(bad).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("expected postgresql://"), "{err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn counts_reject_zero_negative_and_words() {
+        assert_eq!(parse_positive("0").unwrap_err(), "must be at least 1");
+        assert_eq!(parse_positive("-3").unwrap_err(), "must be at least 1");
+        assert!(parse_positive("ten").is_err());
+        assert!(parse_accounts("1")
+            .unwrap_err()
+            .contains("two distinct accounts"));
+        assert_eq!(parse_accounts("1000000"), Ok(1_000_000));
+    }
+}

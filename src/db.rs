@@ -1,0 +1,185 @@
+//! The database connection: first contact (with readable errors), server
+//! detection, the r2d2 pool, the embedded migrations and the schema check.
+
+use std::time::Duration;
+
+use diesel::connection::{set_default_instrumentation, Instrumentation, InstrumentationEvent};
+use diesel::dsl::sql;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{Bool, Text};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::config::DbUrl;
+use crate::retry::{PgPool, Protocol};
+
+/// The migrations in `migrations/`, compiled in for `bank migrate`.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Which server answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// CockroachDB.
+    CockroachDb,
+    /// PostgreSQL, or anything else speaking its protocol.
+    PostgreSql,
+}
+
+impl Server {
+    /// Detects the server from `SELECT version()`.
+    ///
+    /// # Errors
+    /// The query's error.
+    pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
+        let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
+        Ok(if version.contains("CockroachDB") {
+            Server::CockroachDb
+        } else {
+            Server::PostgreSql
+        })
+    }
+
+    /// The retry protocol that works best on this server.
+    pub fn retry_protocol(self) -> Protocol {
+        match self {
+            Server::CockroachDb => Protocol::Savepoint,
+            Server::PostgreSql => Protocol::Restart,
+        }
+    }
+}
+
+/// Connecting failed; the message is one line and never holds the password.
+#[derive(Debug, thiserror::Error)]
+#[error("could not connect to {target}: {reason}")]
+pub struct ConnectError {
+    target: String,
+    reason: String,
+}
+
+/// Opens one connection, turning libpq's multi-line messages into one line
+/// that says what to fix.
+///
+/// # Errors
+/// [`ConnectError`].
+pub fn establish(url: &DbUrl) -> Result<PgConnection, ConnectError> {
+    PgConnection::establish(&url.for_libpq()).map_err(|err| ConnectError {
+        target: url.redacted(),
+        reason: explain_connection_error(&err.to_string(), url),
+    })
+}
+
+/// libpq reports connection failures as text only, with no SQLSTATE, so this
+/// is the one place that reads message text.
+fn explain_connection_error(message: &str, url: &DbUrl) -> String {
+    let first_line = message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown error");
+    let has = |needle: &str| message.contains(needle);
+    let reason = if has("Connection refused") {
+        "connection refused; is the server running and listening on that host and port?".to_owned()
+    } else if has("could not translate host name") || has("Name or service not known") {
+        format!(
+            "unknown host '{}'; check the host name in the database url",
+            url.host()
+        )
+    } else if has("timeout expired") {
+        "timed out; check the host, the port and any firewall in between (connect_timeout in the url sets the limit)"
+            .to_owned()
+    } else if has("password authentication failed") {
+        "password authentication failed; check the user and password in the database url".to_owned()
+    } else if has("does not match host name") || has("does not match host") {
+        "the server's certificate does not match the host name; connect with a host name listed in the certificate"
+            .to_owned()
+    } else if has("certificate verify failed") || has("root certificate file") {
+        "the server's certificate could not be verified; point sslrootcert at the CA certificate that signed it"
+            .to_owned()
+    } else if has("no encryption") || (has("no pg_hba.conf entry") && has("SSL off")) {
+        "the server requires an encrypted connection; use sslmode=verify-full (or require) in the database url"
+            .to_owned()
+    } else if has("server does not support SSL") {
+        "the server does not support TLS but sslmode asks for it; use a TLS-enabled server or change sslmode"
+            .to_owned()
+    } else if has("does not exist") && has("database") {
+        format!("{first_line}; create the database first or fix the name in the url")
+    } else {
+        first_line.to_owned()
+    };
+    scrub(&reason, url)
+}
+
+/// Removes the password from a message, in case a driver ever echoes it.
+pub fn scrub(message: &str, url: &DbUrl) -> String {
+    match url.password() {
+        Some(password) => message.replace(&password, "***"),
+        None => message.to_owned(),
+    }
+}
+
+/// Builds the pool. `establish` should have succeeded first, so that a bad
+/// URL is reported with its real cause rather than as a pool timeout.
+pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
+    let manager = ConnectionManager::<PgConnection>::new(url.for_libpq());
+    Pool::builder()
+        .max_size(max_size)
+        .min_idle(Some(0))
+        // The retry helper already replaces a connection that turns out dead
+        // before the commit, so a `SELECT 1` round trip on every checkout
+        // would only slow every transaction down.
+        .test_on_check_out(false)
+        // Load balancers (and CockroachDB Cloud's) cut idle connections, and
+        // nodes get drained: close idle connections well before a typical
+        // five-minute cut, and recycle every connection so that traffic
+        // rebalances across nodes.
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .max_lifetime(Some(Duration::from_secs(30 * 60)))
+        .connection_timeout(Duration::from_secs(15))
+        .error_handler(Box::new(r2d2::NopErrorHandler))
+        .build(manager)
+}
+
+/// Applies the embedded migrations that are not applied yet and returns
+/// their versions. Running it twice is a no-op.
+///
+/// # Errors
+/// Whatever the migration harness reports, as one line.
+pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationError> {
+    let applied = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(|err| MigrationError(err.to_string()))?;
+    Ok(applied.iter().map(ToString::to_string).collect())
+}
+
+/// A migration failed.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed: {0}")]
+pub struct MigrationError(String);
+
+/// Whether `accounts` exists in the current schema.
+///
+/// # Errors
+/// The query's error.
+pub fn accounts_table_exists(conn: &mut PgConnection) -> QueryResult<bool> {
+    diesel::select(sql::<Bool>(
+        "EXISTS (SELECT 1 FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_name = 'accounts')",
+    ))
+    .get_result(conn)
+}
+
+/// Logs every statement at debug level on target `bank::sql`. Connection
+/// events are left out on purpose: they carry the URL, and with it the
+/// password.
+pub fn log_statements() {
+    fn make() -> Option<Box<dyn Instrumentation>> {
+        Some(Box::new(|event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                tracing::debug!(target: "bank::sql", "{query}");
+            }
+        }))
+    }
+    if let Err(err) = set_default_instrumentation(make) {
+        tracing::warn!("statement logging is off: {err}");
+    }
+}

@@ -1,0 +1,20 @@
+//! A CockroachDB bank in Rust with Diesel: the counterpart of CockroachDB's
+//! SQLAlchemy tutorial, with a transaction-retry helper fit for production.
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod app;
+pub mod bank;
+pub mod config;
+pub mod db;
+pub mod job;
+pub mod models;
+pub mod retry;
+#[allow(missing_docs)]
+pub mod schema;

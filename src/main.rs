@@ -1,0 +1,68 @@
+//! `bank`: parses the command line, sets up logging, runs the library, and
+//! maps the outcome to an exit code.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use bank::config::Cli;
+
+fn main() -> ExitCode {
+    if let Err(err) = dotenvy::dotenv() {
+        if !err.not_found() {
+            eprintln!("bank: could not read .env ({err}); fix or remove the file");
+            return ExitCode::from(2);
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            // clap's own report spans several lines; keep the one that says
+            // what is wrong.
+            let text = err.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "bank: {} (see bank --help)",
+                line.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let default_level = if cli.verbose {
+        "bank=debug"
+    } else {
+        "bank=warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(io::stderr)
+        .init();
+    if cli.verbose {
+        bank::db::log_statements();
+    }
+
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = bank::app::run(&cli, &mut out);
+    let flushed = out.flush();
+    match result.and(flushed.map_err(Into::into)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bank: {}", bank::app::error_line(&err, &cli));
+            ExitCode::FAILURE
+        }
+    }
+}
