@@ -1,0 +1,93 @@
+//! Bad input: one clear line on stderr, a non-zero exit, no panic, no
+//! password, and nothing written.
+
+use std::net::TcpListener;
+
+use crate::helpers::*;
+
+const SENTINEL: &str = "sentinel-Pa55word";
+
+/// Runs the binary and checks the common promises; returns stderr's line.
+fn fails(args: &[&str]) -> String {
+    let out = bank_cmd(&tempdir()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {stdout}");
+    assert_ne!(out.status.code(), Some(101), "{args:?} panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: not one line:\n{stderr}");
+    assert!(stderr.starts_with("bank: "), "{stderr}");
+    assert!(!stderr.contains(SENTINEL) && !stdout.contains(SENTINEL), "password leaked: {stderr}");
+    let message = stderr.trim_end().trim_start_matches("bank: ");
+    assert!(message.starts_with(|c: char| !c.is_uppercase()), "starts lowercase: {message}");
+    assert!(!message.ends_with('.'), "no trailing period: {message}");
+    stderr
+}
+
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[test]
+fn a_refused_connection_is_one_line_without_the_password() {
+    let url = format!("postgresql://app:{SENTINEL}@127.0.0.1:{}/bank", closed_port());
+    let line = fails(&["--database-url", &url]);
+    assert!(line.contains("connection refused"), "{line}");
+    assert!(line.contains("app@127.0.0.1"), "names the target: {line}");
+}
+
+#[test]
+fn an_unknown_host_is_named() {
+    let url = format!("postgresql://app:{SENTINEL}@no-such-host.invalid:26257/bank");
+    let line = fails(&["--database-url", &url]);
+    assert!(line.contains("unknown host 'no-such-host.invalid'"), "{line}");
+}
+
+#[test]
+fn a_malformed_url_says_what_a_url_looks_like() {
+    for url in [format!("postgres//app:{SENTINEL}@h/db"), format!("mysql://app:{SENTINEL}@h/db"), String::new()] {
+        let line = fails(&["--database-url", &url]);
+        assert!(line.contains("expected postgresql://"), "{line}");
+    }
+}
+
+#[test]
+fn a_missing_url_says_where_to_set_it() {
+    let line = fails(&[]);
+    assert!(line.contains("set database_url") || line.contains("DATABASE_URL"), "{line}");
+}
+
+#[test]
+fn a_missing_table_names_the_three_ways_to_create_it() {
+    let db = TestDb::empty();
+    let line = fails(&["--database-url", &db.url_string()]);
+    assert!(line.contains(r#"table "accounts" does not exist"#), "{line}");
+    for way in ["diesel migration run", "dbinit.sql", "bank migrate"] {
+        assert!(line.contains(way), "{way} missing from: {line}");
+    }
+}
+
+#[test]
+fn impossible_counts_are_refused_before_anything_is_written() {
+    let db = TestDb::migrated();
+    let url = db.url_string();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--accounts", "0"], "'0' for '--accounts <N>': must be at least 1"),
+        (&["--accounts", "-5"], "'-5' for '--accounts <N>': must be at least 1"),
+        (&["--accounts", "1"], "must be at least 2"),
+        (&["--accounts", "many"], "'many' for '--accounts <N>': must be a whole number"),
+        (&["--delete", "0"], "'0' for '--delete <N>': must be at least 1"),
+        (&["--delete", "-1"], "'-1' for '--delete <N>': must be at least 1"),
+        (&["--accounts", "5", "--delete", "6"], "--delete 6 is more than --accounts 5"),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["--database-url", &url];
+        all.extend_from_slice(args);
+        let line = fails(&all);
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    let line = fails(&["--database-url", &url, "--max-retries", "-1"]);
+    assert!(line.contains("'-1' for '--max-retries <N>'"), "{line}");
+    assert_eq!(db.count("accounts"), 0, "nothing was written");
+}

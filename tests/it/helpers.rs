@@ -1,0 +1,247 @@
+//! Test bed: a fresh database per test (dropped when the test passes, kept
+//! for debugging when it fails), fault injection, a clock that never sleeps.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use bank::config::DbUrl;
+use bank::db::{self, Server};
+use bank::retry::{Clock, PgPool};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use rand::Rng;
+
+/// The server every test database lives on: `DATABASE_URL`, which `./dev test`
+/// points at a throwaway server when the caller did not set it.
+pub fn admin_url() -> DbUrl {
+    let raw = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL is not set; run the tests with ./dev test, which starts a database");
+    DbUrl::parse(&raw).expect("DATABASE_URL does not parse")
+}
+
+pub struct TestDb {
+    pub name: String,
+    pub url: DbUrl,
+    pub server: Server,
+}
+
+impl TestDb {
+    /// A new, empty database.
+    pub fn empty() -> Self {
+        let admin = admin_url();
+        let name = format!("bank_test_{:016x}", rand::rng().random::<u64>());
+        let mut conn = db::establish(&admin).expect("connect to DATABASE_URL");
+        let server = Server::detect(&mut conn).expect("detect server");
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).expect("create database");
+        let url = admin.with_database(&name);
+        Self { name, url, server }
+    }
+
+    /// A new database with the embedded migrations applied.
+    pub fn migrated() -> Self {
+        let test_db = Self::empty();
+        db::run_migrations(&mut test_db.conn()).expect("migrate");
+        test_db
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        db::establish(&self.url).expect("connect to the test database")
+    }
+
+    pub fn pool(&self, size: u32) -> PgPool {
+        db::pool(&self.url, size).expect("pool")
+    }
+
+    /// The URL as the binary takes it.
+    pub fn url_string(&self) -> String {
+        self.url.for_libpq()
+    }
+
+    /// Every account, as `(id, balance)` sorted by id.
+    pub fn accounts(&self) -> Vec<(uuid::Uuid, i64)> {
+        use bank::schema::accounts::dsl::*;
+        accounts.select((id, balance)).order(id).load(&mut self.conn()).expect("read accounts")
+    }
+
+    /// Runs SQL (DDL for fault injection, mostly).
+    pub fn exec(&self, sql: &str) {
+        diesel::connection::SimpleConnection::batch_execute(&mut self.conn(), sql).expect(sql);
+    }
+
+    pub fn count(&self, table: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
+            .get_result::<Count>(&mut self.conn())
+            .expect("count")
+            .n
+    }
+
+    /// Calls made so far to a fault installed by [`TestDb::install_faults`].
+    pub fn fault_calls(&self, sequence: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Calls {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS n FROM {sequence}"
+        ))
+        .get_result::<Calls>(&mut self.conn())
+        .expect("read fault sequence")
+        .n
+    }
+
+    /// Installs the test-only fault machinery (PL/pgSQL, PostgreSQL only):
+    /// - `raise_error(code)`: raises SQLSTATE `code`; writes nothing, so it
+    ///   also works in read-only transactions.
+    /// - `fail_first(k, code)`: raises SQLSTATE `code` on its first `k` calls.
+    ///   Its counter is a sequence because sequences ignore rollbacks, so the
+    ///   count survives the retries it causes.
+    /// - table `marks`: a row per committed unit of work; `at_commit(...)`
+    ///   adds a deferred trigger on it that fires at COMMIT.
+    pub fn install_faults(&self) {
+        self.exec(
+            "CREATE SEQUENCE statement_faults;
+             CREATE SEQUENCE commit_faults;
+             CREATE TABLE marks (id SERIAL PRIMARY KEY, note TEXT NOT NULL DEFAULT '');
+             CREATE FUNCTION fail_first(k INT8, code TEXT) RETURNS INT8 AS $$
+             DECLARE n INT8 := nextval('statement_faults');
+             BEGIN
+                 IF n <= k THEN
+                     RAISE EXCEPTION 'injected fault % of %', n, k USING ERRCODE = code;
+                 END IF;
+                 RETURN n;
+             END $$ LANGUAGE plpgsql;
+             CREATE FUNCTION raise_error(code TEXT) RETURNS INT8 AS $$
+             BEGIN
+                 RAISE EXCEPTION 'injected fault' USING ERRCODE = code;
+             END $$ LANGUAGE plpgsql;
+             CREATE FUNCTION commit_fault() RETURNS trigger AS $$
+             DECLARE n INT8 := nextval('commit_faults');
+             BEGIN
+                 IF n <= TG_ARGV[0]::INT8 THEN
+                     IF TG_ARGV[1] = 'terminate' THEN
+                         PERFORM pg_terminate_backend(pg_backend_pid());
+                     ELSE
+                         RAISE EXCEPTION 'injected commit fault % of %', n, TG_ARGV[0]
+                             USING ERRCODE = TG_ARGV[1];
+                     END IF;
+                 END IF;
+                 RETURN NULL;
+             END $$ LANGUAGE plpgsql;",
+        );
+    }
+
+    /// Makes the first `k` commits that inserted into `marks` fail with
+    /// `action`: a SQLSTATE, or `terminate` to kill the backend mid-commit.
+    pub fn fail_commits(&self, k: u32, action: &str) {
+        self.exec(&format!(
+            "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON marks
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+             EXECUTE FUNCTION commit_fault('{k}', '{action}')"
+        ));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept database {} of a failed test for debugging", self.name);
+            return;
+        }
+        let drop_sql = match self.server {
+            Server::PostgreSql => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            Server::CockroachDb => format!("DROP DATABASE IF EXISTS {} CASCADE", self.name),
+        };
+        if let Ok(mut conn) = db::establish(&admin_url()) {
+            let _ = diesel::sql_query(drop_sql).execute(&mut conn);
+        }
+    }
+}
+
+/// Inserts a mark, through the unit of work's own connection.
+pub fn mark(conn: &mut PgConnection, note: &str) -> QueryResult<()> {
+    diesel::sql_query("INSERT INTO marks (note) VALUES ($1)")
+        .bind::<Text, _>(note)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Calls `fail_first(k, code)`.
+pub fn fail_first(conn: &mut PgConnection, k: u32, code: &str) -> QueryResult<()> {
+    diesel::sql_query("SELECT fail_first($1, $2)")
+        .bind::<BigInt, _>(i64::from(k))
+        .bind::<Text, _>(code)
+        .execute(conn)
+        .map(drop)
+}
+
+/// The backend pid of a connection.
+pub fn backend_pid(conn: &mut PgConnection) -> i32 {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
+        .get_result(conn)
+        .expect("pg_backend_pid")
+}
+
+/// A clock whose `sleep` only records the delay and moves time forward.
+#[derive(Debug)]
+pub struct FakeClock {
+    now: Mutex<Instant>,
+    pub sleeps: Mutex<Vec<Duration>>,
+}
+
+impl FakeClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            now: Mutex::new(Instant::now()),
+            sleeps: Mutex::new(Vec::new()),
+        })
+    }
+    pub fn sleeps(&self) -> Vec<Duration> {
+        self.sleeps.lock().unwrap().clone()
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Instant {
+        *self.now.lock().unwrap()
+    }
+    fn sleep(&self, duration: Duration) {
+        *self.now.lock().unwrap() += duration;
+        self.sleeps.lock().unwrap().push(duration);
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `bank` binary, run from an empty directory (so no developer's .env
+/// leaks in) and without DATABASE_URL in its environment.
+pub fn bank_cmd(workdir: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("bank").expect("bank binary");
+    cmd.current_dir(workdir).env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    cmd
+}
+
+pub fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bank-test-{:016x}", rand::rng().random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Output as text, split in lines.
+pub fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes).lines().map(str::to_owned).collect()
+}
+
+/// Calls `raise_error(code)`.
+pub fn raise_error(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
+    diesel::sql_query("SELECT raise_error($1)").bind::<Text, _>(code).execute(conn).map(drop)
+}

@@ -1,0 +1,10 @@
+//! Integration tests: each test owns a database on the server `DATABASE_URL`
+//! names (`./dev test` starts a throwaway one), so they run in parallel.
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod contention;
+mod helpers;
+mod main_job;
+mod retry;
+mod schema;

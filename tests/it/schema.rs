@@ -1,0 +1,164 @@
+//! The three ways to create the schema, alone and after one another.
+
+use std::process::Command;
+
+use bank::db;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+
+use crate::helpers::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    DieselCli,
+    DbInit,
+    Migrate,
+}
+
+const PATHS: [Path; 3] = [Path::DieselCli, Path::DbInit, Path::Migrate];
+
+fn apply(db: &TestDb, path: Path) {
+    match path {
+        Path::DieselCli => diesel_cli(db, &["migration", "run"]),
+        Path::DbInit => {
+            // psql is PostgreSQL's client; on CockroachDB the README's
+            // `cockroach sql --url ... < dbinit.sql` does the same.
+            let status = match db.server {
+                db::Server::PostgreSql => Command::new("psql")
+                    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+                    .arg(repo_root().join("dbinit.sql"))
+                    .arg(db.url_string())
+                    .status(),
+                db::Server::CockroachDb => Command::new("cockroach")
+                    .args(["sql", "--url", &db.url_string(), "--file"])
+                    .arg(repo_root().join("dbinit.sql"))
+                    .status(),
+            };
+            assert!(status.expect("run the SQL client").success(), "dbinit.sql failed");
+        }
+        Path::Migrate => {
+            let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string(), "migrate"]).output().unwrap();
+            assert!(out.status.success(), "bank migrate: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Runs diesel CLI from an empty directory, so that it finds no diesel.toml
+/// and leaves src/schema.rs alone.
+fn diesel_cli(db: &TestDb, args: &[&str]) {
+    let out = Command::new("diesel")
+        .args(args)
+        .arg("--database-url")
+        .arg(db.url_string())
+        .arg("--migration-dir")
+        .arg(repo_root().join("migrations"))
+        .current_dir(tempdir())
+        .output()
+        .expect("diesel CLI on PATH (./dev test installs it)");
+    assert!(out.status.success(), "diesel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[derive(QueryableByName, Debug)]
+struct Line {
+    #[diesel(sql_type = Text)]
+    line: String,
+}
+
+/// The accounts table as information_schema describes it: columns with
+/// types and nullability, constraints with their kinds and check clauses.
+fn describe(db: &TestDb) -> Vec<String> {
+    let sql = "
+        SELECT 'column ' || column_name || ' ' || data_type || ' nullable=' || is_nullable AS line
+          FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'accounts'
+        UNION ALL
+        SELECT 'constraint ' || tc.constraint_name || ' ' || tc.constraint_type
+               || COALESCE(' ' || cc.check_clause, '') AS line
+          FROM information_schema.table_constraints tc
+          LEFT JOIN information_schema.check_constraints cc
+                 ON cc.constraint_schema = tc.constraint_schema AND cc.constraint_name = tc.constraint_name
+         WHERE tc.table_schema = current_schema() AND tc.table_name = 'accounts'
+           -- PostgreSQL lists NOT NULL as checks too; nullability is above.
+           AND COALESCE(cc.check_clause, '') NOT LIKE '%IS NOT NULL%'
+        ORDER BY line";
+    diesel::sql_query(sql).load::<Line>(&mut db.conn()).unwrap().into_iter().map(|l| l.line).collect()
+}
+
+fn expected() -> Vec<String> {
+    vec![
+        "column balance bigint nullable=NO".to_owned(),
+        "column id uuid nullable=NO".to_owned(),
+        "constraint accounts_pkey PRIMARY KEY".to_owned(),
+        "constraint balance_non_negative CHECK ((balance >= 0))".to_owned(),
+    ]
+}
+
+#[test]
+fn every_path_creates_the_same_table() {
+    for path in PATHS {
+        let db = TestDb::empty();
+        apply(&db, path);
+        assert_eq!(describe(&db), expected(), "{path:?}");
+    }
+}
+
+#[test]
+fn any_path_after_any_other_succeeds_and_changes_nothing() {
+    for first in PATHS {
+        for second in PATHS {
+            let db = TestDb::empty();
+            apply(&db, first);
+            apply(&db, second);
+            assert_eq!(describe(&db), expected(), "{first:?} then {second:?}");
+        }
+    }
+}
+
+#[test]
+fn migrate_twice_is_a_no_op() {
+    let db = TestDb::empty();
+    let run = || {
+        let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string(), "migrate"]).output().unwrap();
+        assert!(out.status.success());
+        lines(&out.stdout)
+    };
+    assert_eq!(run(), vec!["Applied migration 20261121000000."]);
+    assert_eq!(run(), vec!["Schema is up to date."]);
+    assert_eq!(describe(&db), expected());
+}
+
+#[test]
+fn the_migration_goes_down_and_up_again() {
+    let db = TestDb::migrated();
+    db.exec("INSERT INTO accounts VALUES ('00000000-0000-4000-8000-000000000000', 1)");
+    diesel_cli(&db, &["migration", "redo"]);
+    assert_eq!(describe(&db), expected());
+    assert_eq!(db.count("accounts"), 0, "down dropped the table, up created it empty");
+    diesel_cli(&db, &["migration", "revert"]);
+    assert!(!db::accounts_table_exists(&mut db.conn()).unwrap());
+    assert!(db::run_migrations(&mut db.conn()).unwrap().len() == 1, "migrate brings it back");
+    assert_eq!(describe(&db), expected());
+}
+
+#[test]
+fn schema_rs_is_what_diesel_print_schema_generates() {
+    let db = TestDb::migrated();
+    let out = Command::new("diesel")
+        .args(["print-schema", "--database-url", &db.url_string()])
+        .current_dir(tempdir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let committed = std::fs::read_to_string(repo_root().join("src/schema.rs")).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), committed.trim_end());
+}
+
+#[test]
+fn dbinit_sql_and_the_migration_hold_the_same_statement() {
+    let strip = |text: &str| -> String {
+        text.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n").trim().to_owned()
+    };
+    let dbinit = std::fs::read_to_string(repo_root().join("dbinit.sql")).unwrap();
+    let up = std::fs::read_to_string(repo_root().join("migrations/2026-11-21-000000_create_accounts/up.sql")).unwrap();
+    assert_eq!(strip(&dbinit), strip(&up));
+}
