@@ -240,6 +240,22 @@ impl DbUrl {
         (!decoded.is_empty()).then(|| decoded.into_owned())
     }
 
+    /// The same URL with query parameter `key` set to `value`.
+    pub fn with_param(&self, key: &str, value: &str) -> Self {
+        let mut url = self.url.clone();
+        let others: Vec<(String, String)> = self
+            .url
+            .query_pairs()
+            .filter(|(k, _)| k != key)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.query_pairs_mut()
+            .clear()
+            .extend_pairs(others)
+            .append_pair(key, value);
+        Self { url }
+    }
+
     /// The same URL pointing at another database (tests create one each).
     pub fn with_database(&self, name: &str) -> Self {
         let mut url = self.url.clone();

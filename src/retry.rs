@@ -546,6 +546,13 @@ fn give_up<E>(attempts: u32, elapsed: Duration, budget: Budget, last: E) -> TxEr
     }
 }
 
+/// Whether Diesel gave up on this connection's transaction state.
+fn is_broken(conn: &mut PgConnection) -> bool {
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .is_err()
+}
+
 /// Rolls back whatever Diesel knows to be open; a failure only means the
 /// connection is gone, and the pool discards broken connections.
 fn rollback(conn: &mut PgConnection) {
@@ -612,6 +619,9 @@ pub(crate) fn classify(err: &DieselError) -> Class {
             | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
             _ => Class::Other,
         },
+        // Diesel's word for "this connection's state is lost": only a new
+        // connection helps.
+        DieselError::BrokenTransactionManager => Class::ConnectionLost,
         _ => Class::Other,
     }
 }
@@ -643,6 +653,11 @@ struct PoolCheckout<'p> {
 
 impl Checkout for PoolCheckout<'_> {
     fn conn(&mut self) -> Result<&mut PgConnection, r2d2::Error> {
+        // A failed rollback (its backend was killed, say) leaves Diesel's
+        // transaction manager broken; such a connection is no use to retry on.
+        if self.current.as_deref_mut().is_some_and(is_broken) {
+            self.discard();
+        }
         if self.current.is_none() {
             self.current = Some(self.pool.get()?);
         }

@@ -15,11 +15,21 @@ fn fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "{args:?} succeeded: {stdout}");
     assert_ne!(out.status.code(), Some(101), "{args:?} panicked: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{args:?}: not one line:\n{stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: not one line:\n{stderr}"
+    );
     assert!(stderr.starts_with("bank: "), "{stderr}");
-    assert!(!stderr.contains(SENTINEL) && !stdout.contains(SENTINEL), "password leaked: {stderr}");
+    assert!(
+        !stderr.contains(SENTINEL) && !stdout.contains(SENTINEL),
+        "password leaked: {stderr}"
+    );
     let message = stderr.trim_end().trim_start_matches("bank: ");
-    assert!(message.starts_with(|c: char| !c.is_uppercase()), "starts lowercase: {message}");
+    assert!(
+        message.starts_with(|c: char| !c.is_uppercase()),
+        "starts lowercase: {message}"
+    );
     assert!(!message.ends_with('.'), "no trailing period: {message}");
     stderr
 }
@@ -31,7 +41,10 @@ fn closed_port() -> u16 {
 
 #[test]
 fn a_refused_connection_is_one_line_without_the_password() {
-    let url = format!("postgresql://app:{SENTINEL}@127.0.0.1:{}/bank", closed_port());
+    let url = format!(
+        "postgresql://app:{SENTINEL}@127.0.0.1:{}/bank",
+        closed_port()
+    );
     let line = fails(&["--database-url", &url]);
     assert!(line.contains("connection refused"), "{line}");
     assert!(line.contains("app@127.0.0.1"), "names the target: {line}");
@@ -41,12 +54,19 @@ fn a_refused_connection_is_one_line_without_the_password() {
 fn an_unknown_host_is_named() {
     let url = format!("postgresql://app:{SENTINEL}@no-such-host.invalid:26257/bank");
     let line = fails(&["--database-url", &url]);
-    assert!(line.contains("unknown host 'no-such-host.invalid'"), "{line}");
+    assert!(
+        line.contains("unknown host 'no-such-host.invalid'"),
+        "{line}"
+    );
 }
 
 #[test]
 fn a_malformed_url_says_what_a_url_looks_like() {
-    for url in [format!("postgres//app:{SENTINEL}@h/db"), format!("mysql://app:{SENTINEL}@h/db"), String::new()] {
+    for url in [
+        format!("postgres//app:{SENTINEL}@h/db"),
+        format!("mysql://app:{SENTINEL}@h/db"),
+        String::new(),
+    ] {
         let line = fails(&["--database-url", &url]);
         assert!(line.contains("expected postgresql://"), "{line}");
     }
@@ -55,14 +75,20 @@ fn a_malformed_url_says_what_a_url_looks_like() {
 #[test]
 fn a_missing_url_says_where_to_set_it() {
     let line = fails(&[]);
-    assert!(line.contains("set database_url") || line.contains("DATABASE_URL"), "{line}");
+    assert!(
+        line.contains("set database_url") || line.contains("DATABASE_URL"),
+        "{line}"
+    );
 }
 
 #[test]
 fn a_missing_table_names_the_three_ways_to_create_it() {
     let db = TestDb::empty();
     let line = fails(&["--database-url", &db.url_string()]);
-    assert!(line.contains(r#"table "accounts" does not exist"#), "{line}");
+    assert!(
+        line.contains(r#"table "accounts" does not exist"#),
+        "{line}"
+    );
     for way in ["diesel migration run", "dbinit.sql", "bank migrate"] {
         assert!(line.contains(way), "{way} missing from: {line}");
     }
@@ -73,13 +99,31 @@ fn impossible_counts_are_refused_before_anything_is_written() {
     let db = TestDb::migrated();
     let url = db.url_string();
     let cases: [(&[&str], &str); 7] = [
-        (&["--accounts", "0"], "'0' for '--accounts <N>': must be at least 1"),
-        (&["--accounts", "-5"], "'-5' for '--accounts <N>': must be at least 1"),
+        (
+            &["--accounts", "0"],
+            "'0' for '--accounts <N>': must be at least 1",
+        ),
+        (
+            &["--accounts", "-5"],
+            "'-5' for '--accounts <N>': must be at least 1",
+        ),
         (&["--accounts", "1"], "must be at least 2"),
-        (&["--accounts", "many"], "'many' for '--accounts <N>': must be a whole number"),
-        (&["--delete", "0"], "'0' for '--delete <N>': must be at least 1"),
-        (&["--delete", "-1"], "'-1' for '--delete <N>': must be at least 1"),
-        (&["--accounts", "5", "--delete", "6"], "--delete 6 is more than --accounts 5"),
+        (
+            &["--accounts", "many"],
+            "'many' for '--accounts <N>': must be a whole number",
+        ),
+        (
+            &["--delete", "0"],
+            "'0' for '--delete <N>': must be at least 1",
+        ),
+        (
+            &["--delete", "-1"],
+            "'-1' for '--delete <N>': must be at least 1",
+        ),
+        (
+            &["--accounts", "5", "--delete", "6"],
+            "--delete 6 is more than --accounts 5",
+        ),
     ];
     for (args, expected) in cases {
         let mut all = vec!["--database-url", &url];

@@ -16,11 +16,21 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
     const THREADS: usize = 8;
     const TRANSFERS: usize = 40;
     let db = TestDb::migrated();
-    let accounts: Vec<Account> =
-        (0..4).map(|_| Account { id: uuid::Uuid::new_v4(), balance: 1_000 }).collect();
+    let accounts: Vec<Account> = (0..4)
+        .map(|_| Account {
+            id: uuid::Uuid::new_v4(),
+            balance: 1_000,
+        })
+        .collect();
     insert_accounts(&mut db.conn(), &accounts).unwrap();
     let pool = db.pool(THREADS as u32);
-    let retrier = Retrier::new(RetryPolicy { max_attempts: 100, ..RetryPolicy::default() }, Protocol::Restart);
+    let retrier = Retrier::new(
+        RetryPolicy {
+            max_attempts: 100,
+            ..RetryPolicy::default()
+        },
+        Protocol::Restart,
+    );
     let retries = AtomicU32::new(0);
     let committed = AtomicU32::new(0);
 
@@ -33,7 +43,9 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
                     let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
                     let amount = Amount::Exactly(rng.random_range(1..=10));
                     let (from, to) = (accounts[from].id, accounts[to].id);
-                    match retrier.run(&pool, TxOptions::default(), |conn| transfer(conn, from, to, amount)) {
+                    match retrier.run(&pool, TxOptions::default(), |conn| {
+                        transfer(conn, from, to, amount)
+                    }) {
                         Ok(done) => {
                             retries.fetch_add(done.retries(), Ordering::Relaxed);
                             committed.fetch_add(1, Ordering::Relaxed);
@@ -47,9 +59,16 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
     });
 
     let retries = retries.into_inner();
-    eprintln!("contention: {} transfers committed, {retries} retries", committed.into_inner());
+    eprintln!(
+        "contention: {} transfers committed, {retries} retries",
+        committed.into_inner()
+    );
     assert!(retries > 0, "8 threads on 4 accounts must conflict");
     let balances = db.accounts();
-    assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 4_000, "{balances:?}");
+    assert_eq!(
+        balances.iter().map(|(_, b)| b).sum::<i64>(),
+        4_000,
+        "{balances:?}"
+    );
     assert!(balances.iter().all(|(_, b)| *b >= 0));
 }

@@ -34,7 +34,9 @@ impl TestDb {
         let name = format!("bank_test_{:016x}", rand::rng().random::<u64>());
         let mut conn = db::establish(&admin).expect("connect to DATABASE_URL");
         let server = Server::detect(&mut conn).expect("detect server");
-        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).expect("create database");
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .expect("create database");
         let url = admin.with_database(&name);
         Self { name, url, server }
     }
@@ -62,7 +64,11 @@ impl TestDb {
     /// Every account, as `(id, balance)` sorted by id.
     pub fn accounts(&self) -> Vec<(uuid::Uuid, i64)> {
         use bank::schema::accounts::dsl::*;
-        accounts.select((id, balance)).order(id).load(&mut self.conn()).expect("read accounts")
+        accounts
+            .select((id, balance))
+            .order(id)
+            .load(&mut self.conn())
+            .expect("read accounts")
     }
 
     /// Runs SQL (DDL for fault injection, mostly).
@@ -184,9 +190,11 @@ pub fn fail_first(conn: &mut PgConnection, k: u32, code: &str) -> QueryResult<()
 
 /// The backend pid of a connection.
 pub fn backend_pid(conn: &mut PgConnection) -> i32 {
-    diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()"))
-        .get_result(conn)
-        .expect("pg_backend_pid")
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+        "pg_backend_pid()",
+    ))
+    .get_result(conn)
+    .expect("pg_backend_pid")
 }
 
 /// A clock whose `sleep` only records the delay and moves time forward.
@@ -226,7 +234,9 @@ pub fn repo_root() -> PathBuf {
 /// leaks in) and without DATABASE_URL in its environment.
 pub fn bank_cmd(workdir: &Path) -> Command {
     let mut cmd = Command::cargo_bin("bank").expect("bank binary");
-    cmd.current_dir(workdir).env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    cmd.current_dir(workdir)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
     cmd
 }
 
@@ -238,10 +248,16 @@ pub fn tempdir() -> PathBuf {
 
 /// Output as text, split in lines.
 pub fn lines(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Calls `raise_error(code)`.
 pub fn raise_error(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
-    diesel::sql_query("SELECT raise_error($1)").bind::<Text, _>(code).execute(conn).map(drop)
+    diesel::sql_query("SELECT raise_error($1)")
+        .bind::<Text, _>(code)
+        .execute(conn)
+        .map(drop)
 }

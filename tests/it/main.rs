@@ -5,6 +5,7 @@
 mod bad_input;
 mod contention;
 mod helpers;
+mod jepsen;
 mod main_job;
 mod retry;
 mod schema;

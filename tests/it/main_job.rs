@@ -19,7 +19,9 @@ struct Story {
 }
 
 fn account_line(line: &str) -> (Uuid, i64) {
-    let rest = line.strip_prefix("Account ").unwrap_or_else(|| panic!("not an account line: {line}"));
+    let rest = line
+        .strip_prefix("Account ")
+        .unwrap_or_else(|| panic!("not an account line: {line}"));
     let (id, balance) = rest.split_once(": ").unwrap();
     (id.parse().unwrap(), balance.parse().unwrap())
 }
@@ -32,8 +34,14 @@ fn parse(lines: &[String], accounts: usize, deleted: usize) -> Story {
     let created = (0..accounts)
         .map(|_| {
             let line = next();
-            let rest = line.strip_prefix("Created new account with id ").unwrap_or_else(|| panic!("{line}"));
-            let (id, balance) = rest.strip_suffix('.').unwrap().split_once(" and balance ").unwrap();
+            let rest = line
+                .strip_prefix("Created new account with id ")
+                .unwrap_or_else(|| panic!("{line}"));
+            let (id, balance) = rest
+                .strip_suffix('.')
+                .unwrap()
+                .split_once(" and balance ")
+                .unwrap();
             (id.parse().unwrap(), balance.parse().unwrap())
         })
         .collect();
@@ -42,7 +50,10 @@ fn parse(lines: &[String], accounts: usize, deleted: usize) -> Story {
     let transferring = next();
     let rest = transferring.strip_prefix("Transferring ").unwrap();
     let (amount, rest) = rest.split_once(" from account ").unwrap();
-    assert_eq!(rest, format!("{} to account {}...", before[0].0, before[1].0));
+    assert_eq!(
+        rest,
+        format!("{} to account {}...", before[0].0, before[1].0)
+    );
     assert_eq!(next(), "Transfer complete.");
     assert_eq!(next(), "New balances:");
     let after = [account_line(next()), account_line(next())];
@@ -50,7 +61,11 @@ fn parse(lines: &[String], accounts: usize, deleted: usize) -> Story {
     let deleted = (0..deleted)
         .map(|_| {
             let line = next();
-            line.strip_prefix("Deleted account ").and_then(|r| r.strip_suffix('.')).unwrap().parse().unwrap()
+            line.strip_prefix("Deleted account ")
+                .and_then(|r| r.strip_suffix('.'))
+                .unwrap()
+                .parse()
+                .unwrap()
         })
         .collect();
     Story {
@@ -65,9 +80,20 @@ fn parse(lines: &[String], accounts: usize, deleted: usize) -> Story {
 #[test]
 fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bank_cmd(&tempdir())
+        .args(["--database-url", &db.url_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let story = parse(&lines(&out.stdout), 100, 5);
 
     let mut expected: BTreeMap<Uuid, i64> = story.created.iter().copied().collect();
@@ -78,7 +104,10 @@ fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
     }
     let ([from, to], [from_after, to_after]) = (story.before, story.after);
     assert_ne!(from.0, to.0, "two distinct accounts");
-    assert_eq!(expected[&from.0], from.1, "the balance read is the one created");
+    assert_eq!(
+        expected[&from.0], from.1,
+        "the balance read is the one created"
+    );
     assert_eq!(expected[&to.0], to.1);
     assert_eq!(story.amount, from.1 / 2, "floor(balance / 2)");
     assert_eq!(from_after, (from.0, from.1 - story.amount));
@@ -91,11 +120,18 @@ fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
     deleted.dedup();
     assert_eq!(deleted.len(), 5, "five distinct accounts");
     for id in &story.deleted {
-        assert!(expected.remove(id).is_some(), "deleted {id} was created by this run");
+        assert!(
+            expected.remove(id).is_some(),
+            "deleted {id} was created by this run"
+        );
     }
     let in_db: Vec<(Uuid, i64)> = db.accounts();
     assert_eq!(in_db.len(), 95);
-    assert_eq!(in_db, expected.into_iter().collect::<Vec<_>>(), "the database holds exactly the printed story");
+    assert_eq!(
+        in_db,
+        expected.into_iter().collect::<Vec<_>>(),
+        "the database holds exactly the printed story"
+    );
 }
 
 #[test]
@@ -103,7 +139,16 @@ fn the_same_seed_gives_the_same_story() {
     let run = || {
         let db = TestDb::migrated();
         let out = bank_cmd(&tempdir())
-            .args(["--database-url", &db.url_string(), "--seed", "7", "--accounts", "20", "--delete", "3"])
+            .args([
+                "--database-url",
+                &db.url_string(),
+                "--seed",
+                "7",
+                "--accounts",
+                "20",
+                "--delete",
+                "3",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -122,10 +167,21 @@ fn the_same_seed_gives_the_same_story() {
 fn every_account_may_be_deleted() {
     let db = TestDb::migrated();
     let out = bank_cmd(&tempdir())
-        .args(["--database-url", &db.url_string(), "--accounts", "2", "--delete", "2"])
+        .args([
+            "--database-url",
+            &db.url_string(),
+            "--accounts",
+            "2",
+            "--delete",
+            "2",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse(&lines(&out.stdout), 2, 2);
     assert_eq!(db.count("accounts"), 0);
 }
@@ -133,11 +189,47 @@ fn every_account_may_be_deleted() {
 #[test]
 fn verbose_logs_statements_and_retries_on_stderr_only() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string(), "-v"]).output().unwrap();
+    let out = bank_cmd(&tempdir())
+        .args(["--database-url", &db.url_string(), "-v"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     parse(&lines(&out.stdout), 100, 5);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("BEGIN ISOLATION LEVEL SERIALIZABLE"), "{stderr}");
+    assert!(
+        stderr.contains("BEGIN ISOLATION LEVEL SERIALIZABLE"),
+        "{stderr}"
+    );
     assert!(stderr.contains("FOR UPDATE"), "{stderr}");
     assert!(stderr.contains("COMMIT"), "{stderr}");
+}
+
+#[test]
+fn an_ambiguous_transfer_commit_is_one_line_saying_ambiguous() {
+    let db = TestDb::migrated();
+    db.install_faults();
+    // Kill the backend while the transfer commits: nobody can know whether it
+    // committed, so the job must say so instead of retrying or claiming success.
+    db.exec(
+        "CREATE CONSTRAINT TRIGGER kill_at_commit AFTER UPDATE ON accounts
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fault('1000', 'terminate')",
+    );
+    let out = bank_cmd(&tempdir())
+        .args(["--database-url", &db.url_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("bank: transferring funds: commit result is ambiguous"),
+        "{stderr}"
+    );
+    let stdout = lines(&out.stdout);
+    assert_eq!(
+        stdout.len(),
+        101,
+        "accounts were created and printed; nothing about the transfer"
+    );
+    assert!(!stdout.iter().any(|l| l.contains("Transfer complete")));
 }

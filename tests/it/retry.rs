@@ -41,7 +41,9 @@ struct Txid {
 }
 
 fn txid(conn: &mut PgConnection) -> QueryResult<i64> {
-    diesel::sql_query("SELECT txid_current() AS txid").get_result::<Txid>(conn).map(|t| t.txid)
+    diesel::sql_query("SELECT txid_current() AS txid")
+        .get_result::<Txid>(conn)
+        .map(|t| t.txid)
 }
 
 #[test]
@@ -59,8 +61,19 @@ fn a_40001_on_the_first_k_attempts_is_retried_k_times_and_commits_once() {
                 Ok::<_, DieselError>(runs)
             })
             .unwrap();
-        assert_eq!(committed, Committed { value: 4, attempts: 4 }, "{protocol:?}");
-        assert_eq!(db.count("marks"), 1, "only the committed attempt's write stays ({protocol:?})");
+        assert_eq!(
+            committed,
+            Committed {
+                value: 4,
+                attempts: 4
+            },
+            "{protocol:?}"
+        );
+        assert_eq!(
+            db.count("marks"),
+            1,
+            "only the committed attempt's write stays ({protocol:?})"
+        );
         let ms = Duration::from_millis;
         assert_eq!(clock.sleeps(), vec![ms(10), ms(20), ms(40)], "{protocol:?}");
     }
@@ -110,7 +123,10 @@ fn serializable_and_read_only_hold_on_every_attempt() {
         };
         retrier
             .run(&db.pool(1), opts, |conn| {
-                seen.push((setting(conn, "transaction_isolation")?, setting(conn, "transaction_read_only")?));
+                seen.push((
+                    setting(conn, "transaction_isolation")?,
+                    setting(conn, "transaction_read_only")?,
+                ));
                 // Sequences cannot advance in a read-only transaction, so
                 // the test counts the attempts and the server raises.
                 if seen.len() <= 2 {
@@ -120,10 +136,20 @@ fn serializable_and_read_only_hold_on_every_attempt() {
             })
             .unwrap();
         let expected = ("serializable".to_owned(), "on".to_owned());
-        assert_eq!(seen, vec![expected.clone(), expected.clone(), expected], "{protocol:?}");
+        assert_eq!(
+            seen,
+            vec![expected.clone(), expected.clone(), expected],
+            "{protocol:?}"
+        );
         let write = retrier.run(&db.pool(1), opts, |conn| mark(conn, "read only"));
         assert!(
-            matches!(write, Err(TxError::Failed(DieselError::DatabaseError(DatabaseErrorKind::ReadOnlyTransaction, _)))),
+            matches!(
+                write,
+                Err(TxError::Failed(DieselError::DatabaseError(
+                    DatabaseErrorKind::ReadOnlyTransaction,
+                    _
+                )))
+            ),
             "{protocol:?}"
         );
     }
@@ -136,7 +162,9 @@ fn a_40001_at_commit_is_retried() {
         db.install_faults();
         db.fail_commits(2, "40001");
         let (retrier, _) = retrier(10, protocol);
-        let committed = retrier.run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x")).unwrap();
+        let committed = retrier
+            .run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x"))
+            .unwrap();
         assert_eq!(committed.attempts, 3, "{protocol:?}");
         assert_eq!(db.fault_calls("commit_faults"), 3);
         assert_eq!(db.count("marks"), 1, "{protocol:?}");
@@ -182,9 +210,21 @@ fn the_deadline_stops_retries_before_a_sleep_would_cross_it() {
     )
     .with_clock(clock.clone())
     .with_jitter(Arc::new(|| 1.0));
-    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| fail_first(conn, 1_000, "40001"));
+    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| {
+        fail_first(conn, 1_000, "40001")
+    });
     // 10 + 20 + 40 ms slept; the next 80 ms would end at 150 ms > 100 ms.
-    assert!(matches!(result, Err(TxError::GaveUp { attempts: 4, budget: Budget::Deadline, .. })), "{result:?}");
+    assert!(
+        matches!(
+            result,
+            Err(TxError::GaveUp {
+                attempts: 4,
+                budget: Budget::Deadline,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
     let ms = Duration::from_millis;
     assert_eq!(clock.sleeps(), vec![ms(10), ms(20), ms(40)]);
 }
@@ -194,15 +234,26 @@ fn a_non_retryable_error_returns_at_once_untouched() {
     for protocol in BOTH {
         let db = TestDb::migrated();
         let id = uuid::Uuid::new_v4();
-        db.exec(&format!("INSERT INTO accounts (id, balance) VALUES ('{id}', 10)"));
+        db.exec(&format!(
+            "INSERT INTO accounts (id, balance) VALUES ('{id}', 10)"
+        ));
         let (retrier, clock) = retrier(10, protocol);
         let mut runs = 0;
         let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| {
             runs += 1;
-            diesel::sql_query(format!("UPDATE accounts SET balance = -1 WHERE id = '{id}'")).execute(conn)
+            diesel::sql_query(format!(
+                "UPDATE accounts SET balance = -1 WHERE id = '{id}'"
+            ))
+            .execute(conn)
         });
         assert!(
-            matches!(result, Err(TxError::Failed(DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, _)))),
+            matches!(
+                result,
+                Err(TxError::Failed(DieselError::DatabaseError(
+                    DatabaseErrorKind::CheckViolation,
+                    _
+                )))
+            ),
             "{protocol:?}: {result:?}"
         );
         assert_eq!(runs, 1);
@@ -219,7 +270,13 @@ fn a_constraint_failing_at_commit_is_reported_not_retried() {
     let (retrier, _) = retrier(10, Protocol::Restart);
     let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x"));
     assert!(
-        matches!(result, Err(TxError::Failed(DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, _)))),
+        matches!(
+            result,
+            Err(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::CheckViolation,
+                _
+            )))
+        ),
         "{result:?}"
     );
     assert_eq!(db.count("marks"), 0);
@@ -238,11 +295,17 @@ fn a_backend_killed_at_commit_is_an_ambiguous_commit_not_a_retry() {
             runs += 1;
             mark(conn, "x")
         });
-        assert!(matches!(result, Err(TxError::AmbiguousCommit { attempts: 1, .. })), "{protocol:?}: {result:?}");
+        assert!(
+            matches!(result, Err(TxError::AmbiguousCommit { attempts: 1, .. })),
+            "{protocol:?}: {result:?}"
+        );
         assert_eq!(runs, 1);
         // The dead connection did not go back into the pool.
         let mut conn = pool.get().unwrap();
-        assert_eq!(diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result::<i32>(&mut conn), Ok(1));
+        assert_eq!(
+            diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result::<i32>(&mut conn),
+            Ok(1)
+        );
         // Here we can look: the server rolled it back.
         assert_eq!(db.count("marks"), 0);
     }
@@ -258,15 +321,24 @@ fn a_40003_at_commit_is_ambiguous_unless_the_unit_is_idempotent() {
     let Err(TxError::AmbiguousCommit { attempts: 1, cause }) = result else {
         panic!("expected an ambiguous commit, got {result:?}");
     };
-    assert!(cause.to_string().contains("injected commit fault"), "{cause}");
-    assert!(TxError::<DieselError>::AmbiguousCommit { attempts: 1, cause }.to_string().contains("ambiguous"));
+    assert!(
+        cause.to_string().contains("injected commit fault"),
+        "{cause}"
+    );
+    assert!(
+        TxError::<DieselError>::AmbiguousCommit { attempts: 1, cause }
+            .to_string()
+            .contains("ambiguous")
+    );
 
     let idempotent = TxOptions {
         read_only: false,
         idempotent: true,
     };
     db.exec("ALTER SEQUENCE commit_faults RESTART");
-    let committed = retrier.run(&db.pool(1), idempotent, |conn| mark(conn, "y")).unwrap();
+    let committed = retrier
+        .run(&db.pool(1), idempotent, |conn| mark(conn, "y"))
+        .unwrap();
     assert_eq!(committed.attempts, 2);
     assert_eq!(db.count("marks"), 1);
 }
@@ -297,7 +369,11 @@ fn a_backend_terminated_mid_transaction_is_retried_on_a_fresh_connection() {
             .unwrap();
         assert_eq!(committed.attempts, 2, "{protocol:?}");
         assert_ne!(pids[0], pids[1], "the retry must use a new connection");
-        assert_eq!(db.count("marks"), 2, "both marks of the committed attempt, none of the killed one");
+        assert_eq!(
+            db.count("marks"),
+            2,
+            "both marks of the committed attempt, none of the killed one"
+        );
         assert_ne!(backend_pid(&mut pool.get().unwrap()), pids[0]);
     }
 }
@@ -318,11 +394,23 @@ fn a_panic_rolls_back_and_the_connection_goes_back_idle() {
         }));
         assert!(outcome.is_err(), "the panic goes on to the caller");
         let mut conn = pool.get().unwrap();
-        assert_eq!(backend_pid(&mut conn), pid, "{protocol:?}: the same connection, back in the pool");
-        assert_eq!(setting(&mut conn, "transaction_isolation").unwrap(), "read committed", "not left mid-transaction");
+        assert_eq!(
+            backend_pid(&mut conn),
+            pid,
+            "{protocol:?}: the same connection, back in the pool"
+        );
+        assert_eq!(
+            setting(&mut conn, "transaction_isolation").unwrap(),
+            "read committed",
+            "not left mid-transaction"
+        );
         drop(conn);
         assert_eq!(db.count("marks"), 0);
-        retrier.run(&pool, TxOptions::default(), |conn| mark(conn, "after the panic")).unwrap();
+        retrier
+            .run(&pool, TxOptions::default(), |conn| {
+                mark(conn, "after the panic")
+            })
+            .unwrap();
         assert_eq!(db.count("marks"), 1);
     }
 }
@@ -338,8 +426,14 @@ fn calling_the_helper_inside_a_transaction_is_an_error() {
         Ok::<_, DieselError>(inner)
     });
     let inner = nested.unwrap();
-    assert!(matches!(inner, Err(TxError::AlreadyInTransaction)), "{inner:?}");
-    assert!(inner.unwrap_err().to_string().contains("already inside a transaction"));
+    assert!(
+        matches!(inner, Err(TxError::AlreadyInTransaction)),
+        "{inner:?}"
+    );
+    assert!(inner
+        .unwrap_err()
+        .to_string()
+        .contains("already inside a transaction"));
     assert_eq!(db.count("marks"), 0);
 }
 
@@ -358,7 +452,13 @@ fn run_on_one_connection_cannot_replace_it_so_a_kill_ends_the_call() {
         mark(conn, "x")
     });
     assert!(
-        matches!(result, Err(TxError::Failed(DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)))),
+        matches!(
+            result,
+            Err(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection,
+                _
+            )))
+        ),
         "{result:?}"
     );
 }

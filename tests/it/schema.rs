@@ -34,11 +34,21 @@ fn apply(db: &TestDb, path: Path) {
                     .arg(repo_root().join("dbinit.sql"))
                     .status(),
             };
-            assert!(status.expect("run the SQL client").success(), "dbinit.sql failed");
+            assert!(
+                status.expect("run the SQL client").success(),
+                "dbinit.sql failed"
+            );
         }
         Path::Migrate => {
-            let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string(), "migrate"]).output().unwrap();
-            assert!(out.status.success(), "bank migrate: {}", String::from_utf8_lossy(&out.stderr));
+            let out = bank_cmd(&tempdir())
+                .args(["--database-url", &db.url_string(), "migrate"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "bank migrate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -55,7 +65,11 @@ fn diesel_cli(db: &TestDb, args: &[&str]) {
         .current_dir(tempdir())
         .output()
         .expect("diesel CLI on PATH (./dev test installs it)");
-    assert!(out.status.success(), "diesel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "diesel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[derive(QueryableByName, Debug)]
@@ -81,7 +95,12 @@ fn describe(db: &TestDb) -> Vec<String> {
            -- PostgreSQL lists NOT NULL as checks too; nullability is above.
            AND COALESCE(cc.check_clause, '') NOT LIKE '%IS NOT NULL%'
         ORDER BY line";
-    diesel::sql_query(sql).load::<Line>(&mut db.conn()).unwrap().into_iter().map(|l| l.line).collect()
+    diesel::sql_query(sql)
+        .load::<Line>(&mut db.conn())
+        .unwrap()
+        .into_iter()
+        .map(|l| l.line)
+        .collect()
 }
 
 fn expected() -> Vec<String> {
@@ -118,7 +137,10 @@ fn any_path_after_any_other_succeeds_and_changes_nothing() {
 fn migrate_twice_is_a_no_op() {
     let db = TestDb::empty();
     let run = || {
-        let out = bank_cmd(&tempdir()).args(["--database-url", &db.url_string(), "migrate"]).output().unwrap();
+        let out = bank_cmd(&tempdir())
+            .args(["--database-url", &db.url_string(), "migrate"])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         lines(&out.stdout)
     };
@@ -133,10 +155,17 @@ fn the_migration_goes_down_and_up_again() {
     db.exec("INSERT INTO accounts VALUES ('00000000-0000-4000-8000-000000000000', 1)");
     diesel_cli(&db, &["migration", "redo"]);
     assert_eq!(describe(&db), expected());
-    assert_eq!(db.count("accounts"), 0, "down dropped the table, up created it empty");
+    assert_eq!(
+        db.count("accounts"),
+        0,
+        "down dropped the table, up created it empty"
+    );
     diesel_cli(&db, &["migration", "revert"]);
     assert!(!db::accounts_table_exists(&mut db.conn()).unwrap());
-    assert!(db::run_migrations(&mut db.conn()).unwrap().len() == 1, "migrate brings it back");
+    assert!(
+        db::run_migrations(&mut db.conn()).unwrap().len() == 1,
+        "migrate brings it back"
+    );
     assert_eq!(describe(&db), expected());
 }
 
@@ -150,15 +179,26 @@ fn schema_rs_is_what_diesel_print_schema_generates() {
         .unwrap();
     assert!(out.status.success());
     let committed = std::fs::read_to_string(repo_root().join("src/schema.rs")).unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim_end(), committed.trim_end());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim_end(),
+        committed.trim_end()
+    );
 }
 
 #[test]
 fn dbinit_sql_and_the_migration_hold_the_same_statement() {
     let strip = |text: &str| -> String {
-        text.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n").trim().to_owned()
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim()
+            .to_owned()
     };
     let dbinit = std::fs::read_to_string(repo_root().join("dbinit.sql")).unwrap();
-    let up = std::fs::read_to_string(repo_root().join("migrations/2026-11-21-000000_create_accounts/up.sql")).unwrap();
+    let up = std::fs::read_to_string(
+        repo_root().join("migrations/2026-11-21-000000_create_accounts/up.sql"),
+    )
+    .unwrap();
     assert_eq!(strip(&dbinit), strip(&up));
 }
