@@ -5,10 +5,11 @@ use std::io::Write;
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::config::{Cli, Command, DbUrl, ProtocolChoice};
+use crate::config::{Cli, Command, DbUrl, ProtocolChoice, WorkloadArgs};
 use crate::db::{self, Server};
-use crate::job::{self, Plan};
-use crate::retry::{Protocol, Retrier};
+use crate::job::{self, Batches, Plan};
+use crate::retry::{PgPool, Protocol, Retrier};
+use crate::workload::{self, Length, Settings};
 
 /// Runs what `cli` asks for, writing results to `out`.
 ///
@@ -22,6 +23,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     let url = database_url(cli)?;
     match cli.command {
         Some(Command::Migrate) => migrate(&url, out),
+        Some(Command::Workload(ref args)) => workload(cli, args, &url, out),
         None => main_job(cli, &url, out),
     }
 }
@@ -58,6 +60,61 @@ fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 fn main_job(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
+    let (retrier, pool) = prepare(cli, url, 2)?;
+    let plan = Plan {
+        accounts: cli.job.accounts,
+        delete: cli.job.delete,
+        seed: cli.job.seed,
+        quiet: cli.job.quiet,
+        batches: Batches {
+            rows_per_insert: cli.job.rows_per_insert,
+            rows_per_transaction: cli.job.rows_per_transaction,
+        },
+    };
+    let report = job::run(&pool, &retrier, plan, out)?;
+    tracing::debug!(retries = report.retries, "main job done");
+    Ok(())
+}
+
+fn workload(
+    cli: &Cli,
+    args: &WorkloadArgs,
+    url: &DbUrl,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let workers = u32::try_from(args.workers).context("--workers is too large")?;
+    let (retrier, pool) = prepare(cli, url, workers)?;
+    let length = match (args.transfers, args.duration) {
+        (Some(transfers), _) => Length::Transfers(transfers),
+        (None, Some(duration)) => Length::Duration(duration),
+        (None, None) => bail!("pass --transfers N or --duration SECONDS"),
+    };
+    let settings = Settings {
+        workers: args.workers,
+        accounts: args.accounts,
+        length,
+        seed: args.seed,
+    };
+    let report = workload::run(&pool, &retrier, settings)?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        writeln!(out, "{}", report.to_text())?;
+    }
+    if !report.invariant_ok {
+        bail!(
+            "invariant broken: total balance {} before and {} after, {} negative balances",
+            report.total_before,
+            report.total_after,
+            report.negative_balances
+        );
+    }
+    Ok(())
+}
+
+/// Connects once (so a bad URL gets its real reason), detects the server,
+/// checks the schema, and builds the helper and a pool of `pool_size`.
+fn prepare(cli: &Cli, url: &DbUrl, pool_size: u32) -> anyhow::Result<(Retrier, PgPool)> {
     let mut conn = db::establish(url)?;
     let server = Server::detect(&mut conn).context("asking the server for its version")?;
     if !db::accounts_table_exists(&mut conn).context("looking for the accounts table")? {
@@ -71,15 +128,8 @@ fn main_job(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     drop(conn);
     let retrier = retrier(cli, server);
     tracing::debug!(?server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
-    let pool = db::pool(url, 2).context("building the connection pool")?;
-    let plan = Plan {
-        accounts: cli.job.accounts,
-        delete: cli.job.delete,
-        seed: cli.job.seed,
-    };
-    let report = job::run(&pool, &retrier, plan, out)?;
-    tracing::debug!(retries = report.retries, "main job done");
-    Ok(())
+    let pool = db::pool(url, pool_size).context("building the connection pool")?;
+    Ok((retrier, pool))
 }
 
 fn retrier(cli: &Cli, server: Server) -> Retrier {

@@ -10,10 +10,13 @@ use crate::models::Account;
 use crate::retry::AsDieselError;
 use crate::schema::accounts;
 
-/// Rows per multi-row `INSERT`. Each row binds two parameters and PostgreSQL
-/// allows 65,535 per statement, so the limit is 32,767 rows; past a few
-/// thousand rows larger statements stop saving time (see bench/RESULTS.md).
+/// Rows per multi-row `INSERT` by default: past a few thousand rows larger
+/// statements stop saving time (bench/RESULTS.md has the sweep).
 pub const ROWS_PER_INSERT: usize = 2_000;
+
+/// Each row binds two parameters and the protocol allows 65,535 per
+/// statement.
+pub const MAX_ROWS_PER_INSERT: usize = 65_535 / 2;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +51,18 @@ impl AsDieselError for BankError {
     }
 }
 
-/// Inserts `rows` in multi-row statements of [`ROWS_PER_INSERT`].
+/// Inserts `rows` in multi-row statements of at most `rows_per_insert` rows
+/// (at most [`MAX_ROWS_PER_INSERT`]).
 ///
 /// # Errors
 /// The database's error; a duplicate id is a `UniqueViolation`.
-pub fn insert_accounts(conn: &mut PgConnection, rows: &[Account]) -> QueryResult<usize> {
+pub fn insert_accounts(
+    conn: &mut PgConnection,
+    rows: &[Account],
+    rows_per_insert: usize,
+) -> QueryResult<usize> {
     let mut inserted = 0;
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
+    for chunk in rows.chunks(rows_per_insert.clamp(1, MAX_ROWS_PER_INSERT)) {
         inserted += diesel::insert_into(accounts::table)
             .values(chunk)
             .execute(conn)?;
@@ -177,18 +185,18 @@ pub fn find_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<A
         .load(conn)
 }
 
-/// The number of accounts and the sum of their balances.
+/// The sum of the given accounts' balances and how many are negative.
 ///
 /// # Errors
 /// The database's error.
-pub fn totals(conn: &mut PgConnection) -> QueryResult<(i64, i64)> {
-    // SUM(INT8) is NUMERIC on both servers; the cast keeps it an i64 without
-    // pulling in a decimal crate (a bank of i64 balances cannot overflow it
-    // before it overflows the balances themselves).
+pub fn balance_summary(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
+    // SUM(INT8) is NUMERIC on both servers; INT8 holds the sum of up to nine
+    // million maximal balances, and the workload's accounts are far fewer.
     accounts::table
+        .filter(accounts::id.eq_any(ids))
         .select((
-            diesel::dsl::count_star(),
             diesel::dsl::sql::<BigInt>("COALESCE(SUM(balance), 0)::INT8"),
+            diesel::dsl::sql::<BigInt>("COUNT(*) FILTER (WHERE balance < 0)"),
         ))
-        .first(conn)
+        .get_result(conn)
 }

@@ -49,6 +49,38 @@ pub enum Command {
     /// Create or update the schema by applying the embedded migrations
     /// (the same ones `diesel migration run` applies).
     Migrate,
+    /// Create accounts, then run random transfers between them from several
+    /// threads and report throughput, retries and latency.
+    Workload(WorkloadArgs),
+}
+
+/// `bank workload`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("length").required(true).args(["transfers", "duration"])))]
+pub struct WorkloadArgs {
+    /// Threads running transfers, each with its own pooled connection.
+    #[arg(long, value_name = "W", default_value = "4", value_parser = parse_usize, allow_negative_numbers = true)]
+    pub workers: usize,
+
+    /// Accounts to create and transfer between.
+    #[arg(long, value_name = "A", default_value = "100", value_parser = parse_accounts, allow_negative_numbers = true)]
+    pub accounts: u64,
+
+    /// Stop after this many transfers in all.
+    #[arg(long, value_name = "T", value_parser = parse_positive, allow_negative_numbers = true)]
+    pub transfers: Option<u64>,
+
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seed the random generator.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 /// The main job's sizes.
@@ -65,6 +97,18 @@ pub struct JobArgs {
     /// Seed the random generator: the same seed gives the same ids, balances and choices.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+
+    /// Print one summary line instead of a line per created account (automatic above 1000 accounts).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Rows per multi-row INSERT when creating accounts (at most 32767).
+    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT, value_parser = parse_rows_per_insert)]
+    pub rows_per_insert: usize,
+
+    /// Accounts created per transaction.
+    #[arg(long, value_name = "N", default_value_t = crate::job::ROWS_PER_TRANSACTION, value_parser = parse_usize)]
+    pub rows_per_transaction: usize,
 }
 
 impl JobArgs {
@@ -130,6 +174,21 @@ fn parse_positive(text: &str) -> Result<u64, String> {
         Ok(n) if n < 1 => Err("must be at least 1".into()),
         Ok(n) => u64::try_from(n).map_err(|_| format!("must be at most {}", u64::MAX)),
         Err(_) => Err("must be a whole number, like 100".into()),
+    }
+}
+
+fn parse_usize(text: &str) -> Result<usize, String> {
+    let n = parse_positive(text)?;
+    usize::try_from(n).map_err(|_| format!("must be at most {}", usize::MAX))
+}
+
+fn parse_rows_per_insert(text: &str) -> Result<usize, String> {
+    match parse_usize(text)? {
+        n if n > crate::bank::MAX_ROWS_PER_INSERT => Err(format!(
+            "must be at most {}: each row binds 2 of the 65535 parameters a statement may have",
+            crate::bank::MAX_ROWS_PER_INSERT
+        )),
+        n => Ok(n),
     }
 }
 

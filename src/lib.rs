@@ -18,3 +18,4 @@ pub mod models;
 pub mod retry;
 #[allow(missing_docs)]
 pub mod schema;
+pub mod workload;

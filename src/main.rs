@@ -1,7 +1,7 @@
 //! `bank`: parses the command line, sets up logging, runs the library, and
 //! maps the outcome to an exit code.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
@@ -28,13 +28,18 @@ fn main() -> ExitCode {
             err.exit()
         }
         Err(err) => {
-            // clap's own report spans several lines; keep the one that says
-            // what is wrong.
-            let text = err.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
+            // clap's report spans several lines; what is wrong comes before
+            // the first blank line, the usage and tips after it.
+            let text = err.render().to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let what = what.join(" ");
             eprintln!(
                 "bank: {} (see bank --help)",
-                line.trim_start_matches("error: ")
+                what.trim_start_matches("error: ")
             );
             return ExitCode::from(2);
         }
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .init();
     if cli.verbose {
         bank::db::log_statements();

@@ -22,7 +22,7 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
             balance: 1_000,
         })
         .collect();
-    insert_accounts(&mut db.conn(), &accounts).unwrap();
+    insert_accounts(&mut db.conn(), &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
     let pool = db.pool(THREADS as u32);
     let retrier = Retrier::new(
         RetryPolicy {

@@ -67,7 +67,7 @@ fn transfers_survive_backends_killed_at_random_moments() {
             balance: INITIAL,
         })
         .collect();
-    insert_accounts(&mut db.conn(), &accounts).unwrap();
+    insert_accounts(&mut db.conn(), &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
 
     // The workers' connections carry an application_name the killer looks for.
     let pool = db::pool(

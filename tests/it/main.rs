@@ -9,3 +9,4 @@ mod jepsen;
 mod main_job;
 mod retry;
 mod schema;
+mod workload;

@@ -233,3 +233,75 @@ fn an_ambiguous_transfer_commit_is_one_line_saying_ambiguous() {
     );
     assert!(!stdout.iter().any(|l| l.contains("Transfer complete")));
 }
+
+/// The statements a run sent, as `-v` logs them: the first words of each.
+fn statements(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|line| line.split_once("bank::sql: ").map(|(_, sql)| sql))
+        .map(|sql| {
+            let words: Vec<&str> = sql.split_whitespace().collect();
+            let head = words.iter().take(2).copied().collect::<Vec<_>>().join(" ");
+            if sql.contains("FOR UPDATE") {
+                format!("{head} ... FOR UPDATE")
+            } else {
+                head
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn each_phase_sends_the_fewest_statements() {
+    let db = TestDb::migrated();
+    let run = |protocol: &str| {
+        let out = bank_cmd(&tempdir())
+            .args([
+                "--database-url",
+                &db.url_string(),
+                "-v",
+                "--protocol",
+                protocol,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        statements(&String::from_utf8_lossy(&out.stderr))
+    };
+    let setup = ["SELECT version()", "SELECT EXISTS"];
+    let begin = "BEGIN ISOLATION";
+    let phases = [
+        vec![begin, "INSERT INTO", "COMMIT"],
+        vec![
+            begin,
+            "SELECT \"accounts\".\"id\", ... FOR UPDATE",
+            "UPDATE \"accounts\"",
+            "COMMIT",
+        ],
+        vec![begin, "DELETE FROM", "COMMIT"],
+    ];
+    let expected: Vec<String> = setup
+        .iter()
+        .chain(phases.iter().flatten())
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(run("restart"), expected);
+
+    let savepoint: Vec<String> = setup
+        .iter()
+        .map(|s| s.to_string())
+        .chain(phases.iter().flat_map(|phase| {
+            let (first, rest) = phase.split_first().unwrap();
+            let (last, middle) = rest.split_last().unwrap();
+            [
+                vec![*first, "SAVEPOINT cockroach_restart"],
+                middle.to_vec(),
+                vec!["RELEASE SAVEPOINT", *last],
+            ]
+            .concat()
+            .into_iter()
+            .map(str::to_owned)
+        }))
+        .collect();
+    assert_eq!(run("savepoint"), savepoint);
+}

@@ -1,0 +1,293 @@
+//! The `workload` subcommand: random transfers from several threads through
+//! the retry helper, measured (throughput, retries, latency percentiles) and
+//! checked (the total balance must not change, no balance may go negative).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::bank::{self, Amount, BankError};
+use crate::job::{self, Batches};
+use crate::retry::{PgPool, Retrier, TxError, TxOptions};
+
+/// When the workload stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// After this many transfers in all.
+    Transfers(u64),
+    /// After this long.
+    Duration(Duration),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Threads, each with its own pooled connection.
+    pub workers: usize,
+    /// Accounts to create and transfer between.
+    pub accounts: u64,
+    /// When to stop.
+    pub length: Length,
+    /// Seed for the accounts and every worker's choices.
+    pub seed: Option<u64>,
+}
+
+/// The largest amount one transfer moves; balances start below 1,000,000, so
+/// transfers rarely find too little money.
+const MAX_AMOUNT: i64 = 100;
+
+/// What happened, in the shape `--json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Worker threads.
+    pub workers: usize,
+    /// Accounts transferred between.
+    pub accounts: u64,
+    /// Transfers that committed.
+    pub committed: u64,
+    /// Transfers refused for insufficient funds (nothing to retry).
+    pub rejected: u64,
+    /// Retries across all transfers.
+    pub retries: u64,
+    /// Transfers that used up their retry budget.
+    pub gave_up: u64,
+    /// Transfers whose commit outcome is unknown.
+    pub ambiguous: u64,
+    /// Seconds the transfers ran.
+    pub elapsed_s: f64,
+    /// Committed transfers per second.
+    pub transfers_per_s: f64,
+    /// Latency of committed transfers, retries included.
+    pub latency_ms: Latency,
+    /// The sum of the accounts' balances before the transfers.
+    pub total_before: i64,
+    /// The sum after them.
+    pub total_after: i64,
+    /// Accounts with a negative balance afterwards.
+    pub negative_balances: i64,
+    /// Whether the total is unchanged and nothing is negative.
+    pub invariant_ok: bool,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// Creates the accounts, runs the transfers, checks the invariant.
+///
+/// # Errors
+/// Creation failing, or a transfer failing in a way that is neither a
+/// conflict nor a refusal (the database went away, say).
+pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Report> {
+    let mut rng = seeded(settings.seed, 0);
+    let total = usize::try_from(settings.accounts)
+        .context("--accounts does not fit in memory on this machine")?;
+    let created = job::create_accounts(pool, retrier, &mut rng, total, Batches::default(), |_| {
+        Ok(())
+    })?;
+    let ids = created.ids;
+
+    let taken = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let outcomes: Vec<anyhow::Result<Tally>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..settings.workers)
+            .map(|worker| {
+                let (ids, taken, stop) = (&ids, &taken, &stop);
+                scope.spawn(move || {
+                    let mut rng = seeded(settings.seed, worker as u64 + 1);
+                    let result = transfer_loop(
+                        pool,
+                        retrier,
+                        ids,
+                        settings.length,
+                        start,
+                        taken,
+                        stop,
+                        &mut rng,
+                    );
+                    if result.is_err() {
+                        // One worker hitting a hard error stops the others.
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut tally = Tally::new();
+    for outcome in outcomes {
+        tally.merge(&outcome?);
+    }
+
+    let mut conn = pool.get().context("checking the balances")?;
+    let (total_after, negative_balances) =
+        bank::balance_summary(&mut conn, &ids).context("checking the balances")?;
+    let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
+    let elapsed_s = elapsed.as_secs_f64();
+    Ok(Report {
+        workers: settings.workers,
+        accounts: settings.accounts,
+        committed: tally.committed,
+        rejected: tally.rejected,
+        retries: tally.retries,
+        gave_up: tally.gave_up,
+        ambiguous: tally.ambiguous,
+        elapsed_s,
+        transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
+        latency_ms: Latency {
+            p50: ms(0.50),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            max: tally.latency_us.max() as f64 / 1_000.0,
+        },
+        total_before: created.total_balance,
+        total_after,
+        negative_balances,
+        invariant_ok: total_after == created.total_balance && negative_balances == 0,
+    })
+}
+
+impl Report {
+    /// The report as a few lines of text.
+    pub fn to_text(&self) -> String {
+        format!(
+            "Ran transfers between {accounts} accounts from {workers} workers for {elapsed:.2} s.\n\
+             committed: {committed} ({tps:.1} transfers/s), rejected (insufficient funds): {rejected}\n\
+             retries: {retries}, gave up: {gave_up}, ambiguous commits: {ambiguous}\n\
+             latency ms: p50 {p50:.3}, p95 {p95:.3}, p99 {p99:.3}, max {max:.3}\n\
+             invariant: total {before} before, {after} after, {negative} negative balances: {verdict}",
+            accounts = self.accounts,
+            workers = self.workers,
+            elapsed = self.elapsed_s,
+            committed = self.committed,
+            tps = self.transfers_per_s,
+            rejected = self.rejected,
+            retries = self.retries,
+            gave_up = self.gave_up,
+            ambiguous = self.ambiguous,
+            p50 = self.latency_ms.p50,
+            p95 = self.latency_ms.p95,
+            p99 = self.latency_ms.p99,
+            max = self.latency_ms.max,
+            before = self.total_before,
+            after = self.total_after,
+            negative = self.negative_balances,
+            verdict = if self.invariant_ok { "ok" } else { "BROKEN" },
+        )
+    }
+}
+
+/// One worker's counts; merged at the end so that workers share nothing hot.
+struct Tally {
+    committed: u64,
+    rejected: u64,
+    retries: u64,
+    gave_up: u64,
+    ambiguous: u64,
+    latency_us: Histogram<u64>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            committed: 0,
+            rejected: 0,
+            retries: 0,
+            gave_up: 0,
+            ambiguous: 0,
+            // 1 µs to an hour at 3 significant digits.
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        self.committed += other.committed;
+        self.rejected += other.rejected;
+        self.retries += other.retries;
+        self.gave_up += other.gave_up;
+        self.ambiguous += other.ambiguous;
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("histograms share their bounds");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transfer_loop(
+    pool: &PgPool,
+    retrier: &Retrier,
+    ids: &[Uuid],
+    length: Length,
+    start: Instant,
+    taken: &AtomicU64,
+    stop: &AtomicBool,
+    rng: &mut StdRng,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::new();
+    loop {
+        let more = match length {
+            Length::Transfers(limit) => taken.fetch_add(1, Ordering::Relaxed) < limit,
+            Length::Duration(limit) => start.elapsed() < limit,
+        };
+        if !more || stop.load(Ordering::Relaxed) {
+            return Ok(tally);
+        }
+        let from = rng.random_range(0..ids.len());
+        let to = (from + rng.random_range(1..ids.len())) % ids.len();
+        let (from, to) = (ids[from], ids[to]);
+        let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
+        let began = Instant::now();
+        match retrier.run(pool, TxOptions::default(), |conn| {
+            bank::transfer(conn, from, to, amount)
+        }) {
+            Ok(done) => {
+                tally.committed += 1;
+                tally.retries += u64::from(done.retries());
+                let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+                tally.latency_us.saturating_record(micros.max(1));
+            }
+            Err(TxError::Failed(BankError::InsufficientFunds { .. })) => tally.rejected += 1,
+            Err(TxError::GaveUp { attempts, .. }) => {
+                tally.gave_up += 1;
+                tally.retries += u64::from(attempts - 1);
+            }
+            Err(TxError::AmbiguousCommit { .. }) => tally.ambiguous += 1,
+            Err(other) => return Err(other).context("transferring"),
+        }
+    }
+}
+
+fn seeded(seed: Option<u64>, stream: u64) -> StdRng {
+    match seed {
+        Some(seed) => {
+            StdRng::seed_from_u64(seed.wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        }
+        None => StdRng::from_os_rng(),
+    }
+}

@@ -1,0 +1,121 @@
+//! `bank workload` through the real binary.
+
+use crate::helpers::*;
+
+#[test]
+fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
+    let db = TestDb::migrated();
+    let out = bank_cmd(&tempdir())
+        .args([
+            "--database-url",
+            &db.url_string(),
+            "workload",
+            "--workers",
+            "4",
+            "--accounts",
+            "10",
+        ])
+        .args(["--transfers", "300", "--json", "--seed", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing in {report}"))
+    };
+    assert_eq!(
+        n("committed") + n("rejected") + n("gave_up") + n("ambiguous"),
+        300,
+        "{report}"
+    );
+    assert_eq!(n("gave_up") + n("ambiguous"), 0, "{report}");
+    assert!(report["retries"].is_u64());
+    assert_eq!(report["invariant_ok"], true);
+    for key in ["elapsed_s", "transfers_per_s"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    let latency = &report["latency_ms"];
+    let ms = |key: &str| latency[key].as_f64().unwrap();
+    assert!(
+        ms("p50") > 0.0
+            && ms("p50") <= ms("p95")
+            && ms("p95") <= ms("p99")
+            && ms("p99") <= ms("max"),
+        "{latency}"
+    );
+    let balances = db.accounts();
+    assert_eq!(balances.len(), 10);
+    assert_eq!(
+        balances.iter().map(|(_, b)| b).sum::<i64>(),
+        report["total_before"].as_i64().unwrap()
+    );
+}
+
+#[test]
+fn a_timed_workload_prints_a_text_report() {
+    let db = TestDb::migrated();
+    let out = bank_cmd(&tempdir())
+        .args([
+            "--database-url",
+            &db.url_string(),
+            "workload",
+            "--workers",
+            "2",
+            "--accounts",
+            "5",
+        ])
+        .args(["--duration", "0.5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = lines(&out.stdout);
+    assert_eq!(text.len(), 5, "{text:#?}");
+    assert!(
+        text[0].starts_with("Ran transfers between 5 accounts from 2 workers for 0.5"),
+        "{}",
+        text[0]
+    );
+    assert!(text[4].ends_with("0 negative balances: ok"), "{}", text[4]);
+}
+
+#[test]
+fn the_workload_refuses_bad_sizes() {
+    for (args, expected) in [
+        (
+            &["--workers", "0", "--duration", "1"][..],
+            "'0' for '--workers <W>': must be at least 1",
+        ),
+        (
+            &["--accounts", "1", "--duration", "1"][..],
+            "must be at least 2",
+        ),
+        (
+            &["--transfers", "5", "--duration", "1"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--workers", "2"][..],
+            "<--transfers <T>|--duration <SECONDS>>",
+        ),
+    ] {
+        let out = bank_cmd(&tempdir())
+            .args(["--database-url", "postgresql://x@127.0.0.1:1/x", "workload"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
