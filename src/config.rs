@@ -138,6 +138,18 @@ pub struct RetryArgs {
     #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds)]
     pub tx_deadline: Duration,
 
+    /// Ceiling of the first delayed retry's wait, in milliseconds; it doubles per retry.
+    #[arg(long, value_name = "MS", global = true, default_value = "2", value_parser = parse_millis)]
+    pub backoff_base_ms: Duration,
+
+    /// No wait between retries exceeds this many milliseconds.
+    #[arg(long, value_name = "MS", global = true, default_value = "500", value_parser = parse_millis)]
+    pub backoff_cap_ms: Duration,
+
+    /// Wait before the first retry too, instead of retrying at once.
+    #[arg(long, global = true)]
+    pub delay_first_retry: bool,
+
     /// Retry protocol: savepoint (CockroachDB's), restart (PostgreSQL's), or auto by server.
     #[arg(long, value_name = "PROTOCOL", global = true, default_value = "auto")]
     pub protocol: ProtocolChoice,
@@ -150,9 +162,9 @@ impl RetryArgs {
             max_attempts: self.max_retries.saturating_add(1),
             deadline: Some(self.tx_deadline),
             backoff: Backoff {
-                base: Duration::from_millis(10),
-                cap: Duration::from_secs(1),
-                first_retry_immediate: false,
+                base: self.backoff_base_ms,
+                cap: self.backoff_cap_ms.max(self.backoff_base_ms),
+                first_retry_immediate: !self.delay_first_retry,
             },
         }
     }
@@ -204,6 +216,15 @@ fn parse_retries(text: &str) -> Result<u32, String> {
         Ok(n) if n < 0 => Err("must be 0 or more".into()),
         Ok(n) => u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX - 1)),
         Err(_) => Err("must be a whole number, like 10".into()),
+    }
+}
+
+fn parse_millis(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ms) if ms.is_finite() && (0.0..=60_000.0).contains(&ms) => {
+            Ok(Duration::from_secs_f64(ms / 1e3))
+        }
+        _ => Err("must be a number of milliseconds between 0 and 60000, like 2 or 0.5".into()),
     }
 }
 

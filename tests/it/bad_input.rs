@@ -135,3 +135,15 @@ fn impossible_counts_are_refused_before_anything_is_written() {
     assert!(line.contains("'-1' for '--max-retries <N>'"), "{line}");
     assert_eq!(db.count("accounts"), 0, "nothing was written");
 }
+
+#[test]
+fn a_server_that_never_answers_times_out_with_a_clear_line() {
+    // The kernel completes the TCP handshake for the backlog, but nothing
+    // ever answers the startup message: libpq's connect_timeout must end it.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("postgresql://app:{SENTINEL}@127.0.0.1:{port}/bank?connect_timeout=2");
+    let line = fails(&["--database-url", &url]);
+    assert!(line.contains("timed out"), "{line}");
+    drop(silent);
+}

@@ -9,4 +9,5 @@ mod jepsen;
 mod main_job;
 mod retry;
 mod schema;
+mod tls;
 mod workload;

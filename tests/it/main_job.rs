@@ -275,7 +275,7 @@ fn each_phase_sends_the_fewest_statements() {
         vec![
             begin,
             "SELECT \"accounts\".\"id\", ... FOR UPDATE",
-            "UPDATE \"accounts\"",
+            "UPDATE accounts",
             "COMMIT",
         ],
         vec![begin, "DELETE FROM", "COMMIT"],

@@ -25,6 +25,8 @@ fn apply(db: &TestDb, path: Path) {
             // `cockroach sql --url ... < dbinit.sql` does the same.
             let status = match db.server {
                 db::Server::PostgreSql => Command::new("psql")
+                    // Running it a second time only draws an "already exists" NOTICE.
+                    .env("PGOPTIONS", "-c client_min_messages=warning")
                     .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
                     .arg(repo_root().join("dbinit.sql"))
                     .arg(db.url_string())

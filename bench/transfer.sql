@@ -1,0 +1,19 @@
+-- pgbench's side of the workload comparison: the transfer `bank workload`
+-- runs (bank::transfer), as plain SQL. Accounts 1..100 have the ids
+-- 00000000-0000-4000-8000-000000000001 ... -000000000100.
+\set a random(1, 100)
+\set hop random(1, 99)
+\set b (:a + :hop - 1) % 100 + 1
+\set amount random(1, 100)
+BEGIN ISOLATION LEVEL SERIALIZABLE;
+SELECT id, balance FROM accounts
+ WHERE id = ANY (ARRAY[CAST('00000000-0000-4000-8000-' || lpad(CAST(:a AS text), 12, '0') AS uuid),
+                       CAST('00000000-0000-4000-8000-' || lpad(CAST(:b AS text), 12, '0') AS uuid)])
+ ORDER BY id FOR UPDATE;
+UPDATE accounts
+   SET balance = balance + CASE WHEN id = CAST('00000000-0000-4000-8000-' || lpad(CAST(:a AS text), 12, '0') AS uuid)
+                                THEN -CAST(:amount AS INT8) ELSE CAST(:amount AS INT8) END
+ WHERE id = ANY (ARRAY[CAST('00000000-0000-4000-8000-' || lpad(CAST(:a AS text), 12, '0') AS uuid),
+                       CAST('00000000-0000-4000-8000-' || lpad(CAST(:b AS text), 12, '0') AS uuid)])
+ RETURNING id, balance;
+COMMIT;

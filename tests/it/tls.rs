@@ -1,0 +1,402 @@
+//! Secure connections, tested the way CockroachDB Cloud is used: a private
+//! PostgreSQL that accepts only TLS with scram-sha-256 passwords, a server
+//! certificate signed by a CA made for the test, and an application user
+//! that may only read and write `accounts`.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::helpers::*;
+
+const SENTINEL: &str = "Sentinel-tls-Pa55";
+const ADMIN: &str = "postgres";
+
+/// Runs a server tool as the postgres user when we are root (initdb and
+/// postgres refuse to run as root).
+fn as_postgres(program: &Path) -> Command {
+    // `id -u` rather than libc: the test needs nothing unsafe.
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn pg_bindir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql (./dev installs them)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.to_string_lossy()
+            .split('/')
+            .nth(4)
+            .and_then(|v| v.parse::<u32>().ok())
+    });
+    dirs.pop().expect("an initdb")
+}
+
+/// A throwaway TLS-only server with database `bank`, the schema from
+/// dbinit.sql (run by the admin), and user `maxroach` set up as the README
+/// says.
+struct TlsServer {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+impl TlsServer {
+    fn start() -> Self {
+        let dir = tempdir();
+        let bin = pg_bindir();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        make_certificates(&dir);
+        let data = dir.join("data");
+        fs::write(dir.join("pw"), "admin-password\n").unwrap();
+        run(Command::new("chown").args(["-R", "postgres:"]).arg(&dir));
+        run(as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                ADMIN,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-instructions",
+            ])
+            .arg(format!("--pwfile={}", dir.join("pw").display())));
+        // Only TLS over TCP; the admin works through the Unix socket.
+        fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n",
+        )
+        .unwrap();
+        let conf = format!(
+            "\nssl = on\nssl_cert_file = '{d}/server.crt'\nssl_key_file = '{d}/server.key'\n\
+             listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{d}'\nfsync = off\n",
+            d = dir.display()
+        );
+        let mut postgresql_conf = fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        postgresql_conf.push_str(&conf);
+        fs::write(data.join("postgresql.conf"), postgresql_conf).unwrap();
+        run(Command::new("chown").args(["-R", "postgres:"]).arg(&dir));
+        run(as_postgres(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "start"]));
+        let server = Self { dir, port, bin };
+        server.admin_sql("postgres", "CREATE DATABASE bank");
+        let out = run(Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(repo_root().join("dbinit.sql"))
+            .arg(server.admin_conninfo("bank")));
+        assert!(out.status.success());
+        // The README's application user, verbatim.
+        server.admin_sql(
+            "bank",
+            &format!(
+                "CREATE USER maxroach WITH PASSWORD '{SENTINEL}';
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;"
+            ),
+        );
+        server
+    }
+
+    fn admin_conninfo(&self, database: &str) -> String {
+        format!(
+            "host={} port={} user={ADMIN} dbname={database}",
+            self.dir.display(),
+            self.port
+        )
+    }
+
+    fn admin_sql(&self, database: &str, sql: &str) -> String {
+        let out = run(Command::new("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .arg(self.admin_conninfo(database)));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("ca.crt").display().to_string()
+    }
+
+    /// The application's URL: TLS verified against our CA, host `localhost`.
+    fn url(&self) -> String {
+        self.url_with(
+            "localhost",
+            SENTINEL,
+            &format!("sslmode=verify-full&sslrootcert={}", self.ca()),
+        )
+    }
+
+    fn url_with(&self, host: &str, password: &str, params: &str) -> String {
+        format!(
+            "postgresql://maxroach:{password}@{host}:{}/bank?{params}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A CA, a server certificate it signed for `localhost` only, and a second
+/// CA that signed nothing.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        run(Command::new("openssl").args(args).current_dir(dir));
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=bank test {ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    fs::write(dir.join("san.ext"), "subjectAltName = DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    // PostgreSQL refuses a key others can read.
+    run(Command::new("chmod").arg("600").arg(dir.join("server.key")));
+}
+
+fn bank(args: &[&str]) -> Output {
+    bank_cmd(&tempdir()).args(args).output().unwrap()
+}
+
+fn assert_one_line_failure(out: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected '{expected}' in: {stderr}"
+    );
+    assert!(!stderr.contains(SENTINEL), "password leaked: {stderr}");
+}
+
+#[test]
+fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
+    let server = TlsServer::start();
+    let out = bank(&["--database-url", &server.url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines(&out.stdout).len(), 115);
+    assert_eq!(
+        server.admin_sql("bank", "SELECT count(*) FROM accounts"),
+        "95"
+    );
+    // pg_hba.conf admits TCP connections only as hostssl, and the
+    // sslmode=disable case below is refused: the job ran over TLS.
+
+    let other_ca = server.dir.join("other-ca.crt").display().to_string();
+    let cases = [
+        (
+            server.url_with(
+                "localhost",
+                SENTINEL,
+                &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+            ),
+            "certificate could not be verified",
+        ),
+        (
+            server.url_with(
+                "127.0.0.1",
+                SENTINEL,
+                &format!("sslmode=verify-full&sslrootcert={}", server.ca()),
+            ),
+            "does not match the host name",
+        ),
+        (
+            server.url_with("localhost", SENTINEL, "sslmode=disable"),
+            "requires an encrypted connection",
+        ),
+        (
+            server.url_with(
+                "localhost",
+                "wrong-password",
+                &format!("sslmode=verify-full&sslrootcert={}", server.ca()),
+            ),
+            "password authentication failed",
+        ),
+    ];
+    for (url, expected) in cases {
+        assert_one_line_failure(&bank(&["--database-url", &url]), expected);
+    }
+}
+
+#[test]
+fn the_application_user_runs_the_job_but_may_not_change_the_schema() {
+    let server = TlsServer::start();
+    let url = server.url();
+    let out = bank(&["--database-url", &url, "--accounts", "10", "--delete", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        server.admin_sql("bank", "SELECT count(*) FROM accounts"),
+        "8"
+    );
+
+    // DDL is refused to it: migrations cannot create their bookkeeping table.
+    let out = bank(&["--database-url", &url, "migrate"]);
+    assert_one_line_failure(&out, "permission denied");
+    let mut conn = bank::db::establish(&bank::config::DbUrl::parse(&url).unwrap()).unwrap();
+    for ddl in [
+        "CREATE TABLE sneaky (id INT8)",
+        "DROP TABLE accounts",
+        "ALTER TABLE accounts ADD COLUMN note TEXT",
+    ] {
+        let result = diesel::connection::SimpleConnection::batch_execute(&mut conn, ddl);
+        let err = result.expect_err(ddl).to_string();
+        assert!(
+            err.contains("permission denied") || err.contains("must be owner"),
+            "{ddl}: {err}"
+        );
+    }
+}
+
+#[test]
+fn no_password_reaches_any_output_at_any_verbosity() {
+    let server = TlsServer::start();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed_url = format!("postgresql://maxroach:{SENTINEL}@127.0.0.1:{closed}/bank");
+    let wrong_ca = server.url_with(
+        "localhost",
+        SENTINEL,
+        "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
+    );
+    let commands: [&[&str]; 4] = [
+        &[],
+        &["migrate"],
+        &[
+            "workload",
+            "--workers",
+            "2",
+            "--accounts",
+            "4",
+            "--transfers",
+            "20",
+        ],
+        &["--accounts", "3", "--delete", "1", "--seed", "1"],
+    ];
+    let mut runs = 0;
+    for url in [server.url(), closed_url, wrong_ca] {
+        for command in commands {
+            for verbose in [false, true] {
+                let mut cmd = bank_cmd(&tempdir());
+                cmd.args(["--database-url", &url]).args(command);
+                if verbose {
+                    cmd.arg("-v");
+                }
+                let out = cmd.output().unwrap();
+                let all = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(
+                    !all.contains(SENTINEL),
+                    "password in the output of {command:?}:\n{all}"
+                );
+                assert!(
+                    !all.contains(&url),
+                    "full connection string in the output of {command:?}:\n{all}"
+                );
+                runs += 1;
+            }
+        }
+    }
+    // Also through the environment and .env, where clap could echo it.
+    let dir = tempdir();
+    fs::write(dir.join(".env"), format!("DATABASE_URL={}\n", server.url())).unwrap();
+    let out = bank_cmd(&dir).args(["--help"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(SENTINEL),
+        "--help shows the URL"
+    );
+    assert_eq!(runs, 24);
+}
