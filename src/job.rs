@@ -187,12 +187,8 @@ pub fn run(
     retries += done.retries();
     let transfer = done.value;
     writeln!(out, "Random account balances:")?;
-    writeln!(
-        out,
-        "Account {}: {}",
-        transfer.from.id, transfer.from.balance
-    )?;
-    writeln!(out, "Account {}: {}", transfer.to.id, transfer.to.balance)?;
+    account_line(out, &transfer.from)?;
+    account_line(out, &transfer.to)?;
     writeln!(
         out,
         "Transferring {} from account {} to account {}...",
@@ -200,16 +196,8 @@ pub fn run(
     )?;
     writeln!(out, "Transfer complete.")?;
     writeln!(out, "New balances:")?;
-    writeln!(
-        out,
-        "Account {}: {}",
-        transfer.from_after.id, transfer.from_after.balance
-    )?;
-    writeln!(
-        out,
-        "Account {}: {}",
-        transfer.to_after.id, transfer.to_after.balance
-    )?;
+    account_line(out, &transfer.from_after)?;
+    account_line(out, &transfer.to_after)?;
 
     let doomed: Vec<Uuid> =
         rand::seq::index::sample(&mut rng, total, usize::try_from(plan.delete)?)
@@ -234,6 +222,10 @@ pub fn run(
         deleted: done.value,
         retries,
     })
+}
+
+fn account_line(out: &mut dyn Write, account: &Account) -> std::io::Result<()> {
+    writeln!(out, "Account {}: {}", account.id, account.balance)
 }
 
 /// A random v4 id and a balance of `floor(random * 1_000_000)`, which is a

@@ -9,7 +9,7 @@ const SENTINEL: &str = "sentinel-Pa55word";
 
 /// Runs the binary and checks the common promises; returns stderr's line.
 fn fails(args: &[&str]) -> String {
-    let out = bank_cmd(&tempdir()).args(args).output().unwrap();
+    let out = bank(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "{args:?} succeeded: {stdout}");

@@ -2,6 +2,7 @@
 //! for debugging when it fails), fault injection, a clock that never sleeps.
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -238,6 +239,20 @@ pub fn bank_cmd(workdir: &Path) -> Command {
         .env_remove("DATABASE_URL")
         .env_remove("RUST_LOG");
     cmd
+}
+
+/// Runs the binary (as [`bank_cmd`] sets it up) with `args`.
+pub fn bank(args: &[&str]) -> Output {
+    bank_cmd(&tempdir()).args(args).output().expect("run bank")
+}
+
+/// Asserts that a run succeeded, showing its stderr when it did not.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "bank failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn tempdir() -> PathBuf {

@@ -80,15 +80,8 @@ fn parse(lines: &[String], accounts: usize, deleted: usize) -> Story {
 #[test]
 fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir())
-        .args(["--database-url", &db.url_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bank(&["--database-url", &db.url_string()]);
+    assert_ok(&out);
     assert!(
         out.stderr.is_empty(),
         "{}",
@@ -138,20 +131,17 @@ fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
 fn the_same_seed_gives_the_same_story() {
     let run = || {
         let db = TestDb::migrated();
-        let out = bank_cmd(&tempdir())
-            .args([
-                "--database-url",
-                &db.url_string(),
-                "--seed",
-                "7",
-                "--accounts",
-                "20",
-                "--delete",
-                "3",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let out = bank(&[
+            "--database-url",
+            &db.url_string(),
+            "--seed",
+            "7",
+            "--accounts",
+            "20",
+            "--delete",
+            "3",
+        ]);
+        assert_ok(&out);
         (lines(&out.stdout), db.accounts())
     };
     let (first, first_db) = run();
@@ -166,22 +156,15 @@ fn the_same_seed_gives_the_same_story() {
 #[test]
 fn every_account_may_be_deleted() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir())
-        .args([
-            "--database-url",
-            &db.url_string(),
-            "--accounts",
-            "2",
-            "--delete",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bank(&[
+        "--database-url",
+        &db.url_string(),
+        "--accounts",
+        "2",
+        "--delete",
+        "2",
+    ]);
+    assert_ok(&out);
     parse(&lines(&out.stdout), 2, 2);
     assert_eq!(db.count("accounts"), 0);
 }
@@ -189,11 +172,8 @@ fn every_account_may_be_deleted() {
 #[test]
 fn verbose_logs_statements_and_retries_on_stderr_only() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir())
-        .args(["--database-url", &db.url_string(), "-v"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = bank(&["--database-url", &db.url_string(), "-v"]);
+    assert_ok(&out);
     parse(&lines(&out.stdout), 100, 5);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -214,10 +194,7 @@ fn an_ambiguous_transfer_commit_is_one_line_saying_ambiguous() {
         "CREATE CONSTRAINT TRIGGER kill_at_commit AFTER UPDATE ON accounts
          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fault('1000', 'terminate')",
     );
-    let out = bank_cmd(&tempdir())
-        .args(["--database-url", &db.url_string()])
-        .output()
-        .unwrap();
+    let out = bank(&["--database-url", &db.url_string()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -255,17 +232,14 @@ fn statements(stderr: &str) -> Vec<String> {
 fn each_phase_sends_the_fewest_statements() {
     let db = TestDb::migrated();
     let run = |protocol: &str| {
-        let out = bank_cmd(&tempdir())
-            .args([
-                "--database-url",
-                &db.url_string(),
-                "-v",
-                "--protocol",
-                protocol,
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let out = bank(&[
+            "--database-url",
+            &db.url_string(),
+            "-v",
+            "--protocol",
+            protocol,
+        ]);
+        assert_ok(&out);
         statements(&String::from_utf8_lossy(&out.stderr))
     };
     let setup = ["SELECT version()", "SELECT EXISTS"];

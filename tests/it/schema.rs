@@ -42,15 +42,8 @@ fn apply(db: &TestDb, path: Path) {
             );
         }
         Path::Migrate => {
-            let out = bank_cmd(&tempdir())
-                .args(["--database-url", &db.url_string(), "migrate"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "bank migrate: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = bank(&["--database-url", &db.url_string(), "migrate"]);
+            assert_ok(&out);
         }
     }
 }
@@ -139,11 +132,8 @@ fn any_path_after_any_other_succeeds_and_changes_nothing() {
 fn migrate_twice_is_a_no_op() {
     let db = TestDb::empty();
     let run = || {
-        let out = bank_cmd(&tempdir())
-            .args(["--database-url", &db.url_string(), "migrate"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let out = bank(&["--database-url", &db.url_string(), "migrate"]);
+        assert_ok(&out);
         lines(&out.stdout)
     };
     assert_eq!(run(), vec!["Applied migration 20261121000000."]);
@@ -179,7 +169,7 @@ fn schema_rs_is_what_diesel_print_schema_generates() {
         .current_dir(tempdir())
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert_ok(&out);
     let committed = std::fs::read_to_string(repo_root().join("src/schema.rs")).unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim_end(),

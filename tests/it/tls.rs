@@ -230,10 +230,6 @@ fn make_certificates(dir: &Path) {
     run(Command::new("chmod").arg("600").arg(dir.join("server.key")));
 }
 
-fn bank(args: &[&str]) -> Output {
-    bank_cmd(&tempdir()).args(args).output().unwrap()
-}
-
 fn assert_one_line_failure(out: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -5,24 +5,21 @@ use crate::helpers::*;
 #[test]
 fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir())
-        .args([
-            "--database-url",
-            &db.url_string(),
-            "workload",
-            "--workers",
-            "4",
-            "--accounts",
-            "10",
-        ])
-        .args(["--transfers", "300", "--json", "--seed", "3"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bank(&[
+        "--database-url",
+        &db.url_string(),
+        "workload",
+        "--workers",
+        "4",
+        "--accounts",
+        "10",
+        "--transfers",
+        "300",
+        "--json",
+        "--seed",
+        "3",
+    ]);
+    assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = |key: &str| {
         report[key]
@@ -60,24 +57,18 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
 #[test]
 fn a_timed_workload_prints_a_text_report() {
     let db = TestDb::migrated();
-    let out = bank_cmd(&tempdir())
-        .args([
-            "--database-url",
-            &db.url_string(),
-            "workload",
-            "--workers",
-            "2",
-            "--accounts",
-            "5",
-        ])
-        .args(["--duration", "0.5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bank(&[
+        "--database-url",
+        &db.url_string(),
+        "workload",
+        "--workers",
+        "2",
+        "--accounts",
+        "5",
+        "--duration",
+        "0.5",
+    ]);
+    assert_ok(&out);
     let text = lines(&out.stdout);
     assert_eq!(text.len(), 5, "{text:#?}");
     assert!(
