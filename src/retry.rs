@@ -343,16 +343,28 @@ impl Retrier {
                 Err(Outcome::Retry(cause)) => cause,
             };
             let elapsed = self.clock.now().saturating_duration_since(start);
-            if attempts >= self.policy.max_attempts {
-                return Err(give_up(attempts, elapsed, Budget::Attempts, cause));
-            }
             let delay = self.policy.backoff.delay(attempts, (self.jitter)());
-            if self
+            let budget = if attempts >= self.policy.max_attempts {
+                Some(Budget::Attempts)
+            } else if self
                 .policy
                 .deadline
                 .is_some_and(|deadline| elapsed + delay >= deadline)
             {
-                return Err(give_up(attempts, elapsed, Budget::Deadline, cause));
+                Some(Budget::Deadline)
+            } else {
+                None
+            };
+            if let Some(budget) = budget {
+                // The savepoint protocol leaves the transaction open between
+                // attempts; close it so the connection is not handed back
+                // (to the pool, or to the caller of `run_on`) mid-transaction.
+                if tx == TxState::Open {
+                    if let Ok(conn) = checkout.conn() {
+                        rollback(conn);
+                    }
+                }
+                return Err(give_up(attempts, elapsed, budget, cause));
             }
             debug!(
                 cause = %DisplayCause(cause.as_diesel()),

@@ -462,3 +462,31 @@ fn run_on_one_connection_cannot_replace_it_so_a_kill_ends_the_call() {
         "{result:?}"
     );
 }
+
+#[test]
+fn giving_up_leaves_the_callers_connection_outside_any_transaction() {
+    for protocol in BOTH {
+        let db = TestDb::empty();
+        db.install_faults();
+        let (retrier, _) = retrier(3, protocol);
+        let mut conn = db.conn();
+        let result = retrier.run_on(&mut conn, TxOptions::default(), |conn| {
+            mark(conn, "doomed")?;
+            fail_first(conn, 1_000, "40001")
+        });
+        assert!(
+            matches!(result, Err(TxError::GaveUp { attempts: 3, .. })),
+            "{protocol:?}: {result:?}"
+        );
+        assert_eq!(
+            setting(&mut conn, "transaction_isolation").unwrap(),
+            "read committed",
+            "{protocol:?}: the connection was left inside the serializable transaction"
+        );
+        assert_eq!(db.count("marks"), 0);
+        retrier
+            .run_on(&mut conn, TxOptions::default(), |conn| mark(conn, "next"))
+            .unwrap();
+        assert_eq!(db.count("marks"), 1, "{protocol:?}");
+    }
+}
