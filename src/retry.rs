@@ -329,7 +329,12 @@ impl Retrier {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let span = debug_span!("tx_attempt", attempt = attempts, protocol = ?self.protocol);
+            let span = debug_span!(
+                "tx_attempt",
+                attempt = attempts,
+                protocol = ?self.protocol,
+                retry_cause = tracing::field::Empty
+            );
             let _entered = span.enter();
             let cause = match self.attempt(&mut checkout, &mut tx, opts, attempts, &mut unit) {
                 Ok(value) => return Ok(Committed { value, attempts }),
@@ -342,6 +347,10 @@ impl Retrier {
                 }
                 Err(Outcome::Retry(cause)) => cause,
             };
+            span.record(
+                "retry_cause",
+                tracing::field::display(DisplayCause(cause.as_diesel())),
+            );
             let elapsed = self.clock.now().saturating_duration_since(start);
             let delay = self.policy.backoff.delay(attempts, (self.jitter)());
             let budget = if attempts >= self.policy.max_attempts {
@@ -366,11 +375,7 @@ impl Retrier {
                 }
                 return Err(give_up(attempts, elapsed, budget, cause));
             }
-            debug!(
-                cause = %DisplayCause(cause.as_diesel()),
-                sleep_ms = delay.as_secs_f64() * 1e3,
-                "retrying transaction"
-            );
+            debug!(sleep_ms = delay.as_secs_f64() * 1e3, "retrying transaction");
             self.clock.sleep(delay);
         }
     }

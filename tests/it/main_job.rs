@@ -88,7 +88,12 @@ fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
         String::from_utf8_lossy(&out.stderr)
     );
     let story = parse(&lines(&out.stdout), 100, 5);
+    check_story(&db, &story);
+}
 
+/// The database holds exactly what the output says happened: the created
+/// balances, the transfer applied once, the deleted accounts gone.
+fn check_story(db: &TestDb, story: &Story) {
     let mut expected: BTreeMap<Uuid, i64> = story.created.iter().copied().collect();
     assert_eq!(expected.len(), 100, "ids are distinct");
     for (id, balance) in &story.created {
@@ -124,6 +129,41 @@ fn the_default_job_prints_the_tutorial_lines_and_the_database_matches_them() {
         in_db,
         expected.into_iter().collect::<Vec<_>>(),
         "the database holds exactly the printed story"
+    );
+}
+
+#[test]
+fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
+    let db = TestDb::migrated();
+    db.install_faults();
+    // The transfer's UPDATE meets a serialization failure once.
+    db.exec(
+        "CREATE FUNCTION conflict_once() RETURNS trigger AS $$
+         BEGIN PERFORM fail_first(1, '40001'); RETURN NEW; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER conflict_once BEFORE UPDATE ON accounts
+         FOR EACH ROW EXECUTE FUNCTION conflict_once()",
+    );
+    let out = bank(&["--database-url", &db.url_string(), "-v"]);
+    assert_ok(&out);
+    let story = parse(&lines(&out.stdout), 100, 5);
+    check_story(&db, &story);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let retried = stderr
+        .lines()
+        .find(|l| l.contains("retrying transaction"))
+        .unwrap_or_else(|| panic!("no retry logged:\n{stderr}"));
+    assert!(
+        retried
+            .contains("tx_attempt{attempt=1 protocol=Restart retry_cause=injected fault 1 of 1}"),
+        "{retried}"
+    );
+    assert!(
+        retried.contains("sleep_ms=0"),
+        "the first retry is immediate: {retried}"
+    );
+    assert!(
+        stderr.contains("tx_attempt{attempt=2 protocol=Restart}: bank::sql: COMMIT"),
+        "{stderr}"
     );
 }
 
