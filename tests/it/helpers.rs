@@ -72,6 +72,15 @@ impl TestDb {
             .expect("read accounts")
     }
 
+    /// Fails the test with a clear reason when the server is not PostgreSQL.
+    pub fn require_postgres(&self, what: &str) {
+        assert_eq!(
+            self.server,
+            Server::PostgreSql,
+            "{what} needs PostgreSQL; run the suite with DATABASE_URL pointing at a PostgreSQL server"
+        );
+    }
+
     /// Runs SQL (DDL for fault injection, mostly).
     pub fn exec(&self, sql: &str) {
         diesel::connection::SimpleConnection::batch_execute(&mut self.conn(), sql).expect(sql);
@@ -113,6 +122,7 @@ impl TestDb {
     /// - table `marks`: a row per committed unit of work; `at_commit(...)`
     ///   adds a deferred trigger on it that fires at COMMIT.
     pub fn install_faults(&self) {
+        self.require_postgres("fault injection (PL/pgSQL, pg_terminate_backend)");
         self.exec(
             "CREATE SEQUENCE statement_faults;
              CREATE SEQUENCE commit_faults;

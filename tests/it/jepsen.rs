@@ -52,6 +52,9 @@ struct Pid {
 #[test]
 fn transfers_survive_backends_killed_at_random_moments() {
     let db = TestDb::migrated();
+    db.require_postgres(
+        "the bank test's fault thread (pg_terminate_backend) and slow commits (PL/pgSQL)",
+    );
     db.exec("CREATE TABLE transfer_log (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, amount INT8 NOT NULL)");
     // A commit that takes a few milliseconds, so that some kills land while
     // COMMIT is in flight and the ambiguous path is exercised for real.
