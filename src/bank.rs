@@ -215,18 +215,6 @@ pub fn delete_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec
         .collect())
 }
 
-/// Reads the given accounts, in id order.
-///
-/// # Errors
-/// The database's error.
-pub fn find_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Account>> {
-    accounts::table
-        .filter(accounts::id.eq_any(ids))
-        .order(accounts::id)
-        .select(Account::as_select())
-        .load(conn)
-}
-
 /// The sum of the given accounts' balances and how many are negative.
 ///
 /// # Errors

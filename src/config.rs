@@ -377,6 +377,12 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["bank"]).unwrap();
+        assert_eq!(cli.retry.policy(), RetryPolicy::default());
+    }
+
+    #[test]
     fn counts_reject_zero_negative_and_words() {
         assert_eq!(parse_positive("0").unwrap_err(), "must be at least 1");
         assert_eq!(parse_positive("-3").unwrap_err(), "must be at least 1");
