@@ -147,6 +147,13 @@ pub fn run(
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_os_rng(),
     };
+    anyhow::ensure!(
+        plan.accounts >= 2 && plan.delete <= plan.accounts,
+        "the main job needs at least 2 accounts and at most as many deletions as accounts \
+         (asked for {} accounts and {} deletions)",
+        plan.accounts,
+        plan.delete
+    );
     let total = usize::try_from(plan.accounts)
         .context("--accounts does not fit in memory on this machine")?;
     let list = !plan.quiet && plan.accounts <= LIST_LIMIT;

@@ -95,6 +95,12 @@ pub struct Latency {
 /// Creation failing, or a transfer failing in a way that is neither a
 /// conflict nor a refusal (the database went away, say).
 pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        settings.accounts >= 2 && settings.workers >= 1,
+        "the workload needs at least 2 accounts and 1 worker (asked for {} and {})",
+        settings.accounts,
+        settings.workers
+    );
     let mut rng = seeded(settings.seed, 0);
     let total = usize::try_from(settings.accounts)
         .context("--accounts does not fit in memory on this machine")?;
