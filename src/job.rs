@@ -75,8 +75,10 @@ pub fn create_accounts(
         ProgressBar::hidden()
     };
     progress.set_style(
-        ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} accounts, {per_sec}, eta {eta}")
-            .expect("the template is valid"),
+        ProgressStyle::with_template(
+            "{msg} {wide_bar} {human_pos}/{human_len} accounts, eta {eta}",
+        )
+        .expect("the template is valid"),
     );
     progress.set_message("creating");
     let mut created = Created {
