@@ -6,9 +6,9 @@ use std::io::Write;
 use anyhow::{anyhow, bail, Context};
 
 use crate::config::{Cli, Command, DbUrl, ProtocolChoice, WorkloadArgs};
-use crate::db::{self, Server};
+use crate::db::{self, PgPool};
 use crate::job::{self, Batches, Plan};
-use crate::retry::{PgPool, Protocol, Retrier};
+use crate::retry::{Protocol, Retrier, Server};
 use crate::workload::{self, Length, Settings};
 
 /// Runs what `cli` asks for, writing results to `out`.
@@ -30,7 +30,16 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// One line for stderr: the context chain, with the password scrubbed out.
 pub fn error_line(err: &anyhow::Error, cli: &Cli) -> String {
-    let line = format!("{err:#}")
+    let mut causes = Vec::new();
+    for cause in err.chain() {
+        causes.push(cause.to_string());
+        // A connection error already says, explained, what its source said.
+        if cause.is::<db::ConnectError>() {
+            break;
+        }
+    }
+    let line = causes
+        .join(": ")
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
@@ -126,17 +135,24 @@ fn prepare(cli: &Cli, url: &DbUrl, pool_size: u32) -> anyhow::Result<(Retrier, P
         );
     }
     drop(conn);
-    let retrier = retrier(cli, server);
+    let retrier = retrier(cli, server)?;
     tracing::debug!(?server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
     let pool = db::pool(url, pool_size).context("building the connection pool")?;
     Ok((retrier, pool))
 }
 
-fn retrier(cli: &Cli, server: Server) -> Retrier {
-    let protocol = match cli.retry.protocol {
-        ProtocolChoice::Auto => server.retry_protocol(),
-        ProtocolChoice::Savepoint => Protocol::Savepoint,
-        ProtocolChoice::Restart => Protocol::Restart,
+fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {
+    let protocol = match (cli.retry.protocol, server) {
+        (ProtocolChoice::Auto, _) => server.retry_protocol(),
+        // On PostgreSQL a rollback to a savepoint keeps the snapshot that
+        // conflicted, so the protocol would only add round trips; the library
+        // still allows it, for tests.
+        (ProtocolChoice::Savepoint, Server::PostgreSql) => bail!(
+            "--protocol savepoint needs CockroachDB, and this server is PostgreSQL; \
+             use --protocol restart or auto"
+        ),
+        (ProtocolChoice::Savepoint, Server::CockroachDb) => Protocol::Savepoint,
+        (ProtocolChoice::Restart, _) => Protocol::Restart,
     };
-    Retrier::new(cli.retry.policy(), protocol)
+    Ok(Retrier::new(cli.retry.policy(), server).with_protocol(protocol))
 }

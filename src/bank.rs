@@ -4,7 +4,7 @@
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::Account;
@@ -38,6 +38,9 @@ pub enum BankError {
     /// A transfer needs two different accounts.
     #[error("cannot transfer from account {0} to itself")]
     SameAccount(Uuid),
+    /// A fixed amount must move something, and forwards.
+    #[error("cannot transfer {0}: the amount must be at least 1")]
+    NotPositive(i64),
     /// The database refused or failed.
     #[error(transparent)]
     Database(#[from] diesel::result::Error),
@@ -76,7 +79,7 @@ pub fn insert_accounts(
 pub enum Amount {
     /// `floor(source balance / 2)`, read inside the transaction, as the tutorial does.
     HalfOfSource,
-    /// A fixed amount.
+    /// A fixed amount, at least 1 ([`transfer`] refuses others).
     Exactly(i64),
 }
 
@@ -96,9 +99,17 @@ pub struct Transfer {
 }
 
 /// Moves money between two accounts in two statements: one `SELECT ... FOR
-/// UPDATE` that locks both rows in id order (a fixed order, so concurrent
-/// transfers queue instead of deadlocking, as CockroachDB recommends for
-/// read-modify-write), and one `UPDATE ... RETURNING` for both balances.
+/// UPDATE` that locks both rows, and one `UPDATE ... RETURNING` for both
+/// balances. Locking before reading the balance is what CockroachDB
+/// recommends for read-modify-write: a concurrent transfer queues on the
+/// lock instead of failing its commit.
+///
+/// Both rows are locked in id order, so two transfers over the same pair
+/// queue instead of deadlocking. On PostgreSQL that order comes from the
+/// `ORDER BY`: the rows are sorted before they are locked. CockroachDB locks
+/// rows as its scan reads them, and the scan reads the two ids from the
+/// primary index in key order, which is the same order (CockroachDB also
+/// detects and breaks lock cycles by itself).
 ///
 /// # Errors
 /// [`BankError`]; nothing is changed when it fails.
@@ -110,6 +121,9 @@ pub fn transfer(
 ) -> Result<Transfer, BankError> {
     if from == to {
         return Err(BankError::SameAccount(from));
+    }
+    if let Amount::Exactly(amount @ ..=0) = amount {
+        return Err(BankError::NotPositive(amount));
     }
     // `id = $1 OR id = $2` rather than `id = ANY($1)`: with an array of
     // unknown length PostgreSQL keeps planning the prepared statement anew
@@ -177,22 +191,38 @@ impl QueryId for MoveFunds {
 }
 
 impl Query for MoveFunds {
-    type SqlType = (diesel::sql_types::Uuid, BigInt);
+    type SqlType = (SqlUuid, BigInt);
 }
 
 impl QueryFragment<Pg> for MoveFunds {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("UPDATE accounts SET balance = balance + CASE WHEN id = ");
-        out.push_bind_param::<diesel::sql_types::Uuid, _>(&self.from)?;
+        // Built from the schema's table and columns, so a renamed column
+        // fails to compile here instead of failing at run time. The SET
+        // target is a bare column name, as PostgreSQL requires.
+        out.push_sql("UPDATE ");
+        accounts::table.walk_ast(out.reborrow())?;
+        out.push_sql(" SET ");
+        out.push_identifier(accounts::balance::NAME)?;
+        out.push_sql(" = ");
+        accounts::balance.walk_ast(out.reborrow())?;
+        out.push_sql(" + CASE WHEN ");
+        accounts::id.walk_ast(out.reborrow())?;
+        out.push_sql(" = ");
+        out.push_bind_param::<SqlUuid, _>(&self.from)?;
         out.push_sql(" THEN -");
         out.push_bind_param::<BigInt, _>(&self.amount)?;
         out.push_sql(" ELSE ");
         out.push_bind_param::<BigInt, _>(&self.amount)?;
-        out.push_sql(" END WHERE id = ");
-        out.push_bind_param::<diesel::sql_types::Uuid, _>(&self.from)?;
-        out.push_sql(" OR id = ");
-        out.push_bind_param::<diesel::sql_types::Uuid, _>(&self.to)?;
-        out.push_sql(" RETURNING id, balance");
+        out.push_sql(" END WHERE ");
+        accounts::id.walk_ast(out.reborrow())?;
+        out.push_sql(" = ");
+        out.push_bind_param::<SqlUuid, _>(&self.from)?;
+        out.push_sql(" OR ");
+        accounts::id.walk_ast(out.reborrow())?;
+        out.push_sql(" = ");
+        out.push_bind_param::<SqlUuid, _>(&self.to)?;
+        out.push_sql(" RETURNING ");
+        (accounts::id, accounts::balance).walk_ast(out.reborrow())?;
         Ok(())
     }
 }
@@ -220,8 +250,11 @@ pub fn delete_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec
 /// # Errors
 /// The database's error.
 pub fn balance_summary(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
-    // SUM(INT8) is NUMERIC on both servers; INT8 holds the sum of up to nine
-    // million maximal balances, and the workload's accounts are far fewer.
+    // SUM(INT8) is NUMERIC on both servers, cast back to INT8 here. INT8
+    // holds any sum below 2^63 (about 9.2e18): with balances created below
+    // 1,000,000 and transfers that keep the total, that is over nine trillion
+    // accounts. Past that the cast fails with an out-of-range error; it never
+    // wraps.
     accounts::table
         .filter(accounts::id.eq_any(ids))
         .select((
@@ -229,4 +262,31 @@ pub fn balance_summary(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i6
             diesel::dsl::sql::<BigInt>("COUNT(*) FILTER (WHERE balance < 0)"),
         ))
         .get_result(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn move_funds_is_one_fixed_update_over_the_schemas_columns() {
+        let from = Uuid::from_u128(1);
+        let to = Uuid::from_u128(2);
+        let sql = diesel::debug_query::<Pg, _>(&MoveFunds {
+            from,
+            to,
+            amount: 7,
+        })
+        .to_string();
+        assert_eq!(
+            sql,
+            format!(
+                "UPDATE \"accounts\" SET \"balance\" = \"accounts\".\"balance\" + CASE WHEN \
+                 \"accounts\".\"id\" = $1 THEN -$2 ELSE $3 END WHERE \
+                 \"accounts\".\"id\" = $4 OR \"accounts\".\"id\" = $5 \
+                 RETURNING \"accounts\".\"id\", \"accounts\".\"balance\" \
+                 -- binds: [{from}, 7, 7, {from}, {to}]"
+            )
+        );
+    }
 }

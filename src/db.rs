@@ -7,53 +7,27 @@ use diesel::connection::{set_default_instrumentation, Instrumentation, Instrumen
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{Bool, Text};
+use diesel::sql_types::Bool;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DbUrl;
-use crate::retry::{PgPool, Protocol};
+
+/// The r2d2 pool of Diesel connections the app runs its transactions on.
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 /// The migrations in `migrations/`, compiled in for `bank migrate`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-/// Which server answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Server {
-    /// CockroachDB.
-    CockroachDb,
-    /// PostgreSQL, or anything else speaking its protocol.
-    PostgreSql,
-}
-
-impl Server {
-    /// Detects the server from `SELECT version()`.
-    ///
-    /// # Errors
-    /// The query's error.
-    pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
-        let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
-        Ok(if version.contains("CockroachDB") {
-            Server::CockroachDb
-        } else {
-            Server::PostgreSql
-        })
-    }
-
-    /// The retry protocol that works best on this server.
-    pub fn retry_protocol(self) -> Protocol {
-        match self {
-            Server::CockroachDb => Protocol::Savepoint,
-            Server::PostgreSql => Protocol::Restart,
-        }
-    }
-}
-
 /// Connecting failed; the message is one line and never holds the password.
+/// The driver's own error stays available as the source, but it is not part
+/// of the message: libpq's text spans lines and may echo connection details.
 #[derive(Debug, thiserror::Error)]
 #[error("could not connect to {target}: {reason}")]
 pub struct ConnectError {
     target: String,
     reason: String,
+    #[source]
+    source: diesel::ConnectionError,
 }
 
 /// Opens one connection, turning libpq's multi-line messages into one line
@@ -62,9 +36,10 @@ pub struct ConnectError {
 /// # Errors
 /// [`ConnectError`].
 pub fn establish(url: &DbUrl) -> Result<PgConnection, ConnectError> {
-    PgConnection::establish(&url.for_libpq()).map_err(|err| ConnectError {
+    PgConnection::establish(&url.for_libpq()).map_err(|source| ConnectError {
         target: url.redacted(),
-        reason: explain_connection_error(&err.to_string(), url),
+        reason: explain_connection_error(&source.to_string(), url),
+        source,
     })
 }
 
@@ -147,14 +122,14 @@ pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationError> {
     let applied = conn
         .run_pending_migrations(MIGRATIONS)
-        .map_err(|err| MigrationError(err.to_string()))?;
+        .map_err(MigrationError)?;
     Ok(applied.iter().map(ToString::to_string).collect())
 }
 
-/// A migration failed.
+/// A migration failed; the harness's error is the source.
 #[derive(Debug, thiserror::Error)]
-#[error("migration failed: {0}")]
-pub struct MigrationError(String);
+#[error("migration failed")]
+pub struct MigrationError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 /// Whether `accounts` exists in the current schema.
 ///

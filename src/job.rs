@@ -12,8 +12,9 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::bank::{self, Amount, Transfer};
+use crate::db::PgPool;
 use crate::models::Account;
-use crate::retry::{PgPool, Retrier, TxOptions};
+use crate::retry::{Retrier, TxOptions};
 
 /// Accounts created per transaction. CockroachDB advises keeping
 /// transactions small (a large one holds its intents longer, conflicts more,

@@ -11,6 +11,12 @@ use tracing_subscriber::EnvFilter;
 use bank::config::Cli;
 
 fn main() -> ExitCode {
+    // Initialise OpenSSL before libpq does, without its exit-time cleanup:
+    // that cleanup runs while r2d2's background threads may still be inside
+    // libpq connecting over TLS, and crashed the process at exit (issue #9).
+    // The first initialisation decides, and openssl-sys asks for
+    // OPENSSL_INIT_NO_ATEXIT; the same system libssl serves both.
+    openssl_sys::init();
     if let Err(err) = dotenvy::dotenv() {
         if !err.not_found() {
             eprintln!("bank: could not read .env ({err}); fix or remove the file");

@@ -3,20 +3,58 @@
 //!
 //! [`Retrier::run`] checks a connection out of the pool, begins a SERIALIZABLE
 //! transaction, runs the unit of work, commits, and returns the value of the
-//! attempt that committed. What happens when something fails depends on *when*:
+//! attempt that committed. When something fails, one pure function,
+//! [`decide`], picks the next [`Step`] from where the error came ([`Stage`]),
+//! what it means ([`Class`]), the server, the protocol and the unit's
+//! options. This table is that function; its unit tests check it row by row:
 //!
-//! | failure                                      | what the helper does                         |
-//! |----------------------------------------------|----------------------------------------------|
-//! | 40001 before or at commit                    | roll back, back off, run the unit again      |
-//! | connection lost before the commit was sent   | drop that connection, retry on a fresh one   |
-//! | connection lost or 40003 *while* committing  | [`TxError::AmbiguousCommit`] (retry only if the unit is idempotent) |
-//! | any other error                              | roll back, return it untouched               |
-//! | a panic in the unit                          | roll back, return the connection idle, re-panic |
+//! | stage      | class           | server, protocol          | next step |
+//! |------------|-----------------|---------------------------|-----------|
+//! | any (but a commit on CockroachDB, below) | definite | any | fail |
+//! | begin      | conflict        | any                       | restart |
+//! | begin, statement | lost      | any                       | reconnect; fail if the connection is the caller's |
+//! | begin, statement | other     | any                       | fail |
+//! | statement  | conflict        | CockroachDB, savepoint    | rewind if the retry would not wait, else restart |
+//! | statement  | conflict        | otherwise                 | restart |
+//! | release    | conflict        | CockroachDB               | rewind if the retry would not wait, else restart |
+//! | release    | conflict        | PostgreSQL                | restart |
+//! | release    | lost            | PostgreSQL                | reconnect; fail if the connection is the caller's |
+//! | release    | other           | PostgreSQL                | fail |
+//! | release    | lost, other     | CockroachDB               | ambiguous; if idempotent: reconnect (lost) or restart (other) |
+//! | commit     | any             | CockroachDB, savepoint    | committed |
+//! | commit     | conflict        | otherwise                 | restart |
+//! | commit     | lost, other     | otherwise                 | ambiguous; if idempotent: reconnect (lost) or restart (other) |
 //!
-//! CockroachDB's restart protocol ([`Protocol::Savepoint`]) keeps one
-//! transaction open across retries, so that it keeps its place in line; on
-//! PostgreSQL a serialization failure can only be cleared by a new transaction
-//! ([`Protocol::Restart`]).
+//! The steps: **rewind** is `ROLLBACK TO SAVEPOINT cockroach_restart` and an
+//! immediate retry inside the same transaction, which keeps its place in line
+//! (the savepoint protocol's one advantage); **restart** rolls the whole
+//! transaction back, waits the backoff, and begins again; **reconnect** drops
+//! the connection (the server rolls back whatever it had open), waits, and
+//! retries on a fresh one; **ambiguous** reports [`TxError::AmbiguousCommit`];
+//! **fail** rolls back and returns the error; **committed** returns the value.
+//! Any retry first checks the budgets ([`RetryPolicy`]) and gives up with
+//! [`TxError::GaveUp`] when one ran out.
+//!
+//! The rules behind the rows:
+//! - The helper never sleeps inside a transaction: a transaction left open
+//!   during the wait would keep blocking the very transactions it conflicted
+//!   with. Only an immediate retry rewinds.
+//! - On CockroachDB a successful `RELEASE SAVEPOINT cockroach_restart` *is*
+//!   the commit; the `COMMIT` after it only readies the session, so its error
+//!   changes nothing (cockroach-go ignores it too). An error *at* that
+//!   RELEASE, other than a conflict or a refusal, leaves the outcome unknown.
+//!   <https://www.cockroachlabs.com/docs/stable/advanced-client-side-transaction-retries>
+//! - On PostgreSQL a RELEASE commits nothing, and rolling back to a savepoint
+//!   keeps the transaction's snapshot, which cannot clear a real
+//!   serialization failure: there every conflict restarts. These rules follow
+//!   the server, not the protocol, so that tests may force the savepoint
+//!   protocol on PostgreSQL.
+//! - A lost connection before the commit was sent is safe to retry: the
+//!   server rolls back a transaction whose connection died.
+//! - A panic in the unit rolls back, returns the connection idle, and goes on.
+//!
+//! To reuse the helper, copy this file: it needs `diesel` (features
+//! `postgres`, `r2d2`), `r2d2`, `rand`, `thiserror` and `tracing`.
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -24,26 +62,55 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::dsl::sql;
+use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::PgConnection;
+use diesel::sql_types::Text;
 use tracing::{debug, debug_span};
 
-/// The r2d2 pool of Diesel connections that [`Retrier::run`] draws from.
-pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+/// Which server answered: the retry rules differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// CockroachDB.
+    CockroachDb,
+    /// PostgreSQL, or anything else speaking its protocol.
+    PostgreSql,
+}
 
-/// How a failed attempt is retried.
+impl Server {
+    /// Detects the server from `SELECT version()`.
+    ///
+    /// # Errors
+    /// The query's error.
+    pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
+        let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
+        Ok(if version.contains("CockroachDB") {
+            Server::CockroachDb
+        } else {
+            Server::PostgreSql
+        })
+    }
+
+    /// The retry protocol that works on this server.
+    pub fn retry_protocol(self) -> Protocol {
+        match self {
+            Server::CockroachDb => Protocol::Savepoint,
+            Server::PostgreSql => Protocol::Restart,
+        }
+    }
+}
+
+/// How a transaction is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// Roll the whole transaction back and `BEGIN` again. PostgreSQL needs
-    /// this: rolling back to a savepoint keeps the transaction's snapshot, so
-    /// it cannot clear a serialization failure.
+    /// `BEGIN` ... `COMMIT`; every retry is a new transaction.
     Restart,
     /// CockroachDB's client-side retry protocol: `SAVEPOINT cockroach_restart`
-    /// after `BEGIN`, `ROLLBACK TO SAVEPOINT cockroach_restart` on 40001,
-    /// `RELEASE SAVEPOINT cockroach_restart` to commit. The transaction keeps
-    /// its priority across retries, so it is not starved under contention.
-    /// <https://www.cockroachlabs.com/docs/stable/advanced-client-side-transaction-retries>
+    /// after `BEGIN`, `ROLLBACK TO SAVEPOINT cockroach_restart` to retry at
+    /// once in the same transaction, `RELEASE SAVEPOINT cockroach_restart` to
+    /// commit. The transaction keeps its priority across rewinds, so it is
+    /// not starved under contention.
     Savepoint,
 }
 
@@ -91,10 +158,12 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Ten retries within 30 seconds; the first retry at once (on PostgreSQL
-    /// a 40001 from a row lock arrives after the winner committed, so the
-    /// way is clear), then up to 2 ms doubling to 500 ms. bench/RESULTS.md
-    /// has what the backoff costs and buys.
+    /// Ten retries within 30 seconds. The first retry goes at once: on
+    /// PostgreSQL a 40001 from a row lock arrives after the winner committed,
+    /// so the way is clear; on CockroachDB an immediate retry rewinds to the
+    /// savepoint and keeps the transaction's place in line. Later retries
+    /// wait up to 2 ms, doubling to 500 ms, so that clients that keep
+    /// colliding spread apart (bench/RESULTS.md has what that costs).
     fn default() -> Self {
         Self {
             max_attempts: 11,
@@ -195,14 +264,14 @@ pub enum TxError<E> {
         /// The attempt whose commit is in doubt.
         attempts: u32,
         /// What the driver reported.
-        cause: DieselError,
+        cause: E,
     },
     /// The connection was already inside a transaction, which the helper
     /// cannot restart; run the helper outside any other transaction.
     #[error("the connection is already inside a transaction; call the retry helper outside any transaction")]
     AlreadyInTransaction,
     /// No connection could be checked out of the pool.
-    #[error("could not get a connection from the pool: {0}")]
+    #[error("could not get a connection from the pool")]
     Pool(#[source] r2d2::Error),
 }
 
@@ -222,11 +291,154 @@ impl<T> Committed<T> {
     }
 }
 
+/// Where in an attempt an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// `BEGIN` (and `SAVEPOINT cockroach_restart`), or getting a connection.
+    Begin,
+    /// The unit of work.
+    Statement,
+    /// `RELEASE SAVEPOINT cockroach_restart`.
+    Release,
+    /// `COMMIT`.
+    Commit,
+}
+
+/// What an error means for a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// SQLSTATE 40001: the transaction did not commit; run it again.
+    Conflict,
+    /// The connection is gone.
+    ConnectionLost,
+    /// The server refused the data (constraint, read-only): running the same
+    /// unit again would fail the same way.
+    Definite,
+    /// Anything else, 40003 ("result is ambiguous") among them: Diesel has no
+    /// kind for it.
+    Other,
+}
+
+/// Classifies by Diesel's `DatabaseErrorKind`, which Diesel derives from the
+/// SQLSTATE, never by message text.
+pub fn classify(err: &DieselError) -> Class {
+    match err {
+        DieselError::DatabaseError(kind, _) => match kind {
+            DatabaseErrorKind::SerializationFailure => Class::Conflict,
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                Class::ConnectionLost
+            }
+            DatabaseErrorKind::UniqueViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::RestrictViolation
+            | DatabaseErrorKind::ExclusionViolation
+            | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
+            _ => Class::Other,
+        },
+        // Diesel's word for "this connection's state is lost": only a new
+        // connection helps.
+        DieselError::BrokenTransactionManager => Class::ConnectionLost,
+        // A failed COMMIT that Diesel could not roll back either: the COMMIT's
+        // own error says what happened to the transaction.
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => classify(commit_error),
+        _ => Class::Other,
+    }
+}
+
+/// What the helper does after a failure; the module docs describe each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Roll back to the restart savepoint and run the unit again at once.
+    Rewind,
+    /// Roll the transaction back, wait, begin again.
+    Restart,
+    /// Drop the connection, wait, run again on a fresh one.
+    Reconnect,
+    /// The transaction committed; return the unit's value.
+    Committed,
+    /// Report [`TxError::AmbiguousCommit`].
+    Ambiguous,
+    /// Roll back and return the error.
+    Fail,
+}
+
+/// Everything the next step depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Situation {
+    /// Where the error came from.
+    pub stage: Stage,
+    /// What the error means.
+    pub class: Class,
+    /// The server.
+    pub server: Server,
+    /// The protocol the transaction uses.
+    pub protocol: Protocol,
+    /// Whether the unit may be applied twice.
+    pub idempotent: bool,
+    /// Whether the next retry waits first (its backoff delay is not zero).
+    pub waits: bool,
+    /// Whether another connection can be had (a pool, not the caller's own).
+    pub replaceable: bool,
+}
+
+/// The decision table of the module docs, as code.
+pub fn decide(s: &Situation) -> Step {
+    let cockroach = s.server == Server::CockroachDb;
+    let savepoint = s.protocol == Protocol::Savepoint;
+    // Where the commit happens: the RELEASE on CockroachDB with the
+    // savepoint protocol, the COMMIT everywhere else.
+    let commit_stage = if cockroach && savepoint {
+        Stage::Release
+    } else {
+        Stage::Commit
+    };
+    if cockroach && savepoint && s.stage == Stage::Commit {
+        return Step::Committed;
+    }
+    let reconnect_or = |otherwise| {
+        if s.replaceable {
+            Step::Reconnect
+        } else {
+            otherwise
+        }
+    };
+    match s.class {
+        Class::Definite => Step::Fail,
+        Class::Conflict => {
+            let can_rewind =
+                cockroach && savepoint && matches!(s.stage, Stage::Statement | Stage::Release);
+            if can_rewind && !s.waits {
+                Step::Rewind
+            } else {
+                Step::Restart
+            }
+        }
+        // The commit was sent and no verdict came back.
+        Class::ConnectionLost | Class::Other if s.stage == commit_stage => {
+            match (s.idempotent, s.class) {
+                (false, _) => Step::Ambiguous,
+                (true, Class::ConnectionLost) => reconnect_or(Step::Ambiguous),
+                (true, _) => Step::Restart,
+            }
+        }
+        // Nothing was committed: the server drops a dead connection's
+        // transaction.
+        Class::ConnectionLost => reconnect_or(Step::Fail),
+        Class::Other => Step::Fail,
+    }
+}
+
+/// The r2d2 pool [`Retrier::run`] draws connections from.
+type ConnPool = Pool<ConnectionManager<PgConnection>>;
+
 /// Runs units of work in retried transactions. Cheap to clone and share
 /// between threads.
 #[derive(Clone)]
 pub struct Retrier {
     policy: RetryPolicy,
+    server: Server,
     protocol: Protocol,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Fn() -> f64 + Send + Sync>,
@@ -236,23 +448,33 @@ impl fmt::Debug for Retrier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retrier")
             .field("policy", &self.policy)
+            .field("server", &self.server)
             .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
 
 impl Retrier {
-    /// A helper with the real clock and random jitter.
-    pub fn new(policy: RetryPolicy, protocol: Protocol) -> Self {
+    /// A helper for `server`, with that server's protocol, the real clock
+    /// and random jitter.
+    pub fn new(policy: RetryPolicy, server: Server) -> Self {
         Self {
             policy: RetryPolicy {
                 max_attempts: policy.max_attempts.max(1),
                 ..policy
             },
-            protocol,
+            server,
+            protocol: server.retry_protocol(),
             clock: Arc::new(SystemClock),
             jitter: Arc::new(rand::random::<f64>),
         }
+    }
+
+    /// Frames transactions with `protocol` instead of the server's own. The
+    /// retry rules still follow the server (see the module docs).
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     /// Replaces the clock (tests use one that records sleeps instead).
@@ -281,7 +503,7 @@ impl Retrier {
     /// See [`TxError`]; only the committed attempt's value is ever returned.
     pub fn run<T, E, F>(
         &self,
-        pool: &PgPool,
+        pool: &ConnPool,
         opts: TxOptions,
         unit: F,
     ) -> Result<Committed<T>, TxError<E>>
@@ -289,14 +511,7 @@ impl Retrier {
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
     {
-        self.run_loop(
-            PoolCheckout {
-                pool,
-                current: None,
-            },
-            opts,
-            unit,
-        )
+        self.run_in(Session::pooled(pool), opts, unit)
     }
 
     /// Like [`Retrier::run`], on one connection the caller owns. A lost
@@ -314,22 +529,26 @@ impl Retrier {
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
     {
-        self.run_loop(SingleCheckout { conn, lost: false }, opts, unit)
+        // Refused before the session exists: its cleanup would roll back
+        // the caller's own transaction.
+        if open_transaction(conn) == Some(true) {
+            return Err(TxError::AlreadyInTransaction);
+        }
+        self.run_in(Session::borrowed(conn), opts, unit)
     }
 
-    fn run_loop<T, E, F, C>(
+    /// The retry loop: one attempt, then the step [`decide`] picks.
+    fn run_in<T, E, F>(
         &self,
-        mut checkout: C,
+        mut session: Session<'_>,
         opts: TxOptions,
         mut unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
-        C: Checkout,
     {
         let start = self.clock.now();
-        let mut tx = TxState::Closed;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -340,23 +559,45 @@ impl Retrier {
                 retry_cause = tracing::field::Empty
             );
             let _entered = span.enter();
-            let cause = match self.attempt(&mut checkout, &mut tx, opts, attempts, &mut unit) {
+            let (stage, error, value) = match self.attempt(&mut session, opts, &mut unit) {
                 Ok(value) => return Ok(Committed { value, attempts }),
-                Err(Outcome::Fatal(err)) => return Err(err),
-                Err(Outcome::Panicked(payload)) => {
-                    // The unit was rolled back; hand the connection back to
-                    // the pool idle before the panic goes on.
-                    drop(checkout);
+                Err(Failure::At(stage, error, value)) => (stage, error, value),
+                Err(Failure::Pool(err)) => return Err(TxError::Pool(err)),
+                Err(Failure::Panicked(payload)) => {
+                    // Dropping the session rolls back and hands the
+                    // connection back idle; then the panic goes on.
+                    drop(session);
                     panic::resume_unwind(payload);
                 }
-                Err(Outcome::Retry(cause)) => cause,
             };
-            span.record(
-                "retry_cause",
-                tracing::field::display(DisplayCause(cause.as_diesel())),
-            );
-            let elapsed = self.clock.now().saturating_duration_since(start);
+            // The wait before the next attempt, should there be one.
             let delay = self.policy.backoff.delay(attempts, (self.jitter)());
+            let step = decide(&Situation {
+                stage,
+                class: error.as_diesel().map_or(Class::Other, classify),
+                server: self.server,
+                protocol: self.protocol,
+                idempotent: opts.idempotent,
+                waits: !delay.is_zero(),
+                replaceable: session.replaceable(),
+            });
+            span.record("retry_cause", tracing::field::display(Cause(&error)));
+            // Every return below drops the session, which rolls back
+            // whatever is still open.
+            match (step, value) {
+                (Step::Committed, Some(value)) => return Ok(Committed { value, attempts }),
+                (Step::Ambiguous, _) => {
+                    return Err(TxError::AmbiguousCommit {
+                        attempts,
+                        cause: error,
+                    })
+                }
+                // `Committed` comes only after a COMMIT, which only a
+                // finished unit reaches; without a value, fail safe.
+                (Step::Fail | Step::Committed, _) => return Err(TxError::Failed(error)),
+                (Step::Rewind | Step::Restart | Step::Reconnect, _) => {}
+            }
+            let elapsed = self.clock.now().saturating_duration_since(start);
             let budget = if attempts >= self.policy.max_attempts {
                 Some(Budget::Attempts)
             } else if self
@@ -369,345 +610,218 @@ impl Retrier {
                 None
             };
             if let Some(budget) = budget {
-                // The savepoint protocol leaves the transaction open between
-                // attempts; close it so the connection is not handed back
-                // (to the pool, or to the caller of `run_on`) mid-transaction.
-                if tx == TxState::Open {
-                    if let Ok(conn) = checkout.conn() {
-                        rollback(conn);
-                    }
-                }
-                return Err(give_up(attempts, elapsed, budget, cause));
+                debug!(attempts, ?budget, "giving up");
+                return Err(TxError::GaveUp {
+                    attempts,
+                    elapsed,
+                    budget,
+                    last: error,
+                });
             }
-            debug!(sleep_ms = delay.as_secs_f64() * 1e3, "retrying transaction");
-            self.clock.sleep(delay);
+            debug!(
+                ?stage,
+                ?step,
+                sleep_ms = delay.as_secs_f64() * 1e3,
+                "retrying transaction"
+            );
+            match step {
+                Step::Rewind => session.rewind(),
+                Step::Reconnect => session.discard(),
+                _ => session.rollback(),
+            }
+            // Never reached with a transaction open: a rewind does not wait,
+            // and the other steps closed it just above.
+            if !delay.is_zero() {
+                self.clock.sleep(delay);
+            }
         }
     }
 
-    /// One attempt: begin (unless a restart savepoint is still open), run the
-    /// unit, commit. Leaves `tx` saying whether a transaction is still open.
-    fn attempt<T, E, F, C>(
+    /// One attempt: begin (unless a rewound transaction is still open), run
+    /// the unit, commit.
+    fn attempt<T, E, F>(
         &self,
-        checkout: &mut C,
-        tx: &mut TxState,
+        session: &mut Session<'_>,
         opts: TxOptions,
-        attempts: u32,
         unit: &mut F,
-    ) -> Result<T, Outcome<E>>
+    ) -> Result<T, Failure<T, E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
-        C: Checkout,
     {
-        let conn = checkout
-            .conn()
-            .map_err(|err| Outcome::Fatal(TxError::Pool(err)))?;
-        if *tx == TxState::Closed {
-            if let Err(err) = self.begin(conn, opts) {
-                if matches!(err, DieselError::AlreadyInTransaction) {
-                    return Err(Outcome::Fatal(TxError::AlreadyInTransaction));
-                }
-                return Err(self.before_commit(checkout, tx, E::from(err)));
-            }
-            *tx = TxState::Open;
-        }
-        let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn))) {
-            Ok(Ok(value)) => value,
-            Ok(Err(err)) => return Err(self.before_commit(checkout, tx, err)),
-            Err(payload) => {
-                rollback(conn);
-                *tx = TxState::Closed;
-                return Err(Outcome::Panicked(payload));
-            }
-        };
-        match self.commit(conn, tx) {
-            Ok(()) => Ok(value),
-            Err(CommitError::Conflict(err)) => Err(Outcome::Retry(E::from(err))),
-            Err(CommitError::Definite(err)) => Err(Outcome::Fatal(TxError::Failed(E::from(err)))),
-            Err(CommitError::Ambiguous(err)) => {
-                let lost = classify(&err) == Class::ConnectionLost;
-                if lost {
-                    checkout.discard();
-                }
-                if opts.idempotent && (!lost || checkout.can_replace()) {
-                    debug!(cause = %err, "commit ambiguous; retrying the idempotent unit");
-                    Err(Outcome::Retry(E::from(err)))
-                } else {
-                    Err(Outcome::Fatal(TxError::AmbiguousCommit {
-                        attempts,
-                        cause: err,
-                    }))
-                }
-            }
-        }
-    }
-
-    fn begin(&self, conn: &mut PgConnection, opts: TxOptions) -> Result<(), DieselError> {
         // SERIALIZABLE is CockroachDB's default and what makes PostgreSQL
         // detect the anomalies a bank must not have; say it explicitly so a
         // server configured otherwise cannot weaken it. Every restart reuses
         // this statement, so the options hold for every attempt.
-        let sql = if opts.read_only {
+        let begin = if opts.read_only {
             "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY"
         } else {
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         };
-        AnsiTransactionManager::begin_transaction_sql(conn, sql)?;
-        if self.protocol == Protocol::Savepoint {
-            if let Err(err) = conn.batch_execute("SAVEPOINT cockroach_restart") {
-                rollback(conn);
-                return Err(err);
-            }
-        }
-        Ok(())
-    }
-
-    /// Decides what an error raised before the commit means for the attempt.
-    fn before_commit<E: AsDieselError, C: Checkout>(
-        &self,
-        checkout: &mut C,
-        tx: &mut TxState,
-        err: E,
-    ) -> Outcome<E> {
-        match err.as_diesel().map_or(Class::Other, classify) {
-            Class::Conflict => {
-                let conn = match checkout.conn() {
-                    Ok(conn) => conn,
-                    Err(err) => return Outcome::Fatal(TxError::Pool(err)),
-                };
-                // With the savepoint protocol the transaction stays open and
-                // keeps its place in line; if that fails, start over.
-                let rewound = self.protocol == Protocol::Savepoint
-                    && *tx == TxState::Open
-                    && conn
-                        .batch_execute("ROLLBACK TO SAVEPOINT cockroach_restart")
-                        .is_ok();
-                if rewound {
-                    return Outcome::Retry(err);
-                }
-                rollback(conn);
-                *tx = TxState::Closed;
-                Outcome::Retry(err)
-            }
-            // The commit was never sent, so the server rolls the transaction
-            // back when the connection dies: retrying cannot apply it twice.
-            Class::ConnectionLost => {
-                *tx = TxState::Closed;
-                checkout.discard();
-                if checkout.can_replace() {
-                    Outcome::Retry(err)
-                } else {
-                    Outcome::Fatal(TxError::Failed(err))
-                }
-            }
-            Class::Definite | Class::Other => {
-                if let Ok(conn) = checkout.conn() {
-                    rollback(conn);
-                }
-                *tx = TxState::Closed;
-                Outcome::Fatal(TxError::Failed(err))
-            }
-        }
-    }
-
-    fn commit(&self, conn: &mut PgConnection, tx: &mut TxState) -> Result<(), CommitError> {
-        if self.protocol == Protocol::Savepoint {
-            // On CockroachDB this RELEASE is the commit; on PostgreSQL it only
-            // ends the savepoint and the COMMIT below does the work.
+        let savepoint = self.protocol == Protocol::Savepoint;
+        let conn = session.open(begin, savepoint).map_err(|err| match err {
+            OpenError::Pool(err) => Failure::Pool(err),
+            OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
+        })?;
+        let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn))) {
+            Ok(Ok(value)) => value,
+            Ok(Err(err)) => return Err(Failure::At(Stage::Statement, err, None)),
+            Err(payload) => return Err(Failure::Panicked(payload)),
+        };
+        if savepoint {
             if let Err(err) = conn.batch_execute("RELEASE SAVEPOINT cockroach_restart") {
-                return Err(match classify(&err) {
-                    Class::Conflict => {
-                        if conn
-                            .batch_execute("ROLLBACK TO SAVEPOINT cockroach_restart")
-                            .is_err()
-                        {
-                            rollback(conn);
-                            *tx = TxState::Closed;
-                        }
-                        CommitError::Conflict(err)
-                    }
-                    Class::Definite => {
-                        rollback(conn);
-                        *tx = TxState::Closed;
-                        CommitError::Definite(err)
-                    }
-                    Class::ConnectionLost | Class::Other => {
-                        rollback(conn);
-                        *tx = TxState::Closed;
-                        CommitError::Ambiguous(err)
-                    }
-                });
+                return Err(Failure::At(Stage::Release, E::from(err), Some(value)));
             }
         }
-        let result = AnsiTransactionManager::commit_transaction(conn);
-        // A failed COMMIT ends the transaction too (or the connection is gone).
-        *tx = TxState::Closed;
-        result.map_err(|err| match classify(&err) {
-            // 40001 and constraint violations at COMMIT are the server saying
-            // "not committed": the first is retried, the second reported.
-            Class::Conflict => CommitError::Conflict(err),
-            Class::Definite => CommitError::Definite(err),
-            // Anything else (lost connection, 40003, shutdown) leaves the
-            // outcome unknown: retrying blindly could apply a transfer twice.
-            Class::ConnectionLost | Class::Other => {
-                rollback(conn);
-                CommitError::Ambiguous(err)
-            }
-        })
-    }
-}
-
-fn give_up<E>(attempts: u32, elapsed: Duration, budget: Budget, last: E) -> TxError<E> {
-    debug!(attempts, ?budget, "giving up");
-    TxError::GaveUp {
-        attempts,
-        elapsed,
-        budget,
-        last,
-    }
-}
-
-/// Whether Diesel gave up on this connection's transaction state.
-fn is_broken(conn: &mut PgConnection) -> bool {
-    AnsiTransactionManager::transaction_manager_status_mut(conn)
-        .transaction_depth()
-        .is_err()
-}
-
-/// Rolls back whatever Diesel knows to be open; a failure only means the
-/// connection is gone, and the pool discards broken connections.
-fn rollback(conn: &mut PgConnection) {
-    let open = matches!(
-        AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
-        Ok(Some(_))
-    );
-    if open {
-        if let Err(err) = AnsiTransactionManager::rollback_transaction(conn) {
-            debug!(error = %err, "rollback failed");
+        match AnsiTransactionManager::commit_transaction(conn) {
+            Ok(()) => Ok(value),
+            Err(err) => Err(Failure::At(Stage::Commit, E::from(err), Some(value))),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TxState {
-    Closed,
-    /// A transaction (and, with the savepoint protocol, its restart
-    /// savepoint) is open on the current connection.
-    Open,
-}
-
-enum Outcome<E> {
-    Retry(E),
-    Fatal(TxError<E>),
+/// How an attempt ended when it did not commit.
+enum Failure<T, E> {
+    /// An error at a stage, with the unit's value if the unit had finished.
+    At(Stage, E, Option<T>),
+    /// No connection could be had.
+    Pool(r2d2::Error),
+    /// The unit panicked.
     Panicked(Box<dyn std::any::Any + Send + 'static>),
 }
 
-enum CommitError {
-    Conflict(DieselError),
-    Definite(DieselError),
-    Ambiguous(DieselError),
+enum OpenError {
+    Pool(r2d2::Error),
+    Database(DieselError),
 }
 
-/// What an error means for a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Class {
-    /// SQLSTATE 40001: the transaction did not commit; run it again.
-    Conflict,
-    /// The connection is gone.
-    ConnectionLost,
-    /// The server refused the data (constraint, read-only): retrying the same
-    /// unit would fail the same way.
-    Definite,
-    /// Anything else.
-    Other,
+/// The connection attempts run on. Whether a transaction is open on it is
+/// read from Diesel's own transaction manager, which lives inside the
+/// connection, so the two cannot disagree; and the connection is only ever
+/// replaced with no transaction open.
+struct Session<'a> {
+    pool: Option<&'a ConnPool>,
+    conn: Option<Handle<'a>>,
 }
 
-/// Classifies by Diesel's `DatabaseErrorKind`, which Diesel derives from the
-/// SQLSTATE, never by message text.
-pub(crate) fn classify(err: &DieselError) -> Class {
-    match err {
-        DieselError::DatabaseError(kind, _) => match kind {
-            DatabaseErrorKind::SerializationFailure => Class::Conflict,
-            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
-                Class::ConnectionLost
-            }
-            DatabaseErrorKind::UniqueViolation
-            | DatabaseErrorKind::ForeignKeyViolation
-            | DatabaseErrorKind::NotNullViolation
-            | DatabaseErrorKind::CheckViolation
-            | DatabaseErrorKind::RestrictViolation
-            | DatabaseErrorKind::ExclusionViolation
-            | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
-            _ => Class::Other,
-        },
-        // Diesel's word for "this connection's state is lost": only a new
-        // connection helps.
-        DieselError::BrokenTransactionManager => Class::ConnectionLost,
-        _ => Class::Other,
+enum Handle<'a> {
+    Pooled(PooledConnection<ConnectionManager<PgConnection>>),
+    Borrowed(&'a mut PgConnection),
+}
+
+impl Handle<'_> {
+    fn get(&mut self) -> &mut PgConnection {
+        match self {
+            Handle::Pooled(conn) => conn,
+            Handle::Borrowed(conn) => conn,
+        }
     }
 }
 
-struct DisplayCause<'a>(Option<&'a DieselError>);
+/// What Diesel knows of the connection's transaction: `Some(true)` when one
+/// is open, `None` when Diesel gave up on the connection's state.
+fn open_transaction(conn: &mut PgConnection) -> Option<bool> {
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .ok()
+        .map(|depth| depth.is_some())
+}
 
-impl fmt::Display for DisplayCause<'_> {
+impl<'a> Session<'a> {
+    fn pooled(pool: &'a ConnPool) -> Self {
+        Self {
+            pool: Some(pool),
+            conn: None,
+        }
+    }
+
+    fn borrowed(conn: &'a mut PgConnection) -> Self {
+        Self {
+            pool: None,
+            conn: Some(Handle::Borrowed(conn)),
+        }
+    }
+
+    fn replaceable(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// The connection with a transaction open on it: the one a rewind left
+    /// open, or a new one begun here (on a fresh connection if needed).
+    fn open(&mut self, begin: &str, savepoint: bool) -> Result<&mut PgConnection, OpenError> {
+        let handle = match (self.conn.take(), self.pool) {
+            (Some(handle), _) => handle,
+            (None, Some(pool)) => Handle::Pooled(pool.get().map_err(OpenError::Pool)?),
+            // The caller's connection was lost earlier.
+            (None, None) => return Err(OpenError::Database(DieselError::BrokenTransactionManager)),
+        };
+        let conn = self.conn.insert(handle).get();
+        if open_transaction(conn) == Some(true) {
+            return Ok(conn);
+        }
+        AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(OpenError::Database)?;
+        if savepoint {
+            conn.batch_execute("SAVEPOINT cockroach_restart")
+                .map_err(OpenError::Database)?;
+        }
+        Ok(conn)
+    }
+
+    /// `ROLLBACK TO SAVEPOINT cockroach_restart`, or a full rollback if that
+    /// fails.
+    fn rewind(&mut self) {
+        let rewound = self.conn.as_mut().is_some_and(|handle| {
+            handle
+                .get()
+                .batch_execute("ROLLBACK TO SAVEPOINT cockroach_restart")
+                .is_ok()
+        });
+        if !rewound {
+            self.rollback();
+        }
+    }
+
+    /// Rolls back whatever Diesel knows to be open. A connection that cannot
+    /// roll back, or whose state Diesel lost, is discarded.
+    fn rollback(&mut self) {
+        let Some(handle) = self.conn.as_mut() else {
+            return;
+        };
+        let conn = handle.get();
+        let healthy = match open_transaction(conn) {
+            Some(true) => AnsiTransactionManager::rollback_transaction(conn)
+                .map_err(|err| debug!(error = %err, "rollback failed"))
+                .is_ok(),
+            Some(false) => true,
+            None => false,
+        };
+        if !healthy {
+            self.discard();
+        }
+    }
+
+    /// Forgets the connection. Diesel marks a connection whose socket died
+    /// as broken, and r2d2 closes broken connections instead of pooling them.
+    fn discard(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Session<'_> {
+    /// No connection leaves the helper inside a transaction.
+    fn drop(&mut self) {
+        self.rollback();
+    }
+}
+
+struct Cause<'a, E>(&'a E);
+
+impl<E: AsDieselError> fmt::Display for Cause<'_, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
+        match self.0.as_diesel() {
             Some(err) => write!(f, "{err}"),
             None => f.write_str("(not a database error)"),
         }
-    }
-}
-
-/// Where attempts get their connection.
-trait Checkout {
-    fn conn(&mut self) -> Result<&mut PgConnection, r2d2::Error>;
-    /// Forget the current connection: it is broken.
-    fn discard(&mut self);
-    /// Whether another connection can be had after `discard`.
-    fn can_replace(&self) -> bool;
-}
-
-struct PoolCheckout<'p> {
-    pool: &'p PgPool,
-    current: Option<PooledConnection<ConnectionManager<PgConnection>>>,
-}
-
-impl Checkout for PoolCheckout<'_> {
-    fn conn(&mut self) -> Result<&mut PgConnection, r2d2::Error> {
-        // A failed rollback (its backend was killed, say) leaves Diesel's
-        // transaction manager broken; such a connection is no use to retry on.
-        if self.current.as_deref_mut().is_some_and(is_broken) {
-            self.discard();
-        }
-        if self.current.is_none() {
-            self.current = Some(self.pool.get()?);
-        }
-        Ok(self.current.as_deref_mut().expect("checked out just above"))
-    }
-    fn discard(&mut self) {
-        // Diesel marks a connection whose socket died as broken, and r2d2
-        // closes broken connections instead of returning them to the pool.
-        self.current = None;
-    }
-    fn can_replace(&self) -> bool {
-        true
-    }
-}
-
-struct SingleCheckout<'c> {
-    conn: &'c mut PgConnection,
-    lost: bool,
-}
-
-impl Checkout for SingleCheckout<'_> {
-    fn conn(&mut self) -> Result<&mut PgConnection, r2d2::Error> {
-        Ok(self.conn)
-    }
-    fn discard(&mut self) {
-        self.lost = true;
-    }
-    fn can_replace(&self) -> bool {
-        !self.lost
     }
 }
 
@@ -769,10 +883,261 @@ mod tests {
             Class::ConnectionLost
         );
         assert_eq!(
+            classify(&DieselError::BrokenTransactionManager),
+            Class::ConnectionLost
+        );
+        assert_eq!(
             classify(&err(DatabaseErrorKind::CheckViolation)),
+            Class::Definite
+        );
+        assert_eq!(
+            classify(&err(DatabaseErrorKind::ReadOnlyTransaction)),
             Class::Definite
         );
         assert_eq!(classify(&err(DatabaseErrorKind::Unknown)), Class::Other);
         assert_eq!(classify(&DieselError::NotFound), Class::Other);
+    }
+
+    // The decision table, row by row. Each row is checked for every
+    // combination of the inputs it leaves open.
+
+    const STAGES: [Stage; 4] = [
+        Stage::Begin,
+        Stage::Statement,
+        Stage::Release,
+        Stage::Commit,
+    ];
+    const CLASSES: [Class; 4] = [
+        Class::Conflict,
+        Class::ConnectionLost,
+        Class::Definite,
+        Class::Other,
+    ];
+    const CRDB: (Server, Protocol) = (Server::CockroachDb, Protocol::Savepoint);
+    const CRDB_RESTART: (Server, Protocol) = (Server::CockroachDb, Protocol::Restart);
+    const PG: (Server, Protocol) = (Server::PostgreSql, Protocol::Restart);
+    const PG_SAVEPOINT: (Server, Protocol) = (Server::PostgreSql, Protocol::Savepoint);
+    const SETUPS: [(Server, Protocol); 4] = [CRDB, CRDB_RESTART, PG, PG_SAVEPOINT];
+
+    /// Every situation with these stages, classes and setups, in every
+    /// combination of the three flags.
+    fn situations(
+        stages: &[Stage],
+        classes: &[Class],
+        setups: &[(Server, Protocol)],
+    ) -> Vec<Situation> {
+        let mut all = Vec::new();
+        for &stage in stages {
+            for &class in classes {
+                for &(server, protocol) in setups {
+                    for flags in 0..8u8 {
+                        all.push(Situation {
+                            stage,
+                            class,
+                            server,
+                            protocol,
+                            idempotent: flags & 1 != 0,
+                            waits: flags & 2 != 0,
+                            replaceable: flags & 4 != 0,
+                        });
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    fn reconnect_or_fail(s: &Situation) -> Step {
+        if s.replaceable {
+            Step::Reconnect
+        } else {
+            Step::Fail
+        }
+    }
+
+    fn rewind_unless_waiting(s: &Situation) -> Step {
+        if s.waits {
+            Step::Restart
+        } else {
+            Step::Rewind
+        }
+    }
+
+    fn ambiguous_unless_idempotent(s: &Situation) -> Step {
+        match (s.idempotent, s.class, s.replaceable) {
+            (false, _, _) => Step::Ambiguous,
+            (true, Class::ConnectionLost, true) => Step::Reconnect,
+            (true, Class::ConnectionLost, false) => Step::Ambiguous,
+            (true, _, _) => Step::Restart,
+        }
+    }
+
+    struct Row {
+        stages: &'static [Stage],
+        classes: &'static [Class],
+        setups: &'static [(Server, Protocol)],
+        expect: fn(&Situation) -> Step,
+    }
+
+    /// The module docs' table in the same order, one entry a row; the first
+    /// row is split in two to leave out a commit on CockroachDB, which the
+    /// "committed" row covers.
+    const ROWS: [Row; 15] = [
+        Row {
+            stages: &STAGES,
+            classes: &[Class::Definite],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Fail,
+        },
+        // (the same row on CockroachDB, where the RELEASE was the commit)
+        Row {
+            stages: &[Stage::Begin, Stage::Statement, Stage::Release],
+            classes: &[Class::Definite],
+            setups: &[CRDB],
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Begin],
+            classes: &[Class::Conflict],
+            setups: &SETUPS,
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Begin, Stage::Statement],
+            classes: &[Class::ConnectionLost],
+            setups: &SETUPS,
+            expect: reconnect_or_fail,
+        },
+        Row {
+            stages: &[Stage::Begin, Stage::Statement],
+            classes: &[Class::Other],
+            setups: &SETUPS,
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Statement],
+            classes: &[Class::Conflict],
+            setups: &[CRDB],
+            expect: rewind_unless_waiting,
+        },
+        Row {
+            stages: &[Stage::Statement],
+            classes: &[Class::Conflict],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Conflict],
+            setups: &[CRDB],
+            expect: rewind_unless_waiting,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Conflict],
+            setups: &[PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::ConnectionLost],
+            setups: &[PG_SAVEPOINT],
+            expect: reconnect_or_fail,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Other],
+            setups: &[PG_SAVEPOINT],
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::ConnectionLost, Class::Other],
+            setups: &[CRDB],
+            expect: ambiguous_unless_idempotent,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &CLASSES,
+            setups: &[CRDB],
+            expect: |_| Step::Committed,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &[Class::Conflict],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &[Class::ConnectionLost, Class::Other],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: ambiguous_unless_idempotent,
+        },
+    ];
+
+    /// A RELEASE is only sent with the savepoint protocol.
+    fn possible(s: &Situation) -> bool {
+        s.stage != Stage::Release || s.protocol == Protocol::Savepoint
+    }
+
+    fn all_rows() -> impl Iterator<Item = (usize, &'static Row)> {
+        ROWS.iter().enumerate()
+    }
+
+    #[test]
+    fn every_row_of_the_table_holds_for_every_situation_it_covers() {
+        for (number, row) in all_rows() {
+            let covered: Vec<Situation> = situations(row.stages, row.classes, row.setups)
+                .into_iter()
+                .filter(possible)
+                .collect();
+            assert!(!covered.is_empty(), "row {} covers nothing", number + 1);
+            for s in covered {
+                assert_eq!(decide(&s), (row.expect)(&s), "row {}: {s:?}", number + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_rows_cover_every_situation_exactly_once() {
+        for s in situations(&STAGES, &CLASSES, &SETUPS)
+            .into_iter()
+            .filter(possible)
+        {
+            let rows: Vec<usize> = all_rows()
+                .filter(|(_, row)| {
+                    row.stages.contains(&s.stage)
+                        && row.classes.contains(&s.class)
+                        && row.setups.contains(&(s.server, s.protocol))
+                })
+                .map(|(number, _)| number + 1)
+                .collect();
+            assert_eq!(rows.len(), 1, "{s:?} is covered by rows {rows:?}");
+        }
+    }
+
+    #[test]
+    fn no_step_breaks_the_rules_behind_the_table() {
+        for s in situations(&STAGES, &CLASSES, &SETUPS) {
+            let step = decide(&s);
+            if step == Step::Rewind {
+                assert!((s.server, s.protocol) == CRDB && !s.waits, "{s:?}");
+            }
+            if step == Step::Reconnect {
+                assert!(s.replaceable, "{s:?}");
+            }
+            if step == Step::Committed {
+                assert!(s.stage == Stage::Commit && (s.server, s.protocol) == CRDB);
+            }
+            if step == Step::Ambiguous {
+                let commit = if (s.server, s.protocol) == CRDB {
+                    Stage::Release
+                } else {
+                    Stage::Commit
+                };
+                assert_eq!(s.stage, commit, "{s:?}");
+            }
+        }
     }
 }

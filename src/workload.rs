@@ -14,8 +14,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::bank::{self, Amount, BankError};
+use crate::db::PgPool;
 use crate::job::{self, Batches};
-use crate::retry::{PgPool, Retrier, TxError, TxOptions};
+use crate::retry::{Retrier, TxError, TxOptions};
 
 /// When the workload stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,17 +34,10 @@ fn fails(args: &[&str]) -> String {
     stderr
 }
 
-fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[test]
 fn a_refused_connection_is_one_line_without_the_password() {
-    let url = format!(
-        "postgresql://app:{SENTINEL}@127.0.0.1:{}/bank",
-        closed_port()
-    );
+    let (_reserved, port) = refusing_port();
+    let url = format!("postgresql://app:{SENTINEL}@127.0.0.1:{port}/bank");
     let line = fails(&["--database-url", &url]);
     assert!(line.contains("connection refused"), "{line}");
     assert!(line.contains("app@127.0.0.1"), "names the target: {line}");

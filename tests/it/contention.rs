@@ -6,7 +6,7 @@ use std::thread;
 
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::models::Account;
-use bank::retry::{Protocol, Retrier, RetryPolicy, TxError, TxOptions};
+use bank::retry::{Retrier, RetryPolicy, TxError, TxOptions};
 use rand::Rng;
 
 use crate::helpers::*;
@@ -29,7 +29,7 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
             max_attempts: 100,
             ..RetryPolicy::default()
         },
-        Protocol::Restart,
+        db.server,
     );
     let retries = AtomicU32::new(0);
     let committed = AtomicU32::new(0);

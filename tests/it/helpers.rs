@@ -8,11 +8,42 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use bank::config::DbUrl;
-use bank::db::{self, Server};
-use bank::retry::{Clock, PgPool};
+use bank::db::{self, PgPool};
+use bank::retry::{Clock, Server};
+use diesel::dsl::sql;
+use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
+use diesel::query_dsl::LoadQuery;
 use diesel::sql_types::{BigInt, Text};
 use rand::Rng;
+
+/// Two tests from one body taking the protocol: `NAME::restart` and
+/// `NAME::savepoint`, so that a failure names its protocol.
+macro_rules! for_each_protocol {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn restart() {
+                super::$name(bank::retry::Protocol::Restart)
+            }
+            #[test]
+            fn savepoint() {
+                super::$name(bank::retry::Protocol::Savepoint)
+            }
+        }
+    )*};
+}
+pub(crate) use for_each_protocol;
+
+/// The value of one SQL expression, e.g.
+/// `scalar::<BigInt, i64>(conn, "(SELECT count(*) FROM marks)")`.
+pub fn scalar<ST, T>(conn: &mut PgConnection, expr: &str) -> QueryResult<T>
+where
+    ST: diesel::sql_types::SqlType + diesel::sql_types::SingleValue + 'static,
+    diesel::dsl::select<SqlLiteral<ST>>: for<'a> LoadQuery<'a, PgConnection, T>,
+{
+    diesel::select(sql::<ST>(expr)).get_result(conn)
+}
 
 /// The server every test database lives on: `DATABASE_URL`, which `./dev test`
 /// points at a throwaway server when the caller did not set it.
@@ -46,6 +77,14 @@ impl TestDb {
     pub fn migrated() -> Self {
         let test_db = Self::empty();
         db::run_migrations(&mut test_db.conn()).expect("migrate");
+        test_db
+    }
+
+    /// A migrated database with the fault machinery of
+    /// [`TestDb::install_faults`] (PostgreSQL only).
+    pub fn with_faults() -> Self {
+        let test_db = Self::migrated();
+        test_db.install_faults();
         test_db
     }
 
@@ -87,30 +126,17 @@ impl TestDb {
     }
 
     pub fn count(&self, table: &str) -> i64 {
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"))
-            .get_result::<Count>(&mut self.conn())
+        scalar::<BigInt, i64>(&mut self.conn(), &format!("(SELECT count(*) FROM {table})"))
             .expect("count")
-            .n
     }
 
     /// Calls made so far to a fault installed by [`TestDb::install_faults`].
     pub fn fault_calls(&self, sequence: &str) -> i64 {
-        #[derive(QueryableByName)]
-        struct Calls {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        diesel::sql_query(format!(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS n FROM {sequence}"
-        ))
-        .get_result::<Calls>(&mut self.conn())
+        scalar::<BigInt, i64>(
+            &mut self.conn(),
+            &format!("(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence})"),
+        )
         .expect("read fault sequence")
-        .n
     }
 
     /// Installs the test-only fault machinery (PL/pgSQL, PostgreSQL only):
@@ -121,7 +147,7 @@ impl TestDb {
     ///   count survives the retries it causes.
     /// - table `marks`: a row per committed unit of work; `at_commit(...)`
     ///   adds a deferred trigger on it that fires at COMMIT.
-    pub fn install_faults(&self) {
+    fn install_faults(&self) {
         self.require_postgres("fault injection (PL/pgSQL, pg_terminate_backend)");
         self.exec(
             "CREATE SEQUENCE statement_faults;
@@ -201,11 +227,7 @@ pub fn fail_first(conn: &mut PgConnection, k: u32, code: &str) -> QueryResult<()
 
 /// The backend pid of a connection.
 pub fn backend_pid(conn: &mut PgConnection) -> i32 {
-    diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
-        "pg_backend_pid()",
-    ))
-    .get_result(conn)
-    .expect("pg_backend_pid")
+    scalar::<diesel::sql_types::Integer, i32>(conn, "pg_backend_pid()").expect("pg_backend_pid")
 }
 
 /// A clock whose `sleep` only records the delay and moves time forward.
@@ -253,7 +275,8 @@ pub fn bank_cmd(workdir: &Path) -> Command {
 
 /// Runs the binary (as [`bank_cmd`] sets it up) with `args`.
 pub fn bank(args: &[&str]) -> Output {
-    bank_cmd(&tempdir()).args(args).output().expect("run bank")
+    let dir = tempdir();
+    bank_cmd(dir.path()).args(args).output().expect("run bank")
 }
 
 /// Asserts that a run succeeded, showing its stderr when it did not.
@@ -265,10 +288,29 @@ pub fn assert_ok(out: &Output) {
     );
 }
 
-pub fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bank-test-{:016x}", rand::rng().random::<u64>()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// An empty directory, removed when the value is dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bank-test-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// A port on 127.0.0.1 that refuses connections, reserved for as long as the
+/// returned socket lives: bound, never listening, so no other test can take
+/// it in the meantime.
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    socket.bind(&any.into()).expect("bind");
+    let port = socket
+        .local_addr()
+        .expect("local address")
+        .as_socket()
+        .expect("an IP socket")
+        .port();
+    (socket, port)
 }
 
 /// Output as text, split in lines.

@@ -3,11 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod cockroach_only;
 mod contention;
 mod helpers;
-mod jepsen;
 mod main_job;
+mod postgres_only;
 mod retry;
 mod schema;
 mod tls;
 mod workload;
+mod write_skew;

@@ -24,14 +24,14 @@ fn apply(db: &TestDb, path: Path) {
             // psql is PostgreSQL's client; on CockroachDB the README's
             // `cockroach sql --url ... < dbinit.sql` does the same.
             let status = match db.server {
-                db::Server::PostgreSql => Command::new("psql")
+                bank::retry::Server::PostgreSql => Command::new("psql")
                     // Running it a second time only draws an "already exists" NOTICE.
                     .env("PGOPTIONS", "-c client_min_messages=warning")
                     .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
                     .arg(repo_root().join("dbinit.sql"))
                     .arg(db.url_string())
                     .status(),
-                db::Server::CockroachDb => Command::new("cockroach")
+                bank::retry::Server::CockroachDb => Command::new("cockroach")
                     .args(["sql", "--url", &db.url_string(), "--file"])
                     .arg(repo_root().join("dbinit.sql"))
                     .status(),
@@ -51,13 +51,14 @@ fn apply(db: &TestDb, path: Path) {
 /// Runs diesel CLI from an empty directory, so that it finds no diesel.toml
 /// and leaves src/schema.rs alone.
 fn diesel_cli(db: &TestDb, args: &[&str]) {
+    let workdir = tempdir();
     let out = Command::new("diesel")
         .args(args)
         .arg("--database-url")
         .arg(db.url_string())
         .arg("--migration-dir")
         .arg(repo_root().join("migrations"))
-        .current_dir(tempdir())
+        .current_dir(workdir.path())
         .output()
         .expect("diesel CLI on PATH (./dev test installs it)");
     assert!(
@@ -164,9 +165,10 @@ fn the_migration_goes_down_and_up_again() {
 #[test]
 fn schema_rs_is_what_diesel_print_schema_generates() {
     let db = TestDb::migrated();
+    let workdir = tempdir();
     let out = Command::new("diesel")
         .args(["print-schema", "--database-url", &db.url_string()])
-        .current_dir(tempdir())
+        .current_dir(workdir.path())
         .output()
         .unwrap();
     assert_ok(&out);

@@ -32,7 +32,6 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
         "{report}"
     );
     assert_eq!(n("gave_up") + n("ambiguous"), 0, "{report}");
-    assert!(report["retries"].is_u64());
     assert_eq!(report["invariant_ok"], true);
     for key in ["elapsed_s", "transfers_per_s"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}");
@@ -99,7 +98,8 @@ fn the_workload_refuses_bad_sizes() {
             "<--transfers <T>|--duration <SECONDS>>",
         ),
     ] {
-        let out = bank_cmd(&tempdir())
+        let workdir = tempdir();
+        let out = bank_cmd(workdir.path())
             .args(["--database-url", "postgresql://x@127.0.0.1:1/x", "workload"])
             .args(args)
             .output()
@@ -109,42 +109,4 @@ fn the_workload_refuses_bad_sizes() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
-}
-
-#[test]
-fn a_broken_invariant_fails_the_workload() {
-    let db = TestDb::migrated();
-    db.install_faults();
-    // A "bug" in the database: every balance update loses one unit.
-    db.exec(
-        "CREATE FUNCTION skim() RETURNS trigger AS $$
-         BEGIN NEW.balance := NEW.balance - 1; RETURN NEW; END $$ LANGUAGE plpgsql;
-         CREATE TRIGGER skim BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION skim()",
-    );
-    let out = bank(&[
-        "--database-url",
-        &db.url_string(),
-        "workload",
-        "--workers",
-        "2",
-        "--accounts",
-        "5",
-        "--transfers",
-        "10",
-        "--json",
-    ]);
-    assert!(!out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["invariant_ok"], false);
-    assert_eq!(
-        report["total_before"].as_i64().unwrap() - report["total_after"].as_i64().unwrap(),
-        2 * report["committed"].as_i64().unwrap(),
-        "two rows skimmed per committed transfer"
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("bank: invariant broken: total balance"),
-        "{stderr}"
-    );
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::db;
 use bank::models::Account;
-use bank::retry::{Protocol, Retrier, RetryPolicy, TxError, TxOptions};
+use bank::retry::{Retrier, RetryPolicy, TxError, TxOptions};
 use diesel::prelude::*;
 use diesel::sql_types::{Integer, Text};
 use rand::Rng;
@@ -84,7 +84,7 @@ fn transfers_survive_backends_killed_at_random_moments() {
             deadline: Some(Duration::from_secs(20)),
             ..RetryPolicy::default()
         },
-        Protocol::Restart,
+        db.server,
     );
     let outcomes = Mutex::new(Outcomes::default());
     let retries = AtomicU32::new(0);

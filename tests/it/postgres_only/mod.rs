@@ -1,0 +1,9 @@
+//! Tests that need PostgreSQL: fault injection with PL/pgSQL, backends
+//! terminated with `pg_terminate_backend`, `pg_stat_activity`, and the
+//! command line's PostgreSQL-only refusals. `./dev test-cockroach` skips
+//! them by this module's name.
+
+mod jepsen;
+mod main_job_faults;
+mod retry_faults;
+mod workload_faults;

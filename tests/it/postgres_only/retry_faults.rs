@@ -1,0 +1,500 @@
+//! The retry helper against faults injected with PL/pgSQL and
+//! `pg_terminate_backend` on a real PostgreSQL.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bank::retry::{
+    Backoff, Budget, Clock, Committed, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
+};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Text};
+
+use crate::helpers::*;
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        deadline: None,
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(100),
+            first_retry_immediate: false,
+        },
+    }
+}
+
+/// A helper under PostgreSQL's rules that never sleeps for real and always
+/// draws the full delay.
+fn retrier(max_attempts: u32, protocol: Protocol) -> (Retrier, Arc<FakeClock>) {
+    let clock = FakeClock::new();
+    let retrier = Retrier::new(policy(max_attempts), Server::PostgreSql)
+        .with_protocol(protocol)
+        .with_clock(clock.clone())
+        .with_jitter(Arc::new(|| 1.0));
+    (retrier, clock)
+}
+
+fn txid(conn: &mut PgConnection) -> QueryResult<i64> {
+    scalar::<BigInt, i64>(conn, "txid_current()")
+}
+
+fn setting(conn: &mut PgConnection, name: &str) -> QueryResult<String> {
+    scalar::<Text, String>(conn, &format!("current_setting('{name}')"))
+}
+
+fn a_40001_on_the_first_k_attempts_is_retried_k_times_and_commits_once(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let (retrier, clock) = retrier(10, protocol);
+    let mut runs = 0;
+    let committed = retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| {
+            runs += 1;
+            mark(conn, "before the fault")?;
+            fail_first(conn, 3, "40001")?;
+            Ok::<_, DieselError>(runs)
+        })
+        .unwrap();
+    assert_eq!(
+        committed,
+        Committed {
+            value: 4,
+            attempts: 4
+        }
+    );
+    assert_eq!(db.count("marks"), 1, "only the committed attempt's write");
+    let ms = Duration::from_millis;
+    assert_eq!(clock.sleeps(), vec![ms(10), ms(20), ms(40)]);
+}
+
+/// A clock that, asked to sleep, first counts from a connection of its own
+/// the transactions open in the test database, then records the sleep.
+struct WatchingClock {
+    watcher: Mutex<PgConnection>,
+    now: Mutex<Instant>,
+    seen_while_sleeping: Mutex<Vec<i64>>,
+}
+
+impl WatchingClock {
+    fn new(db: &TestDb) -> Arc<Self> {
+        Arc::new(Self {
+            watcher: Mutex::new(db.conn()),
+            now: Mutex::new(Instant::now()),
+            seen_while_sleeping: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Other sessions of this database with a transaction open: PostgreSQL
+    /// updates `pg_stat_activity` before it answers a ROLLBACK or COMMIT.
+    fn open_transactions(&self) -> i64 {
+        scalar::<BigInt, i64>(
+            &mut self.watcher.lock().unwrap(),
+            "(SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)",
+        )
+        .unwrap()
+    }
+}
+
+impl Clock for WatchingClock {
+    fn now(&self) -> Instant {
+        *self.now.lock().unwrap()
+    }
+    fn sleep(&self, duration: Duration) {
+        let open = self.open_transactions();
+        self.seen_while_sleeping.lock().unwrap().push(open);
+        *self.now.lock().unwrap() += duration;
+    }
+}
+
+/// Runs a unit that conflicts on its first three attempts and returns how
+/// many transactions the clock saw open during each attempt and each sleep.
+fn watch_retries(
+    db: &TestDb,
+    retrier: Retrier,
+    clock: &Arc<WatchingClock>,
+) -> (Vec<i64>, Vec<i64>) {
+    let retrier = retrier
+        .with_clock(clock.clone())
+        .with_jitter(Arc::new(|| 1.0));
+    let mut during_attempts = Vec::new();
+    retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| {
+            mark(conn, "x")?;
+            during_attempts.push(clock.open_transactions());
+            fail_first(conn, 3, "40001")
+        })
+        .unwrap();
+    let during_sleeps = clock.seen_while_sleeping.lock().unwrap().clone();
+    (during_attempts, during_sleeps)
+}
+
+fn no_transaction_is_open_while_the_helper_sleeps(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let clock = WatchingClock::new(&db);
+    let retrier = Retrier::new(policy(10), Server::PostgreSql).with_protocol(protocol);
+    let (during_attempts, during_sleeps) = watch_retries(&db, retrier, &clock);
+    // The probe does see the helper's transaction while a unit runs.
+    assert_eq!(during_attempts, vec![1, 1, 1, 1]);
+    assert_eq!(during_sleeps, vec![0, 0, 0]);
+    assert_eq!(db.count("marks"), 1);
+}
+
+#[test]
+fn under_cockroachdb_rules_a_retry_that_waits_restarts_outside_any_transaction() {
+    // CockroachDB's rules played on PostgreSQL: nothing here depends on
+    // RELEASE committing, and PL/pgSQL faults can be rewound.
+    let db = TestDb::with_faults();
+    let clock = WatchingClock::new(&db);
+    let retrier = Retrier::new(policy(10), Server::CockroachDb);
+    assert_eq!(retrier.protocol(), Protocol::Savepoint);
+    let (during_attempts, during_sleeps) = watch_retries(&db, retrier, &clock);
+    assert_eq!(during_attempts, vec![1, 1, 1, 1]);
+    assert_eq!(during_sleeps, vec![0, 0, 0]);
+    assert_eq!(db.count("marks"), 1);
+}
+
+/// Runs a unit that conflicts on its first two attempts with immediate
+/// retries, and returns the transaction id each attempt ran in.
+fn txids_of_immediate_retries(db: &TestDb, server: Server, protocol: Protocol) -> Vec<i64> {
+    let clock = FakeClock::new();
+    let immediate = RetryPolicy {
+        backoff: Backoff {
+            base: Duration::ZERO,
+            cap: Duration::ZERO,
+            first_retry_immediate: true,
+        },
+        ..policy(10)
+    };
+    let retrier = Retrier::new(immediate, server)
+        .with_protocol(protocol)
+        .with_clock(clock.clone());
+    let mut txids = Vec::new();
+    retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| {
+            txids.push(txid(conn)?);
+            mark(conn, "x")?;
+            fail_first(conn, 2, "40001")
+        })
+        .unwrap();
+    assert!(clock.sleeps().is_empty(), "immediate retries never sleep");
+    assert_eq!(
+        db.count("marks"),
+        1,
+        "the rewound attempts' writes are gone"
+    );
+    txids
+}
+
+#[test]
+fn under_cockroachdb_rules_an_immediate_retry_rewinds_inside_one_transaction() {
+    let db = TestDb::with_faults();
+    let txids = txids_of_immediate_retries(&db, Server::CockroachDb, Protocol::Savepoint);
+    assert_eq!(txids.len(), 3);
+    assert!(txids.windows(2).all(|w| w[0] == w[1]), "{txids:?}");
+}
+
+#[test]
+fn on_postgresql_even_the_savepoint_protocol_restarts_every_conflict() {
+    let db = TestDb::with_faults();
+    let txids = txids_of_immediate_retries(&db, Server::PostgreSql, Protocol::Savepoint);
+    assert_eq!(txids.len(), 3);
+    assert!(txids.windows(2).all(|w| w[0] != w[1]), "{txids:?}");
+}
+
+fn serializable_and_read_only_hold_on_every_attempt(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let (retrier, _) = retrier(10, protocol);
+    let mut seen = Vec::new();
+    let opts = TxOptions {
+        read_only: true,
+        idempotent: false,
+    };
+    retrier
+        .run(&db.pool(1), opts, |conn| {
+            seen.push((
+                setting(conn, "transaction_isolation")?,
+                setting(conn, "transaction_read_only")?,
+            ));
+            // Sequences cannot advance in a read-only transaction, so the
+            // test counts the attempts and the server raises.
+            if seen.len() <= 2 {
+                raise_error(conn, "40001")?;
+            }
+            Ok::<_, DieselError>(())
+        })
+        .unwrap();
+    let expected = ("serializable".to_owned(), "on".to_owned());
+    assert_eq!(seen, vec![expected.clone(), expected.clone(), expected]);
+    let write = retrier.run(&db.pool(1), opts, |conn| mark(conn, "read only"));
+    assert!(
+        matches!(
+            write,
+            Err(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::ReadOnlyTransaction,
+                _
+            )))
+        ),
+        "{write:?}"
+    );
+}
+
+fn a_40001_at_commit_is_retried(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    db.fail_commits(2, "40001");
+    let (retrier, _) = retrier(10, protocol);
+    let committed = retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x"))
+        .unwrap();
+    assert_eq!(committed.attempts, 3);
+    assert_eq!(db.fault_calls("commit_faults"), 3);
+    assert_eq!(db.count("marks"), 1);
+}
+
+fn always_failing_gives_up_after_exactly_max_attempts_with_nothing_committed(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let (retrier, clock) = retrier(5, protocol);
+    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| {
+        mark(conn, "doomed")?;
+        fail_first(conn, 1_000, "40001")
+    });
+    match result {
+        Err(TxError::GaveUp {
+            attempts: 5,
+            budget: Budget::Attempts,
+            last: DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _),
+            ..
+        }) => {}
+        other => panic!("expected GaveUp after 5 attempts, got {other:?}"),
+    }
+    assert_eq!(db.fault_calls("statement_faults"), 5);
+    assert_eq!(db.count("marks"), 0);
+    assert_eq!(clock.sleeps().len(), 4, "no sleep after the last attempt");
+}
+
+#[test]
+fn the_deadline_stops_retries_before_a_sleep_would_cross_it() {
+    let db = TestDb::with_faults();
+    let clock = FakeClock::new();
+    let retrier = Retrier::new(
+        RetryPolicy {
+            deadline: Some(Duration::from_millis(100)),
+            ..policy(1_000)
+        },
+        Server::PostgreSql,
+    )
+    .with_clock(clock.clone())
+    .with_jitter(Arc::new(|| 1.0));
+    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| {
+        fail_first(conn, 1_000, "40001")
+    });
+    // 10 + 20 + 40 ms slept; the next 80 ms would end at 150 ms > 100 ms.
+    assert!(
+        matches!(
+            result,
+            Err(TxError::GaveUp {
+                attempts: 4,
+                budget: Budget::Deadline,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    let ms = Duration::from_millis;
+    assert_eq!(clock.sleeps(), vec![ms(10), ms(20), ms(40)]);
+}
+
+#[test]
+fn a_constraint_failing_at_commit_is_reported_not_retried() {
+    let db = TestDb::with_faults();
+    db.fail_commits(1, "23514");
+    let (retrier, _) = retrier(10, Protocol::Restart);
+    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x"));
+    assert!(
+        matches!(
+            result,
+            Err(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::CheckViolation,
+                _
+            )))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(db.count("marks"), 0);
+}
+
+/// With the savepoint protocol too: on PostgreSQL the COMMIT, not the
+/// RELEASE, is the commit, so the rules follow the server.
+fn a_backend_killed_at_commit_is_an_ambiguous_commit_not_a_retry(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    db.fail_commits(1, "terminate");
+    let (retrier, _) = retrier(10, protocol);
+    let pool = db.pool(1);
+    let mut runs = 0;
+    let result = retrier.run(&pool, TxOptions::default(), |conn| {
+        runs += 1;
+        mark(conn, "x")
+    });
+    assert!(
+        matches!(result, Err(TxError::AmbiguousCommit { attempts: 1, .. })),
+        "{result:?}"
+    );
+    assert_eq!(runs, 1);
+    // The dead connection did not go back into the pool.
+    let mut conn = pool.get().unwrap();
+    assert_eq!(scalar::<BigInt, i64>(&mut conn, "1::INT8"), Ok(1));
+    // Here we can look: the server rolled it back.
+    assert_eq!(db.count("marks"), 0);
+}
+
+fn a_40003_at_commit_is_ambiguous_unless_the_unit_is_idempotent(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    db.fail_commits(1, "40003");
+    let (retrier, _) = retrier(10, protocol);
+    let result = retrier.run(&db.pool(1), TxOptions::default(), |conn| mark(conn, "x"));
+    let Err(err @ TxError::AmbiguousCommit { attempts: 1, .. }) = result else {
+        panic!("expected an ambiguous commit, got {result:?}");
+    };
+    let message = err.to_string();
+    assert!(message.contains("ambiguous"), "{message}");
+    assert!(message.contains("injected commit fault"), "{message}");
+
+    let idempotent = TxOptions {
+        read_only: false,
+        idempotent: true,
+    };
+    db.exec("ALTER SEQUENCE commit_faults RESTART");
+    let committed = retrier
+        .run(&db.pool(1), idempotent, |conn| mark(conn, "y"))
+        .unwrap();
+    assert_eq!(committed.attempts, 2);
+    assert_eq!(db.count("marks"), 1);
+}
+
+fn a_backend_terminated_mid_transaction_is_retried_on_a_fresh_connection(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let pool = db.pool(1);
+    let mut killer = db.conn();
+    let (retrier, _) = retrier(10, protocol);
+    let mut pids = Vec::new();
+    let committed = retrier
+        .run(&pool, TxOptions::default(), |conn| {
+            let pid = backend_pid(conn);
+            pids.push(pid);
+            mark(conn, "before the kill")?;
+            if pids.len() == 1 {
+                // Another session terminates this backend and waits until
+                // it is gone, then the unit carries on.
+                diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
+                    .bind::<diesel::sql_types::Integer, _>(pid)
+                    .execute(&mut killer)?;
+            }
+            mark(conn, "after")
+        })
+        .unwrap();
+    assert_eq!(committed.attempts, 2);
+    assert_ne!(pids[0], pids[1], "the retry must use a new connection");
+    assert_eq!(
+        db.count("marks"),
+        2,
+        "both marks of the committed attempt, none of the killed one"
+    );
+    assert_ne!(backend_pid(&mut pool.get().unwrap()), pids[0]);
+}
+
+fn a_panic_rolls_back_and_the_connection_goes_back_idle(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let pool = db.pool(1);
+    let pid = backend_pid(&mut pool.get().unwrap());
+    let (retrier, _) = retrier(10, protocol);
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        retrier.run(&pool, TxOptions::default(), |conn| -> QueryResult<()> {
+            mark(conn, "never committed")?;
+            panic!("bug in the unit of work");
+        })
+    }));
+    assert!(outcome.is_err(), "the panic goes on to the caller");
+    let mut conn = pool.get().unwrap();
+    assert_eq!(
+        backend_pid(&mut conn),
+        pid,
+        "the same connection, back in the pool"
+    );
+    assert_eq!(
+        setting(&mut conn, "transaction_isolation").unwrap(),
+        "read committed",
+        "not left mid-transaction"
+    );
+    drop(conn);
+    assert_eq!(db.count("marks"), 0);
+    retrier
+        .run(&pool, TxOptions::default(), |conn| {
+            mark(conn, "after the panic")
+        })
+        .unwrap();
+    assert_eq!(db.count("marks"), 1);
+}
+
+#[test]
+fn run_on_one_connection_cannot_replace_it_so_a_kill_ends_the_call() {
+    let db = TestDb::with_faults();
+    let mut conn = db.conn();
+    let mut killer = db.conn();
+    let pid = backend_pid(&mut conn);
+    let (retrier, _) = retrier(10, Protocol::Restart);
+    let result = retrier.run_on(&mut conn, TxOptions::default(), |conn| {
+        diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
+            .bind::<diesel::sql_types::Integer, _>(pid)
+            .execute(&mut killer)?;
+        mark(conn, "x")
+    });
+    assert!(
+        matches!(
+            result,
+            Err(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection,
+                _
+            )))
+        ),
+        "{result:?}"
+    );
+}
+
+fn giving_up_leaves_the_callers_connection_outside_any_transaction(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let (retrier, _) = retrier(3, protocol);
+    let mut conn = db.conn();
+    let result = retrier.run_on(&mut conn, TxOptions::default(), |conn| {
+        mark(conn, "doomed")?;
+        fail_first(conn, 1_000, "40001")
+    });
+    assert!(
+        matches!(result, Err(TxError::GaveUp { attempts: 3, .. })),
+        "{result:?}"
+    );
+    assert_eq!(
+        setting(&mut conn, "transaction_isolation").unwrap(),
+        "read committed",
+        "the connection was left inside the serializable transaction"
+    );
+    assert_eq!(db.count("marks"), 0);
+    retrier
+        .run_on(&mut conn, TxOptions::default(), |conn| mark(conn, "next"))
+        .unwrap();
+    assert_eq!(db.count("marks"), 1);
+}
+
+for_each_protocol!(
+    a_40001_on_the_first_k_attempts_is_retried_k_times_and_commits_once,
+    no_transaction_is_open_while_the_helper_sleeps,
+    serializable_and_read_only_hold_on_every_attempt,
+    a_40001_at_commit_is_retried,
+    always_failing_gives_up_after_exactly_max_attempts_with_nothing_committed,
+    a_backend_killed_at_commit_is_an_ambiguous_commit_not_a_retry,
+    a_40003_at_commit_is_ambiguous_unless_the_unit_is_idempotent,
+    a_backend_terminated_mid_transaction_is_retried_on_a_fresh_connection,
+    a_panic_rolls_back_and_the_connection_goes_back_idle,
+    giving_up_leaves_the_callers_connection_outside_any_transaction,
+);
