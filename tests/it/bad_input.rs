@@ -44,6 +44,22 @@ fn a_refused_connection_is_one_line_without_the_password() {
 }
 
 #[test]
+fn a_connection_error_keeps_the_drivers_error_as_its_source() {
+    let (_reserved, port) = refusing_port();
+    let url =
+        bank::config::DbUrl::parse(&format!("postgresql://app@127.0.0.1:{port}/bank")).unwrap();
+    let Err(err) = bank::db::establish(&url) else {
+        panic!("connected to a refusing port");
+    };
+    assert!(err.to_string().contains("connection refused"), "{err}");
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(
+        source.to_string().contains("Connection refused"),
+        "{source}"
+    );
+}
+
+#[test]
 fn an_unknown_host_is_named() {
     let url = format!("postgresql://app:{SENTINEL}@no-such-host.invalid:26257/bank");
     let line = fails(&["--database-url", &url]);

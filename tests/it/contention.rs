@@ -1,5 +1,7 @@
-//! Real contention: threads transferring among a handful of accounts make
-//! PostgreSQL raise genuine 40001s, and the money adds up afterwards.
+//! Contention: threads transferring among a handful of accounts queue on
+//! row locks and meet serialization failures as they come; whatever
+//! happens, the money adds up afterwards. (write_skew.rs is the test that
+//! forces a genuine 40001 every time.)
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -63,7 +65,6 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
         "contention: {} transfers committed, {retries} retries",
         committed.into_inner()
     );
-    assert!(retries > 0, "8 threads on 4 accounts must conflict");
     let balances = db.accounts();
     assert_eq!(
         balances.iter().map(|(_, b)| b).sum::<i64>(),

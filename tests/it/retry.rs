@@ -1,7 +1,12 @@
 //! The retry helper on any server: what needs no fault injection.
 
-use bank::retry::{Protocol, Retrier, RetryPolicy, TxError, TxOptions};
+use std::time::Duration;
+
+use bank::bank::{insert_accounts, transfer, Amount, BankError};
+use bank::models::Account;
+use bank::retry::{Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
 use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use crate::helpers::*;
@@ -60,4 +65,65 @@ fn calling_the_helper_inside_a_transaction_is_an_error() {
         .unwrap_err()
         .to_string()
         .contains("already inside a transaction"));
+}
+
+#[test]
+fn a_pool_that_cannot_connect_is_reported_with_its_cause_once() {
+    let (_reserved, port) = refusing_port();
+    let manager =
+        ConnectionManager::<PgConnection>::new(format!("postgresql://app@127.0.0.1:{port}/bank"));
+    let pool = Pool::builder()
+        .connection_timeout(Duration::from_millis(300))
+        .build_unchecked(manager);
+    let retrier = Retrier::new(RetryPolicy::default(), Server::PostgreSql);
+    let result = retrier.run(&pool, TxOptions::default(), |conn| {
+        diesel::sql_query("SELECT 1").execute(conn)
+    });
+    let Err(err @ TxError::Pool(_)) = result else {
+        panic!("expected a pool error, got {result:?}");
+    };
+    let line = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        line.starts_with(
+            "could not get a connection from the pool: timed out waiting for connection"
+        ),
+        "{line}"
+    );
+    assert_eq!(
+        line.matches("timed out waiting for connection").count(),
+        1,
+        "{line}"
+    );
+}
+
+#[test]
+fn a_fixed_amount_must_be_at_least_one() {
+    let db = TestDb::migrated();
+    let [from, to] = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+    let rows = [from, to].map(|id| Account { id, balance: 10 });
+    insert_accounts(&mut db.conn(), &rows, 2).unwrap();
+    for amount in [0, -5, i64::MIN] {
+        let result = transfer(&mut db.conn(), from, to, Amount::Exactly(amount));
+        assert!(
+            matches!(result, Err(BankError::NotPositive(a)) if a == amount),
+            "{amount}: {result:?}"
+        );
+    }
+    assert_eq!(
+        db.accounts().iter().map(|(_, b)| *b).collect::<Vec<_>>(),
+        [10, 10]
+    );
+    let done = transfer(&mut db.conn(), from, to, Amount::Exactly(1)).unwrap();
+    assert_eq!((done.from_after.balance, done.to_after.balance), (9, 11));
+}
+
+#[test]
+fn a_failed_migration_keeps_its_cause_as_the_source() {
+    let db = TestDb::empty();
+    // A bookkeeping table the harness cannot use.
+    db.exec("CREATE TABLE __diesel_schema_migrations (nonsense INT8)");
+    let err = bank::db::run_migrations(&mut db.conn()).unwrap_err();
+    assert_eq!(err.to_string(), "migration failed");
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(source.to_string().contains("version"), "{source}");
 }
