@@ -1,5 +1,5 @@
-//! The database connection: first contact (with readable errors), server
-//! detection, the r2d2 pool, the embedded migrations and the schema check.
+//! The database connection: first contact (with readable errors), the r2d2
+//! pool, the embedded migrations and the schema check.
 
 use std::time::Duration;
 
