@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::Command;
 use bank::config::DbUrl;
 use bank::db::{self, PgPool};
-use bank::retry::{Clock, Server};
+use bank::retry::{Clock, Server, TxError};
 use diesel::dsl::sql;
 use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
@@ -205,6 +205,16 @@ impl Drop for TestDb {
         if let Ok(mut conn) = db::establish(&admin_url()) {
             let _ = diesel::sql_query(drop_sql).execute(&mut conn);
         }
+    }
+}
+
+/// The kind of the database error a helper call returned untouched, if any.
+pub fn failed_kind<T>(
+    result: &Result<T, TxError<diesel::result::Error>>,
+) -> Option<diesel::result::DatabaseErrorKind> {
+    match result {
+        Err(TxError::Failed(diesel::result::Error::DatabaseError(kind, _))) => Some(*kind),
+        _ => None,
     }
 }
 

@@ -29,14 +29,9 @@ fn a_non_retryable_error_returns_at_once_untouched(protocol: Protocol) {
         ))
         .execute(conn)
     });
-    assert!(
-        matches!(
-            result,
-            Err(TxError::Failed(DieselError::DatabaseError(
-                DatabaseErrorKind::CheckViolation,
-                _
-            )))
-        ),
+    assert_eq!(
+        failed_kind(&result),
+        Some(DatabaseErrorKind::CheckViolation),
         "{result:?}"
     );
     assert_eq!(runs, 1);
