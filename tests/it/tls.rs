@@ -100,7 +100,8 @@ impl TlsServer {
         let mut attempts = 0;
         let port = loop {
             attempts += 1;
-            let port: u16 = rand::random_range(20_000..60_000);
+            // Below the kernel's ephemeral range, so no client socket holds it.
+            let port: u16 = rand::random_range(10_000..20_000);
             let started = as_postgres(&bin.join("pg_ctl"))
                 .arg("-D")
                 .arg(&data)
