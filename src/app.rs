@@ -28,8 +28,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
 }
 
-/// One line for stderr: the context chain, with the password scrubbed out.
-pub fn error_line(err: &anyhow::Error, cli: &Cli) -> String {
+/// One line for stderr: the context chain. Messages that mention the
+/// database name it by [`DbUrl::redacted`], so no password is in them.
+pub fn error_line(err: &anyhow::Error) -> String {
     let mut causes = Vec::new();
     for cause in err.chain() {
         causes.push(cause.to_string());
@@ -38,15 +39,11 @@ pub fn error_line(err: &anyhow::Error, cli: &Cli) -> String {
             break;
         }
     }
-    let line = causes
+    causes
         .join(": ")
         .split_whitespace()
         .collect::<Vec<_>>()
-        .join(" ");
-    match cli.database_url.as_deref().map(DbUrl::parse) {
-        Some(Ok(url)) => db::scrub(&line, &url),
-        _ => line,
-    }
+        .join(" ")
 }
 
 fn database_url(cli: &Cli) -> anyhow::Result<DbUrl> {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use url::Url;
 
+use crate::conninfo::ConnInfo;
 use crate::retry::{Backoff, RetryPolicy};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
@@ -235,10 +235,11 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// A database URL that parsed as `postgres://` or `postgresql://`.
+/// A database connection string that libpq parsed: a `postgresql://` or
+/// `postgres://` URL, or keyword/value pairs (see [`crate::conninfo`]).
 #[derive(Clone)]
 pub struct DbUrl {
-    url: Url,
+    info: ConnInfo,
 }
 
 impl std::fmt::Debug for DbUrl {
@@ -248,99 +249,88 @@ impl std::fmt::Debug for DbUrl {
 }
 
 impl DbUrl {
-    /// Parses and checks the URL without ever echoing it (it may hold a password).
+    /// Parses and checks the string without ever echoing it (it may hold a
+    /// password).
     ///
     /// # Errors
-    /// A one-line message saying what is wrong and what the URL should look like.
+    /// A one-line message saying what is wrong and what the string should
+    /// look like.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        const SHAPE: &str =
-            "expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...]";
+        const SHAPE: &str = "expected postgresql://USER[:PASSWORD]@HOST[:PORT][,HOST[:PORT]...]/DATABASE[?sslmode=...] \
+             or key=value pairs such as host=HOST dbname=DATABASE";
         let raw = raw.trim();
         if raw.is_empty() {
             return Err(format!("the database url is empty; {SHAPE}"));
         }
-        let url = Url::parse(raw)
-            .map_err(|err| format!("the database url is malformed ({err}); {SHAPE}"))?;
-        match url.scheme() {
-            "postgres" | "postgresql" => {}
-            other => {
+        // libpq reads anything that is not one of its two URL schemes as
+        // keyword/value pairs, which would make a wrong scheme a puzzling
+        // "missing =".
+        if let Some((scheme, _)) = raw.split_once("://") {
+            let is_scheme = !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+            if is_scheme && !matches!(scheme, "postgres" | "postgresql") {
                 return Err(format!(
-                    "the database url has scheme '{other}', which is not a PostgreSQL wire-protocol url; {SHAPE}"
-                ))
+                    "the database url has scheme '{scheme}', which is not a PostgreSQL wire-protocol url; {SHAPE}"
+                ));
             }
         }
-        if url.cannot_be_a_base() {
-            return Err(format!(
-                "the database url is malformed (no '//' after the scheme); {SHAPE}"
-            ));
-        }
-        Ok(Self { url })
+        let info = ConnInfo::parse(raw)
+            .map_err(|err| format!("the database url is malformed ({err}); {SHAPE}"))?;
+        Ok(Self { info })
     }
 
-    /// The URL handed to libpq: the user's, plus an `application_name` (so the
-    /// app shows up in CockroachDB's console and `pg_stat_activity`, as in the
-    /// tutorial) and a `connect_timeout` (so an unreachable host fails
-    /// instead of hanging), unless the user set them.
+    /// The string handed to libpq: the user's options, plus an
+    /// `application_name` (so the app shows up in CockroachDB's console and
+    /// `pg_stat_activity`, as in the tutorial) and a `connect_timeout` (so
+    /// an unreachable host fails instead of hanging), unless the user set
+    /// them.
     pub fn for_libpq(&self) -> String {
-        let mut url = self.url.clone();
-        let has = |key: &str| self.url.query_pairs().any(|(k, _)| k == key);
-        let mut extra = Vec::new();
-        if !has("application_name") {
-            extra.push(("application_name", "docs_simplecrud_diesel"));
+        let mut info = self.info.clone();
+        for (key, value) in [
+            ("application_name", "docs_simplecrud_diesel"),
+            ("connect_timeout", "10"),
+        ] {
+            if info.get(key).is_none() {
+                info = info.with(key, value);
+            }
         }
-        if !has("connect_timeout") {
-            extra.push(("connect_timeout", "10"));
-        }
-        if !extra.is_empty() {
-            url.query_pairs_mut().extend_pairs(extra);
-        }
-        url.into()
+        info.to_libpq()
     }
 
-    /// `user@host:port/database`, for messages: never the password or the query.
+    /// `user@host:port,.../database`, for messages: never the password or
+    /// any other option.
     pub fn redacted(&self) -> String {
-        let user = match self.url.username() {
-            "" => String::new(),
-            name => format!("{name}@"),
-        };
-        let host = self.url.host_str().unwrap_or("localhost");
-        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
-        format!("{user}{host}{port}{}", self.url.path())
+        self.info.redacted()
     }
 
-    /// The host name as written, for messages.
-    pub fn host(&self) -> String {
-        self.url.host_str().unwrap_or("localhost").to_owned()
+    /// The hosts libpq tries, as written, for messages.
+    pub fn hosts(&self) -> String {
+        self.info.hosts().join(", ")
     }
 
-    /// The password, percent-decoded, so output can be scrubbed of it.
-    pub fn password(&self) -> Option<String> {
-        let raw = self.url.password()?;
-        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-        (!decoded.is_empty()).then(|| decoded.into_owned())
+    /// The `sslrootcert` file, if one is named.
+    pub fn sslrootcert(&self) -> Option<&str> {
+        self.info.get("sslrootcert")
     }
 
-    /// The same URL with query parameter `key` set to `value`.
+    /// The user to connect as, if one is named.
+    pub fn user(&self) -> Option<&str> {
+        self.info.get("user")
+    }
+
+    /// The same connection string with option `key` set to `value`.
     pub fn with_param(&self, key: &str, value: &str) -> Self {
-        let mut url = self.url.clone();
-        let others: Vec<(String, String)> = self
-            .url
-            .query_pairs()
-            .filter(|(k, _)| k != key)
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        url.query_pairs_mut()
-            .clear()
-            .extend_pairs(others)
-            .append_pair(key, value);
-        Self { url }
+        Self {
+            info: self.info.with(key, value),
+        }
     }
 
-    /// The same URL pointing at another database (tests create one each).
+    /// The same connection string pointing at another database (tests
+    /// create one each).
     pub fn with_database(&self, name: &str) -> Self {
-        let mut url = self.url.clone();
-        url.set_path(&format!("/{name}"));
-        Self { url }
+        self.with_param("dbname", name)
     }
 }
 
@@ -353,7 +343,7 @@ mod tests {
         let url = DbUrl::parse("postgresql://max:s3cret@db.example:26257/bank?sslmode=verify-full")
             .unwrap();
         assert_eq!(url.redacted(), "max@db.example:26257/bank");
-        assert_eq!(url.password().as_deref(), Some("s3cret"));
+        assert!(url.for_libpq().contains("password='s3cret'"));
         assert!(!format!("{url:?}").contains("s3cret"));
     }
 
@@ -361,14 +351,19 @@ mod tests {
     fn libpq_url_gets_application_name_and_timeout_once() {
         let url = DbUrl::parse("postgresql://root@h:1/d?application_name=mine").unwrap();
         let libpq = url.for_libpq();
-        assert!(libpq.contains("application_name=mine"));
+        assert!(libpq.contains("application_name='mine'"));
         assert!(!libpq.contains("docs_simplecrud_diesel"));
-        assert!(libpq.contains("connect_timeout=10"));
+        assert!(libpq.contains("connect_timeout='10'"));
     }
 
     #[test]
     fn bad_urls_get_one_line_that_hides_them() {
-        for bad in ["", "not a url", "mysql://u:pw@h/d", "postgresql:pw"] {
+        for bad in [
+            "",
+            "not a url",
+            "mysql://u:pw@h/d",
+            "postgresql://u:pw@h/d%zz",
+        ] {
             let err = DbUrl::parse(bad).unwrap_err();
             assert!(!err.contains('\n'), "{err}");
             assert!(err.contains("expected postgresql://"), "{err}");

@@ -52,12 +52,12 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
         .find(|l| !l.is_empty())
         .unwrap_or("unknown error");
     let has = |needle: &str| message.contains(needle);
-    let reason = if has("Connection refused") {
+    if has("Connection refused") {
         "connection refused; is the server running and listening on that host and port?".to_owned()
     } else if has("could not translate host name") || has("Name or service not known") {
         format!(
-            "unknown host '{}'; check the host name in the database url",
-            url.host()
+            "unknown host (tried {}); check the host name in the database url",
+            url.hosts()
         )
     } else if has("timeout expired") {
         "timed out; check the host, the port and any firewall in between (connect_timeout in the url sets the limit)"
@@ -67,6 +67,11 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
     } else if has("does not match host name") || has("does not match host") {
         "the server's certificate does not match the host name; connect with a host name listed in the certificate"
             .to_owned()
+    } else if has("root certificate file") && has("does not exist") {
+        format!(
+            "the CA certificate file {} does not exist; point sslrootcert at the CA certificate that signed the server's",
+            url.sslrootcert().unwrap_or("(the default ~/.postgresql/root.crt)")
+        )
     } else if has("certificate verify failed") || has("root certificate file") {
         "the server's certificate could not be verified; point sslrootcert at the CA certificate that signed it"
             .to_owned()
@@ -80,15 +85,6 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
         format!("{first_line}; create the database first or fix the name in the url")
     } else {
         first_line.to_owned()
-    };
-    scrub(&reason, url)
-}
-
-/// Removes the password from a message, in case a driver ever echoes it.
-pub fn scrub(message: &str, url: &DbUrl) -> String {
-    match url.password() {
-        Some(password) => message.replace(&password, "***"),
-        None => message.to_owned(),
     }
 }
 

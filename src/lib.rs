@@ -12,6 +12,7 @@
 pub mod app;
 pub mod bank;
 pub mod config;
+pub mod conninfo;
 pub mod db;
 pub mod job;
 pub mod models;

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     match result.and(flushed.map_err(Into::into)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("bank: {}", bank::app::error_line(&err, &cli));
+            eprintln!("bank: {}", bank::app::error_line(&err));
             ExitCode::FAILURE
         }
     }

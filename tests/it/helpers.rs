@@ -96,9 +96,20 @@ impl TestDb {
         db::pool(&self.url, size).expect("pool")
     }
 
-    /// The URL as the binary takes it.
+    /// The test database's URL, as a user hands it to the binary or to
+    /// diesel CLI: `DATABASE_URL` (a URL) with the database name replaced.
     pub fn url_string(&self) -> String {
-        self.url.for_libpq()
+        let raw = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+        let (base, query) = match raw.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (raw.as_str(), String::new()),
+        };
+        let authority_end = base.find("://").map_or(0, |i| i + 3);
+        let base = match base[authority_end..].find('/') {
+            Some(slash) => &base[..authority_end + slash],
+            None => base,
+        };
+        format!("{base}/{}{query}", self.name)
     }
 
     /// Every account, as `(id, balance)` sorted by id.
