@@ -1,15 +1,43 @@
 //! The edge: turns the parsed command line into work, adds context to
-//! failures, and renders them as one line without secrets.
+//! failures, and renders them as one line.
 
-use std::io::Write;
+use std::fmt;
+use std::io::{self, Write};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 
 use crate::config::{Cli, Command, DbUrl, ProtocolChoice, WorkloadArgs};
-use crate::db::{self, PgPool};
-use crate::job::{self, Batches, Plan};
+use crate::db::{self, AccountsTable, PgPool};
+use crate::job;
+use crate::plan::{Plan, Settings};
 use crate::retry::{Protocol, Retrier, Server};
-use crate::workload::{self, Length, Settings};
+use crate::workload;
+
+/// What the user asked for cannot be done as asked: a flag, `DATABASE_URL`
+/// or `.env` is wrong. Nothing was written. The exit code is 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(err: impl fmt::Display) -> anyhow::Error {
+    UsageError(err.to_string()).into()
+}
+
+/// The exit code for a failure: 2 for a usage error, 1 for anything else.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|cause| cause.is::<UsageError>()) {
+        2
+    } else {
+        1
+    }
+}
+
+/// The work the command line asks for, every argument checked.
+enum Work {
+    Migrate,
+    Job(Plan),
+    Workload(Settings, bool),
+}
 
 /// Runs what `cli` asks for, writing results to `out`.
 ///
@@ -17,15 +45,23 @@ use crate::workload::{self, Length, Settings};
 /// Anything that stops the command; render it with [`error_line`].
 pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     // Every argument is checked before anything connects or writes.
-    if cli.command.is_none() {
-        cli.job.validate().map_err(anyhow::Error::msg)?;
-    }
+    let work = match &cli.command {
+        Some(Command::Migrate) => Work::Migrate,
+        Some(Command::Workload(args)) => work_for(args)?,
+        None => Work::Job(Plan::try_from(&cli.job).map_err(usage)?),
+    };
     let url = database_url(cli)?;
-    match cli.command {
-        Some(Command::Migrate) => migrate(&url, out),
-        Some(Command::Workload(ref args)) => workload(cli, args, &url, out),
-        None => main_job(cli, &url, out),
+    let mut out = Labelled(out);
+    match work {
+        Work::Migrate => migrate(&url, &mut out),
+        Work::Job(plan) => main_job(cli, &url, plan, &mut out),
+        Work::Workload(settings, json) => workload(cli, &url, settings, json, &mut out),
     }
+}
+
+fn work_for(args: &WorkloadArgs) -> anyhow::Result<Work> {
+    let settings = Settings::try_from(args).map_err(usage)?;
+    Ok(Work::Workload(settings, args.json))
 }
 
 /// One line for stderr: the context chain. Messages that mention the
@@ -46,11 +82,28 @@ pub fn error_line(err: &anyhow::Error) -> String {
         .join(" ")
 }
 
+/// Says what was being written when output fails (a closed pipe, a full
+/// disk), instead of a bare "Broken pipe (os error 32)".
+struct Labelled<'a>(&'a mut dyn Write);
+
+impl Write for Labelled<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(label)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(label)
+    }
+}
+
+fn label(err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("writing the results to stdout: {err}"))
+}
+
 fn database_url(cli: &Cli) -> anyhow::Result<DbUrl> {
     let raw = cli.database_url.as_deref().ok_or_else(|| {
-        anyhow!("no database url; set DATABASE_URL (or put it in .env, see .env.example) or pass --database-url")
+        usage("no database url; set DATABASE_URL (or put it in .env, see .env.example) or pass --database-url")
     })?;
-    DbUrl::parse(raw).map_err(anyhow::Error::msg)
+    DbUrl::parse(raw).map_err(usage)
 }
 
 fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -65,18 +118,8 @@ fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main_job(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
+fn main_job(cli: &Cli, url: &DbUrl, plan: Plan, out: &mut dyn Write) -> anyhow::Result<()> {
     let (retrier, pool) = prepare(cli, url, 2)?;
-    let plan = Plan {
-        accounts: cli.job.accounts,
-        delete: cli.job.delete,
-        seed: cli.job.seed,
-        quiet: cli.job.quiet,
-        batches: Batches {
-            rows_per_insert: cli.job.rows_per_insert,
-            rows_per_transaction: cli.job.rows_per_transaction,
-        },
-    };
     let report = job::run(&pool, &retrier, plan, out)?;
     tracing::debug!(retries = report.retries, "main job done");
     Ok(())
@@ -84,25 +127,15 @@ fn main_job(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn workload(
     cli: &Cli,
-    args: &WorkloadArgs,
     url: &DbUrl,
+    settings: Settings,
+    json: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let workers = u32::try_from(args.workers).context("--workers is too large")?;
+    let workers = u32::try_from(settings.workers()).context("--workers is too large")?;
     let (retrier, pool) = prepare(cli, url, workers)?;
-    let length = match (args.transfers, args.duration) {
-        (Some(transfers), _) => Length::Transfers(transfers),
-        (None, Some(duration)) => Length::Duration(duration),
-        (None, None) => bail!("pass --transfers N or --duration SECONDS"),
-    };
-    let settings = Settings {
-        workers: args.workers,
-        accounts: args.accounts,
-        length,
-        seed: args.seed,
-    };
     let report = workload::run(&pool, &retrier, settings)?;
-    if args.json {
+    if json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
     } else {
         writeln!(out, "{}", report.to_text())?;
@@ -123,16 +156,25 @@ fn workload(
 fn prepare(cli: &Cli, url: &DbUrl, pool_size: u32) -> anyhow::Result<(Retrier, PgPool)> {
     let mut conn = db::establish(url)?;
     let server = Server::detect(&mut conn).context("asking the server for its version")?;
-    if !db::accounts_table_exists(&mut conn).context("looking for the accounts table")? {
-        bail!(
+    let retrier = retrier(cli, server)?;
+    match db::accounts_table(&mut conn).context("looking for the accounts table")? {
+        AccountsTable::Ready => {}
+        AccountsTable::Missing => bail!(
             "table \"accounts\" does not exist in {}; create it with `diesel migration run`, \
              `cockroach sql --url \"$DATABASE_URL\" < dbinit.sql` (psql \"$DATABASE_URL\" -f dbinit.sql on PostgreSQL), \
              or `bank migrate`",
             url.redacted()
-        );
+        ),
+        AccountsTable::NotAllowed => {
+            let user = url.user().unwrap_or("the connecting user");
+            bail!(
+                "user {user} may not read and write table \"accounts\" in {}; \
+                 an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {user}",
+                url.redacted()
+            )
+        }
     }
     drop(conn);
-    let retrier = retrier(cli, server)?;
     tracing::debug!(?server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
     let pool = db::pool(url, pool_size).context("building the connection pool")?;
     Ok((retrier, pool))
@@ -144,10 +186,12 @@ fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {
         // On PostgreSQL a rollback to a savepoint keeps the snapshot that
         // conflicted, so the protocol would only add round trips; the library
         // still allows it, for tests.
-        (ProtocolChoice::Savepoint, Server::PostgreSql) => bail!(
-            "--protocol savepoint needs CockroachDB, and this server is PostgreSQL; \
-             use --protocol restart or auto"
-        ),
+        (ProtocolChoice::Savepoint, Server::PostgreSql) => {
+            return Err(usage(
+                "--protocol savepoint needs CockroachDB, and this server is PostgreSQL; \
+                 use --protocol restart or auto",
+            ))
+        }
         (ProtocolChoice::Savepoint, Server::CockroachDb) => Protocol::Savepoint,
         (ProtocolChoice::Restart, _) => Protocol::Restart,
     };

@@ -3,9 +3,15 @@
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::conninfo::ConnInfo;
+use crate::plan::{Batches, Length, Plan, PlanError, Settings};
 use crate::retry::{Backoff, RetryPolicy};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
@@ -13,7 +19,14 @@ use crate::retry::{Backoff, RetryPolicy};
 /// With no subcommand: create accounts, transfer between two of them, delete
 /// a few, each step in a retried SERIALIZABLE transaction.
 #[derive(Debug, Parser)]
-#[command(name = "bank", version, about)]
+#[command(
+    name = "bank",
+    version,
+    about,
+    after_help = "Exit status: 0 when everything was done; 2 when a flag, DATABASE_URL or .env \
+                  is wrong (nothing was written); 1 when the work failed (connecting, the \
+                  database, a transaction)."
+)]
 pub struct Cli {
     /// Where the database is, e.g. postgresql://root@127.0.0.1:26257/defaultdb?sslmode=disable
     /// (also read from DATABASE_URL and from a .env file).
@@ -43,6 +56,143 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// Why the command line was refused.
+#[derive(Debug)]
+pub enum ArgsError {
+    /// clap's own refusal, or its help and version text.
+    Clap(clap::Error),
+    /// A main-job flag given with a subcommand, which would ignore it.
+    Misplaced(String),
+}
+
+impl ArgsError {
+    /// Whether this is `--help` or `--version`, to print as clap does.
+    pub fn is_help_or_version(&self) -> bool {
+        matches!(self, ArgsError::Clap(err)
+            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion))
+    }
+}
+
+impl std::fmt::Display for ArgsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArgsError::Clap(err) => {
+                // clap's report spans several lines; what is wrong comes
+                // before the first blank line, the usage and tips after it.
+                let text = err.render().to_string();
+                let what: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .take_while(|l| !l.is_empty())
+                    .collect();
+                let what = what.join(" ");
+                write!(
+                    f,
+                    "{} (see bank --help)",
+                    what.trim_start_matches("error: ")
+                )
+            }
+            ArgsError::Misplaced(message) => f.write_str(message),
+        }
+    }
+}
+
+impl Cli {
+    /// Parses `args` as clap does, and also refuses main-job flags given
+    /// with a subcommand: clap would take them and the subcommand would
+    /// silently ignore them.
+    ///
+    /// # Errors
+    /// [`ArgsError`].
+    pub fn parse_args<I, T>(args: I) -> Result<Self, ArgsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Cli::command()
+            .try_get_matches_from(args)
+            .map_err(ArgsError::Clap)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(ArgsError::Clap)?;
+        if let Some((name, _)) = matches.subcommand() {
+            let given = JobArgs::IDS
+                .iter()
+                .find(|id| matches.value_source(id) == Some(ValueSource::CommandLine));
+            if let Some(id) = given {
+                let flag = format!("--{}", id.replace('_', "-"));
+                let hint = match (name, *id) {
+                    ("workload", "accounts" | "seed") => {
+                        format!("give it after the subcommand: bank workload {flag} ...")
+                    }
+                    _ => "leave it out".to_owned(),
+                };
+                return Err(ArgsError::Misplaced(format!(
+                    "{flag} is a flag of the main job and does nothing for `bank {name}`; {hint}"
+                )));
+            }
+        }
+        Ok(cli)
+    }
+}
+
+/// Loads the nearest `.env` (in this directory or a parent) into the
+/// environment, without overriding what is already set. A malformed file is
+/// reported by line and column, never by content: it may hold a password.
+///
+/// # Errors
+/// One line naming the file, the line and what is wrong.
+pub fn load_dotenv() -> Result<(), String> {
+    let Some(path) = find_dotenv() else {
+        return Ok(());
+    };
+    let shown = path.display();
+    match dotenvy::from_path(&path) {
+        Ok(()) => Ok(()),
+        Err(dotenvy::Error::LineParse(rest, index)) => {
+            let content = std::fs::read_to_string(&path).unwrap_or_default();
+            let (line, column, what) = locate(&content, &rest, index);
+            Err(format!(
+                "could not read {shown}: line {line}, column {column}: {what}; fix or remove the file"
+            ))
+        }
+        Err(dotenvy::Error::Io(err)) => Err(format!("could not read {shown}: {err}")),
+        Err(_) => Err(format!(
+            "could not read {shown}: it is not valid UTF-8 text; fix or remove the file"
+        )),
+    }
+}
+
+fn find_dotenv() -> Option<PathBuf> {
+    let start = std::env::current_dir().ok()?;
+    start
+        .ancestors()
+        .map(|dir| dir.join(".env"))
+        .find(|path| path.is_file())
+}
+
+/// Where dotenvy's parse error is in the file, and what it means, from the
+/// rest of the file it quotes (never shown) and the position in it.
+fn locate(content: &str, rest: &str, index: usize) -> (usize, usize, &'static str) {
+    let start = content
+        .match_indices(rest)
+        .map(|(at, _)| at)
+        .find(|at| *at == 0 || content[..*at].ends_with('\n'))
+        .unwrap_or(0);
+    let offset = start
+        + rest
+            .char_indices()
+            .nth(index)
+            .map_or(rest.len(), |(i, _)| i);
+    let before = &content[..offset.min(content.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let what = if offset >= start + rest.len() {
+        "a quote opened on or after this line is never closed"
+    } else {
+        "expected NAME=value (a name of letters, digits and underscores)"
+    };
+    (line, column, what)
+}
+
 /// Subcommands besides the main job.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -58,20 +208,20 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 #[command(group(clap::ArgGroup::new("length").required(true).args(["transfers", "duration"])))]
 pub struct WorkloadArgs {
-    /// Threads running transfers, each with its own pooled connection.
-    #[arg(long, value_name = "W", default_value = "4", value_parser = parse_usize, allow_negative_numbers = true)]
-    pub workers: usize,
+    /// Threads running transfers, each with its own pooled connection (1 to 1024).
+    #[arg(long, value_name = "W", default_value = "4", value_parser = parse_whole, allow_negative_numbers = true)]
+    pub workers: i128,
 
-    /// Accounts to create and transfer between.
-    #[arg(long, value_name = "A", default_value = "100", value_parser = parse_accounts, allow_negative_numbers = true)]
-    pub accounts: u64,
+    /// Accounts to create and transfer between (2 to 100000000).
+    #[arg(long, value_name = "A", default_value = "100", value_parser = parse_whole, allow_negative_numbers = true)]
+    pub accounts: i128,
 
     /// Stop after this many transfers in all.
-    #[arg(long, value_name = "T", value_parser = parse_positive, allow_negative_numbers = true)]
-    pub transfers: Option<u64>,
+    #[arg(long, value_name = "T", value_parser = parse_whole, allow_negative_numbers = true)]
+    pub transfers: Option<i128>,
 
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub duration: Option<Duration>,
 
     /// Print one JSON object instead of text.
@@ -83,16 +233,30 @@ pub struct WorkloadArgs {
     pub seed: Option<u64>,
 }
 
-/// The main job's sizes.
+impl TryFrom<&WorkloadArgs> for Settings {
+    type Error = PlanError;
+
+    fn try_from(args: &WorkloadArgs) -> Result<Self, PlanError> {
+        // clap requires exactly one of the two.
+        let length = match (args.transfers, args.duration) {
+            (Some(transfers), _) => Length::transfers(transfers)?,
+            (None, duration) => Length::Duration(duration.unwrap_or_default()),
+        };
+        Settings::new(args.workers, args.accounts, length, args.seed)
+    }
+}
+
+/// The main job's sizes: low-level arguments, checked when they become a
+/// [`Plan`].
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
-    /// How many accounts to create.
-    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_accounts, allow_negative_numbers = true)]
-    pub accounts: u64,
+    /// How many accounts to create (2 to 100000000).
+    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_whole, allow_negative_numbers = true)]
+    pub accounts: i128,
 
     /// How many of the new accounts to delete at the end.
-    #[arg(long, value_name = "N", default_value = "5", value_parser = parse_positive, allow_negative_numbers = true)]
-    pub delete: u64,
+    #[arg(long, value_name = "N", default_value = "5", value_parser = parse_whole, allow_negative_numbers = true)]
+    pub delete: i128,
 
     /// Seed the random generator: the same seed gives the same ids, balances and choices.
     #[arg(long, value_name = "N")]
@@ -103,27 +267,34 @@ pub struct JobArgs {
     pub quiet: bool,
 
     /// Rows per multi-row INSERT when creating accounts (at most 32767).
-    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT, value_parser = parse_rows_per_insert)]
-    pub rows_per_insert: usize,
+    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT as i128, value_parser = parse_whole, allow_negative_numbers = true)]
+    pub rows_per_insert: i128,
 
-    /// Accounts created per transaction.
-    #[arg(long, value_name = "N", default_value_t = crate::job::ROWS_PER_TRANSACTION, value_parser = parse_usize)]
-    pub rows_per_transaction: usize,
+    /// Accounts created per transaction (at most 1000000).
+    #[arg(long, value_name = "N", default_value_t = crate::plan::ROWS_PER_TRANSACTION as i128, value_parser = parse_whole, allow_negative_numbers = true)]
+    pub rows_per_transaction: i128,
 }
 
 impl JobArgs {
-    /// Checks what single flags cannot check alone, before anything is written.
-    ///
-    /// # Errors
-    /// A one-line message naming the bad values.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.delete > self.accounts {
-            return Err(format!(
-                "--delete {} is more than --accounts {}; delete at most as many accounts as are created",
-                self.delete, self.accounts
-            ));
-        }
-        Ok(())
+    /// The flags' ids, to tell whether any was given on the command line.
+    pub const IDS: [&'static str; 6] = [
+        "accounts",
+        "delete",
+        "seed",
+        "quiet",
+        "rows_per_insert",
+        "rows_per_transaction",
+    ];
+}
+
+impl TryFrom<&JobArgs> for Plan {
+    type Error = PlanError;
+
+    fn try_from(args: &JobArgs) -> Result<Self, PlanError> {
+        let batches = Batches::new(args.rows_per_insert, args.rows_per_transaction)?;
+        Ok(Plan::new(args.accounts, args.delete, batches)?
+            .seeded(args.seed)
+            .quiet(args.quiet))
     }
 }
 
@@ -135,15 +306,15 @@ pub struct RetryArgs {
     pub max_retries: u32,
 
     /// Give up on a transaction whose retries would start after this many seconds.
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub tx_deadline: Duration,
 
     /// Ceiling of the first delayed retry's wait, in milliseconds; it doubles per retry.
-    #[arg(long, value_name = "MS", global = true, default_value = "2", value_parser = parse_millis)]
+    #[arg(long, value_name = "MS", global = true, default_value = "2", value_parser = parse_millis, allow_negative_numbers = true)]
     pub backoff_base_ms: Duration,
 
     /// No wait between retries exceeds this many milliseconds.
-    #[arg(long, value_name = "MS", global = true, default_value = "500", value_parser = parse_millis)]
+    #[arg(long, value_name = "MS", global = true, default_value = "500", value_parser = parse_millis, allow_negative_numbers = true)]
     pub backoff_cap_ms: Duration,
 
     /// Wait before the first retry too, instead of retrying at once.
@@ -181,42 +352,26 @@ pub enum ProtocolChoice {
     Restart,
 }
 
-fn parse_positive(text: &str) -> Result<u64, String> {
-    match text.trim().parse::<i128>() {
-        Ok(n) if n < 1 => Err("must be at least 1".into()),
-        Ok(n) => u64::try_from(n).map_err(|_| format!("must be at most {}", u64::MAX)),
+/// Any whole number: ranges are checked where the values become a plan
+/// ([`crate::plan`]), so that each is checked once, with one message.
+fn parse_whole(text: &str) -> Result<i128, String> {
+    let text = text.trim();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    match text.parse::<i128>() {
+        Ok(n) => Ok(n),
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            Err("is far out of range".into())
+        }
         Err(_) => Err("must be a whole number, like 100".into()),
     }
 }
 
-fn parse_usize(text: &str) -> Result<usize, String> {
-    let n = parse_positive(text)?;
-    usize::try_from(n).map_err(|_| format!("must be at most {}", usize::MAX))
-}
-
-fn parse_rows_per_insert(text: &str) -> Result<usize, String> {
-    match parse_usize(text)? {
-        n if n > crate::bank::MAX_ROWS_PER_INSERT => Err(format!(
-            "must be at most {}: each row binds 2 of the 65535 parameters a statement may have",
-            crate::bank::MAX_ROWS_PER_INSERT
-        )),
-        n => Ok(n),
-    }
-}
-
-fn parse_accounts(text: &str) -> Result<u64, String> {
-    match parse_positive(text)? {
-        1 => Err("must be at least 2, so that the transfer has two distinct accounts".into()),
-        n => Ok(n),
-    }
-}
-
 fn parse_retries(text: &str) -> Result<u32, String> {
-    match text.trim().parse::<i128>() {
-        Ok(n) if n < 0 => Err("must be 0 or more".into()),
-        Ok(n) => u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX - 1)),
-        Err(_) => Err("must be a whole number, like 10".into()),
-    }
+    let n = parse_whole(text)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n < u32::MAX)
+        .ok_or_else(|| format!("must be between 0 and {}", u32::MAX - 1))
 }
 
 fn parse_millis(text: &str) -> Result<Duration, String> {
@@ -224,14 +379,14 @@ fn parse_millis(text: &str) -> Result<Duration, String> {
         Ok(ms) if ms.is_finite() && (0.0..=60_000.0).contains(&ms) => {
             Ok(Duration::from_secs_f64(ms / 1e3))
         }
-        _ => Err("must be a number of milliseconds between 0 and 60000, like 2 or 0.5".into()),
+        _ => Err("must be between 0 and 60000 milliseconds, like 2 or 0.5".into()),
     }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
     match text.trim().parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err("must be a number of seconds between 0 and 86400, like 30 or 0.5".into()),
+        _ => Err("must be more than 0 and at most 86400 seconds, like 30 or 0.5".into()),
     }
 }
 
@@ -378,13 +533,19 @@ mod tests {
     }
 
     #[test]
-    fn counts_reject_zero_negative_and_words() {
-        assert_eq!(parse_positive("0").unwrap_err(), "must be at least 1");
-        assert_eq!(parse_positive("-3").unwrap_err(), "must be at least 1");
-        assert!(parse_positive("ten").is_err());
-        assert!(parse_accounts("1")
-            .unwrap_err()
-            .contains("two distinct accounts"));
-        assert_eq!(parse_accounts("1000000"), Ok(1_000_000));
+    fn numbers_are_parsed_whole_and_checked_by_the_plan() {
+        assert_eq!(parse_whole("-3"), Ok(-3));
+        assert_eq!(
+            parse_whole("ten").unwrap_err(),
+            "must be a whole number, like 100"
+        );
+        assert_eq!(
+            parse_whole("999999999999999999999999999999999999999999").unwrap_err(),
+            "is far out of range"
+        );
+        let cli = Cli::try_parse_from(["bank", "--accounts", "-3"]).unwrap();
+        assert_eq!(Plan::try_from(&cli.job), Err(PlanError::Accounts(-3)));
+        let err = Cli::try_parse_from(["bank", "--tx-deadline", "-5"]).unwrap_err();
+        assert!(err.to_string().contains("must be more than 0"), "{err}");
     }
 }

@@ -127,16 +127,45 @@ pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationE
 #[error("migration failed")]
 pub struct MigrationError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
-/// Whether `accounts` exists in the current schema.
+/// What the connected user finds of the `accounts` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountsTable {
+    /// Not in the current schema.
+    Missing,
+    /// There, but the user may not read and write it.
+    NotAllowed,
+    /// There and usable.
+    Ready,
+}
+
+/// Looks for `accounts` in the current schema, and at the user's
+/// privileges on it. Read from `pg_class`, which lists tables the user may
+/// not use (`information_schema` hides them, which made a missing privilege
+/// look like a missing table).
 ///
 /// # Errors
 /// The query's error.
-pub fn accounts_table_exists(conn: &mut PgConnection) -> QueryResult<bool> {
-    diesel::select(sql::<Bool>(
-        "EXISTS (SELECT 1 FROM information_schema.tables \
-         WHERE table_schema = current_schema() AND table_name = 'accounts')",
+pub fn accounts_table(conn: &mut PgConnection) -> QueryResult<AccountsTable> {
+    let (present, allowed): (bool, bool) = diesel::select((
+        sql::<Bool>(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'accounts' AND n.nspname = current_schema())",
+        ),
+        sql::<Bool>(
+            "COALESCE((SELECT bool_and(has_table_privilege(c.oid, p)) \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
+             unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p \
+             WHERE c.relname = 'accounts' AND n.nspname = current_schema()), false)",
+        ),
     ))
-    .get_result(conn)
+    .get_result(conn)?;
+    Ok(match (present, allowed) {
+        (false, _) => AccountsTable::Missing,
+        (true, false) => AccountsTable::NotAllowed,
+        (true, true) => AccountsTable::Ready,
+    })
 }
 
 /// Logs every statement at debug level on target `bank::sql`. Connection

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,35 +14,12 @@ use uuid::Uuid;
 use crate::bank::{self, Amount, Transfer};
 use crate::db::PgPool;
 use crate::models::Account;
+use crate::plan::{Batches, Plan};
 use crate::retry::{Retrier, TxOptions};
-
-/// Accounts created per transaction. CockroachDB advises keeping
-/// transactions small (a large one holds its intents longer, conflicts more,
-/// and costs more to retry); past 10,000 rows bigger transactions no longer
-/// save time here (bench/RESULTS.md has the sweep).
-pub const ROWS_PER_TRANSACTION: usize = 10_000;
 
 /// Up to this many accounts, each one gets its line as in the tutorial;
 /// beyond it (or with `--quiet`) one summary line stands for them.
-pub const LIST_LIMIT: u64 = 1_000;
-
-/// How account creation is batched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Batches {
-    /// Rows per multi-row `INSERT`.
-    pub rows_per_insert: usize,
-    /// Rows per transaction.
-    pub rows_per_transaction: usize,
-}
-
-impl Default for Batches {
-    fn default() -> Self {
-        Self {
-            rows_per_insert: bank::ROWS_PER_INSERT,
-            rows_per_transaction: ROWS_PER_TRANSACTION,
-        }
-    }
-}
+pub const LIST_LIMIT: usize = 1_000;
 
 /// Accounts created and committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +47,7 @@ pub fn create_accounts(
     batches: Batches,
     mut on_commit: impl FnMut(&[Account]) -> std::io::Result<()>,
 ) -> anyhow::Result<Created> {
-    let progress = if total as u64 > LIST_LIMIT {
+    let progress = if total > LIST_LIMIT {
         ProgressBar::new(total as u64)
     } else {
         ProgressBar::hidden()
@@ -88,14 +65,16 @@ pub fn create_accounts(
         retries: 0,
     };
     while created.ids.len() < total {
-        let rows: Vec<Account> = (0..batches.rows_per_transaction.min(total - created.ids.len()))
+        let rows: Vec<Account> = (0..batches
+            .rows_per_transaction()
+            .min(total - created.ids.len()))
             .map(|_| new_account(rng))
             .collect();
         // The rows are drawn before the transaction, so a retry inserts the
         // same ones and what is printed matches the database.
         let done = retrier
             .run(pool, TxOptions::default(), |conn| {
-                bank::insert_accounts(conn, &rows, batches.rows_per_insert)
+                bank::insert_accounts(conn, &rows, batches.rows_per_insert())
             })
             .context("creating accounts")?;
         created.retries += done.retries();
@@ -106,21 +85,6 @@ pub fn create_accounts(
     }
     progress.finish_and_clear();
     Ok(created)
-}
-
-/// What the main job is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// Accounts to create, at least 2.
-    pub accounts: u64,
-    /// Accounts to delete, at most `accounts`.
-    pub delete: u64,
-    /// Seed for every random choice.
-    pub seed: Option<u64>,
-    /// One summary line instead of a line per created account.
-    pub quiet: bool,
-    /// How creation is batched.
-    pub batches: Batches,
 }
 
 /// What the main job did, for callers that check it.
@@ -146,22 +110,14 @@ pub fn run(
     plan: Plan,
     out: &mut dyn Write,
 ) -> anyhow::Result<Report> {
-    let mut rng = match plan.seed {
+    let mut rng = match plan.seed() {
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_os_rng(),
     };
-    anyhow::ensure!(
-        plan.accounts >= 2 && plan.delete <= plan.accounts,
-        "the main job needs at least 2 accounts and at most as many deletions as accounts \
-         (asked for {} accounts and {} deletions)",
-        plan.accounts,
-        plan.delete
-    );
-    let total = usize::try_from(plan.accounts)
-        .context("--accounts does not fit in memory on this machine")?;
-    let list = !plan.quiet && plan.accounts <= LIST_LIMIT;
+    let total = plan.accounts();
+    let list = !plan.is_quiet() && total <= LIST_LIMIT;
     let mut header = false;
-    let created = create_accounts(pool, retrier, &mut rng, total, plan.batches, |rows| {
+    let created = create_accounts(pool, retrier, &mut rng, total, plan.batches(), |rows| {
         if !header {
             header = true;
             writeln!(out, "Creating new accounts...")?;
@@ -176,7 +132,8 @@ pub fn run(
             }
         }
         Ok(())
-    })?;
+    })
+    .map_err(|err| explain_repeated_seed(err, plan.seed()))?;
     if !list {
         writeln!(
             out,
@@ -209,11 +166,10 @@ pub fn run(
     account_line(out, &transfer.from_after)?;
     account_line(out, &transfer.to_after)?;
 
-    let doomed: Vec<Uuid> =
-        rand::seq::index::sample(&mut rng, total, usize::try_from(plan.delete)?)
-            .into_iter()
-            .map(|i| created.ids[i])
-            .collect();
+    let doomed: Vec<Uuid> = rand::seq::index::sample(&mut rng, total, plan.delete())
+        .into_iter()
+        .map(|i| created.ids[i])
+        .collect();
     let done = retrier
         .run(pool, TxOptions::default(), |conn| {
             bank::delete_accounts(conn, &doomed)
@@ -244,5 +200,27 @@ fn new_account(rng: &mut StdRng) -> Account {
     Account {
         id: uuid::Builder::from_random_bytes(rng.random()).into_uuid(),
         balance: rng.random_range(0..1_000_000),
+    }
+}
+
+/// A clearer error for a seeded run whose ids are already in the table.
+pub(crate) fn explain_repeated_seed(err: anyhow::Error, seed: Option<u64>) -> anyhow::Error {
+    use crate::retry::TxError;
+    use diesel::result::{DatabaseErrorKind, Error as DieselError};
+    let duplicate = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<TxError<DieselError>>(),
+            Some(TxError::Failed(DieselError::DatabaseError(
+                DatabaseErrorKind::UniqueViolation,
+                _
+            )))
+        )
+    });
+    match seed {
+        Some(seed) if duplicate => anyhow!(
+            "creating accounts: the accounts of --seed {seed} are already in the table \
+             (the same seed gives the same ids); use another seed, or none"
+        ),
+        _ => err,
     }
 }

@@ -16,6 +16,7 @@ pub mod conninfo;
 pub mod db;
 pub mod job;
 pub mod models;
+pub mod plan;
 pub mod retry;
 #[allow(missing_docs)]
 pub mod schema;

@@ -1,14 +1,13 @@
 //! `bank`: parses the command line, sets up logging, runs the library, and
-//! maps the outcome to an exit code.
+//! maps the outcome to an exit code: 0 done, 2 usage (a flag, DATABASE_URL or
+//! .env is wrong), 1 anything else.
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use bank::config::Cli;
+use bank::config::{self, Cli};
 
 fn main() -> ExitCode {
     // Initialise OpenSSL before libpq does, without its exit-time cleanup:
@@ -17,36 +16,25 @@ fn main() -> ExitCode {
     // The first initialisation decides, and openssl-sys asks for
     // OPENSSL_INIT_NO_ATEXIT; the same system libssl serves both.
     openssl_sys::init();
-    if let Err(err) = dotenvy::dotenv() {
-        if !err.not_found() {
-            eprintln!("bank: could not read .env ({err}); fix or remove the file");
-            return ExitCode::from(2);
+    // Before the command line, which reads DATABASE_URL from it; its errors
+    // wait until --help and --version have had their chance.
+    let dotenv = config::load_dotenv();
+    let parsed = Cli::parse_args(std::env::args_os());
+    if let Err(err) = &parsed {
+        if err.is_help_or_version() {
+            if let config::ArgsError::Clap(err) = err {
+                err.exit();
+            }
         }
     }
-    let cli = match Cli::try_parse() {
+    if let Err(message) = dotenv {
+        eprintln!("bank: {message}");
+        return ExitCode::from(2);
+    }
+    let cli = match parsed {
         Ok(cli) => cli,
-        Err(err)
-            if matches!(
-                err.kind(),
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-            ) =>
-        {
-            err.exit()
-        }
         Err(err) => {
-            // clap's report spans several lines; what is wrong comes before
-            // the first blank line, the usage and tips after it.
-            let text = err.render().to_string();
-            let what: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.is_empty())
-                .collect();
-            let what = what.join(" ");
-            eprintln!(
-                "bank: {} (see bank --help)",
-                what.trim_start_matches("error: ")
-            );
+            eprintln!("bank: {err}");
             return ExitCode::from(2);
         }
     };
@@ -68,13 +56,15 @@ fn main() -> ExitCode {
 
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    let result = bank::app::run(&cli, &mut out);
-    let flushed = out.flush();
-    match result.and(flushed.map_err(Into::into)) {
+    let result = bank::app::run(&cli, &mut out).and_then(|()| {
+        out.flush()
+            .map_err(|err| anyhow::anyhow!("writing the results to stdout: {err}"))
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("bank: {}", bank::app::error_line(&err));
-            ExitCode::FAILURE
+            ExitCode::from(bank::app::exit_code(&err))
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
@@ -15,30 +15,9 @@ use uuid::Uuid;
 
 use crate::bank::{self, Amount, BankError};
 use crate::db::PgPool;
-use crate::job::{self, Batches};
+use crate::job;
+use crate::plan::{Batches, Length, Settings};
 use crate::retry::{Retrier, TxError, TxOptions};
-
-/// When the workload stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Length {
-    /// After this many transfers in all.
-    Transfers(u64),
-    /// After this long.
-    Duration(Duration),
-}
-
-/// What to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    /// Threads, each with its own pooled connection.
-    pub workers: usize,
-    /// Accounts to create and transfer between.
-    pub accounts: u64,
-    /// When to stop.
-    pub length: Length,
-    /// Seed for the accounts and every worker's choices.
-    pub seed: Option<u64>,
-}
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -96,34 +75,28 @@ pub struct Latency {
 /// Creation failing, or a transfer failing in a way that is neither a
 /// conflict nor a refusal (the database went away, say).
 pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Report> {
-    anyhow::ensure!(
-        settings.accounts >= 2 && settings.workers >= 1,
-        "the workload needs at least 2 accounts and 1 worker (asked for {} and {})",
-        settings.accounts,
-        settings.workers
-    );
-    let mut rng = seeded(settings.seed, 0);
-    let total = usize::try_from(settings.accounts)
-        .context("--accounts does not fit in memory on this machine")?;
+    let mut rng = seeded(settings.seed(), 0);
+    let total = settings.accounts();
     let created = job::create_accounts(pool, retrier, &mut rng, total, Batches::default(), |_| {
         Ok(())
-    })?;
+    })
+    .map_err(|err| job::explain_repeated_seed(err, settings.seed()))?;
     let ids = created.ids;
 
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let outcomes: Vec<anyhow::Result<Tally>> = thread::scope(|scope| {
-        let workers: Vec<_> = (0..settings.workers)
+        let workers: Vec<_> = (0..settings.workers())
             .map(|worker| {
                 let (ids, taken, stop) = (&ids, &taken, &stop);
                 scope.spawn(move || {
-                    let mut rng = seeded(settings.seed, worker as u64 + 1);
+                    let mut rng = seeded(settings.seed(), worker as u64 + 1);
                     let result = transfer_loop(
                         pool,
                         retrier,
                         ids,
-                        settings.length,
+                        settings.length(),
                         start,
                         taken,
                         stop,
@@ -157,8 +130,8 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
     let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
     let elapsed_s = elapsed.as_secs_f64();
     Ok(Report {
-        workers: settings.workers,
-        accounts: settings.accounts,
+        workers: settings.workers(),
+        accounts: settings.accounts() as u64,
         committed: tally.committed,
         rejected: tally.rejected,
         retries: tally.retries,

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use bank::job::{self, Batches, Plan};
+use bank::job;
+use bank::plan::{Batches, Plan};
 use bank::retry::{Protocol, Retrier, RetryPolicy};
 use diesel::connection::InstrumentationEvent;
 use diesel::prelude::*;
@@ -268,13 +269,9 @@ fn the_savepoint_protocol_adds_its_savepoint_and_release_to_each_phase() {
         .unwrap();
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
-    let plan = Plan {
-        accounts: 100,
-        delete: 5,
-        seed: Some(1),
-        quiet: false,
-        batches: Batches::default(),
-    };
+    let plan = Plan::new(100, 5, Batches::default())
+        .unwrap()
+        .seeded(Some(1));
     job::run(&pool, &retrier, plan, &mut Vec::new()).unwrap();
     let expected: Vec<&str> = PHASES
         .iter()

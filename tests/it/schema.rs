@@ -154,7 +154,10 @@ fn the_migration_goes_down_and_up_again() {
         "down dropped the table, up created it empty"
     );
     diesel_cli(&db, &["migration", "revert"]);
-    assert!(!db::accounts_table_exists(&mut db.conn()).unwrap());
+    assert_eq!(
+        db::accounts_table(&mut db.conn()).unwrap(),
+        db::AccountsTable::Missing
+    );
     assert!(
         db::run_migrations(&mut db.conn()).unwrap().len() == 1,
         "migrate brings it back"

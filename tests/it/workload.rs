@@ -83,11 +83,19 @@ fn the_workload_refuses_bad_sizes() {
     for (args, expected) in [
         (
             &["--workers", "0", "--duration", "1"][..],
-            "'0' for '--workers <W>': must be at least 1",
+            "--workers 0 is out of range: it must be between 1 and 1024",
+        ),
+        (
+            &["--workers", "5000000000", "--duration", "1"][..],
+            "--workers 5000000000 is out of range: it must be between 1 and 1024",
         ),
         (
             &["--accounts", "1", "--duration", "1"][..],
-            "must be at least 2",
+            "--accounts 1 is out of range: it must be between 2",
+        ),
+        (
+            &["--transfers", "-3"][..],
+            "--transfers -3 is out of range: it must be at least 1",
         ),
         (
             &["--transfers", "5", "--duration", "1"][..],

@@ -78,7 +78,7 @@ fn the_command_line_refuses_the_savepoint_protocol_on_postgresql() {
             .args(command)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             stderr.trim_end(),
