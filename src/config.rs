@@ -177,20 +177,31 @@ fn locate(content: &str, rest: &str, index: usize) -> (usize, usize, &'static st
         .map(|(at, _)| at)
         .find(|at| *at == 0 || content[..*at].ends_with('\n'))
         .unwrap_or(0);
-    let offset = start
-        + rest
-            .char_indices()
-            .nth(index)
-            .map_or(rest.len(), |(i, _)| i);
-    let before = &content[..offset.min(content.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    let what = if offset >= start + rest.len() {
-        "a quote opened on or after this line is never closed"
-    } else {
-        "expected NAME=value (a name of letters, digits and underscores)"
+    let line_of = |offset: usize| content[..offset].matches('\n').count() + 1;
+    let column_of = |offset: usize| {
+        content[..offset]
+            .rsplit('\n')
+            .next()
+            .map_or(0, |l| l.chars().count())
+            + 1
     };
-    (line, column, what)
+    match rest.char_indices().nth(index) {
+        Some((at, _)) => (
+            line_of(start + at),
+            column_of(start + at),
+            "expected NAME=value (a name of letters, digits and underscores)",
+        ),
+        // The parser ran off the end of the file: a quote never closed.
+        None => {
+            let first_line = rest.lines().next().unwrap_or_default();
+            let quote = first_line.find(['"', '\'']).unwrap_or(0);
+            (
+                line_of(start),
+                column_of(start + quote),
+                "this quote is never closed",
+            )
+        }
+    }
 }
 
 /// Subcommands besides the main job.

@@ -7,6 +7,7 @@ mod cockroach_only;
 mod contention;
 mod helpers;
 mod main_job;
+mod messages;
 mod postgres_only;
 mod retry;
 mod schema;

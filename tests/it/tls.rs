@@ -131,7 +131,8 @@ impl TlsServer {
             "bank",
             &format!(
                 "CREATE USER maxroach WITH PASSWORD '{SENTINEL}';
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;"
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;
+                 CREATE USER nogrant WITH PASSWORD '{SENTINEL}';"
             ),
         );
         server
@@ -281,6 +282,14 @@ fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
             server.url_with(
                 "localhost",
                 SENTINEL,
+                "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
+            ),
+            "the CA certificate file /nonexistent/ca.crt does not exist",
+        ),
+        (
+            server.url_with(
+                "localhost",
+                SENTINEL,
                 &format!("sslmode=verify-full&sslrootcert={other_ca}"),
             ),
             "certificate could not be verified",
@@ -342,6 +351,22 @@ fn the_application_user_runs_the_job_but_may_not_change_the_schema() {
             "{ddl}: {err}"
         );
     }
+}
+
+#[test]
+fn a_user_without_privileges_is_told_so_and_shown_the_grant() {
+    let server = TlsServer::start();
+    let url = server.url().replace("maxroach:", "nogrant:");
+    let out = bank(&["--database-url", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "bank: user nogrant may not read and write table \"accounts\" in nogrant@localhost:{}/bank; \
+             an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO nogrant",
+            server.port
+        )
+    );
 }
 
 #[test]

@@ -1,0 +1,141 @@
+//! What the program says, exactly, to a user who got something wrong: the
+//! command line's grammar, .env files, repeated seeds, a closed stdout; and
+//! the exit codes (2 for usage, 1 for everything else).
+
+use std::fs;
+use std::process::Stdio;
+
+use crate::helpers::*;
+
+const SENTINEL: &str = "Secr3t-env-Pa55";
+
+fn stderr_line(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
+#[test]
+fn main_job_flags_before_a_subcommand_are_refused() {
+    for (args, expected) in [
+        (
+            &["--accounts", "7", "workload", "--transfers", "5"][..],
+            "bank: --accounts is a flag of the main job and does nothing for `bank workload`; \
+             give it after the subcommand: bank workload --accounts ...",
+        ),
+        (
+            &["-q", "migrate"][..],
+            "bank: --quiet is a flag of the main job and does nothing for `bank migrate`; leave it out",
+        ),
+    ] {
+        let out = bank(&[&["--database-url", "postgresql://x@127.0.0.1:1/x"], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(stderr_line(&out), expected);
+    }
+}
+
+#[test]
+fn the_exit_codes_are_documented_in_help() {
+    let out = bank(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains(
+            "Exit status: 0 when everything was done; 2 when a flag, DATABASE_URL or .env is wrong"
+        ),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_malformed_env_file_is_reported_by_line_never_by_content() {
+    for (content, expected) in [
+        (
+            format!("# settings\nDATABASE_URL=\"postgresql://u:{SENTINEL}@h/x\nOTHER=1\n"),
+            "line 2, column 14: this quote is never closed",
+        ),
+        (
+            format!("A=1\nDATABASE URL=postgresql://u:{SENTINEL}@h/x\n"),
+            "line 2, column 10: expected NAME=value (a name of letters, digits and underscores)",
+        ),
+    ] {
+        let dir = tempdir();
+        fs::write(dir.path().join(".env"), &content).unwrap();
+        let out = bank_cmd(dir.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let line = stderr_line(&out);
+        let path = dir.path().join(".env");
+        assert_eq!(
+            line,
+            format!(
+                "bank: could not read {}: {expected}; fix or remove the file",
+                path.display()
+            )
+        );
+        assert!(!line.contains(SENTINEL));
+        // --help and --version still work beside it.
+        for flag in ["--help", "--version"] {
+            let out = bank_cmd(dir.path()).arg(flag).output().unwrap();
+            assert_eq!(out.status.code(), Some(0), "{flag}");
+            assert!(!out.stdout.is_empty(), "{flag}");
+            assert!(!String::from_utf8_lossy(&out.stdout).contains(SENTINEL));
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_twice_says_the_seed_repeats_the_ids() {
+    let db = TestDb::migrated();
+    let args = [
+        "--database-url",
+        &db.url_string(),
+        "--seed",
+        "7",
+        "--accounts",
+        "4",
+        "--delete",
+        "1",
+    ];
+    assert_ok(&bank(&args));
+    let out = bank(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr_line(&out),
+        "bank: creating accounts: the accounts of --seed 7 are already in the table \
+         (the same seed gives the same ids); use another seed, or none"
+    );
+    assert_eq!(db.count("accounts"), 3, "the second run wrote nothing");
+}
+
+#[test]
+fn a_closed_stdout_is_one_line_with_context() {
+    let db = TestDb::migrated();
+    let dir = tempdir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bank"))
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .args([
+            "--database-url",
+            &db.url_string(),
+            "--accounts",
+            "500",
+            "--delete",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end at once: every write fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(
+        line.starts_with("bank: writing the results to stdout: Broken pipe"),
+        "{line}"
+    );
+}
