@@ -139,3 +139,103 @@ fn a_closed_stdout_is_one_line_with_context() {
         "{line}"
     );
 }
+
+/// Values that break parsers: signs, overflow, fractions, words, blanks,
+/// non-ASCII digits.
+const NASTY: [&str; 22] = [
+    "0",
+    "1",
+    "2",
+    "-1",
+    "-5",
+    "7",
+    "1024",
+    "1025",
+    "100000001",
+    "4294967295",
+    "18446744073709551615",
+    "18446744073709551616",
+    "-9223372036854775809",
+    "999999999999999999999999999999999999999999",
+    "1e9",
+    "0.5",
+    "-0.5",
+    "NaN",
+    "inf",
+    "",
+    "ten",
+    "٣",
+];
+
+const MAIN_FLAGS: [&str; 9] = [
+    "--accounts",
+    "--delete",
+    "--seed",
+    "--rows-per-insert",
+    "--rows-per-transaction",
+    "--max-retries",
+    "--tx-deadline",
+    "--backoff-base-ms",
+    "--backoff-cap-ms",
+];
+
+const WORKLOAD_FLAGS: [&str; 5] = [
+    "--workers",
+    "--accounts",
+    "--transfers",
+    "--duration",
+    "--seed",
+];
+
+#[test]
+fn no_value_of_any_flag_crashes_the_program() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    // Every run points at a port that refuses, so whatever is accepted ends
+    // at the connection, quickly, and nothing is written anywhere.
+    let (_reserved, port) = refusing_port();
+    let url = format!("postgresql://app:{SENTINEL}@127.0.0.1:{port}/bank");
+    let mut rng = StdRng::seed_from_u64(9);
+    for case in 0..300 {
+        let mut args: Vec<String> = vec!["--database-url".into(), url.clone()];
+        let subcommand = rng.random_range(0..3);
+        let flags: &[&str] = match subcommand {
+            0 => &MAIN_FLAGS,
+            1 => &WORKLOAD_FLAGS,
+            _ => &["--max-retries", "--tx-deadline"],
+        };
+        match subcommand {
+            1 => args.push("workload".into()),
+            2 => args.push("migrate".into()),
+            _ => {}
+        }
+        for _ in 0..rng.random_range(1..=4) {
+            args.push(flags[rng.random_range(0..flags.len())].into());
+            let value = match rng.random_range(0..4) {
+                0 => rng.random::<i64>().to_string(),
+                _ => NASTY[rng.random_range(0..NASTY.len())].to_owned(),
+            };
+            args.push(value);
+        }
+        if subcommand == 1 && rng.random_bool(0.7) {
+            args.extend(["--transfers".into(), "1".into()]);
+        }
+        if rng.random_bool(0.2) {
+            args.push(["--protocol", "--quiet", "--json"][rng.random_range(0..3)].into());
+        }
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = bank(&arg_refs);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(0..=2)),
+            "case {case} {args:?}: exit {code:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "case {case} {args:?}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "case {case} {args:?}: {stderr}");
+        assert!(!stderr.contains(SENTINEL), "case {case} {args:?}: {stderr}");
+    }
+}
