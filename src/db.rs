@@ -110,16 +110,45 @@ pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
         .build(manager)
 }
 
+/// Attempts at applying the migrations when other processes race to apply
+/// them too; the waits between them add up to about 1.3 s at most.
+const MIGRATION_ATTEMPTS: u32 = 8;
+
 /// Applies the embedded migrations that are not applied yet and returns
 /// their versions. Running it twice is a no-op.
 ///
+/// Several processes may run it at once on a fresh database (replicas at
+/// deploy time, or `diesel migration run` beside it). Two transactions
+/// creating the same table collide (on PostgreSQL, a duplicate key in
+/// `pg_type`; on CockroachDB, a retry error or "already exists"), and the
+/// migration's version row is unique, so one process wins. The others
+/// re-read what is still pending: nothing, when the winner applied it all;
+/// otherwise they try again, up to [`MIGRATION_ATTEMPTS`] times. A lock
+/// would avoid the collision on PostgreSQL, but CockroachDB has no advisory
+/// locks and diesel CLI would not take ours anyway.
+///
 /// # Errors
-/// Whatever the migration harness reports, as one line.
+/// The last failure, when migrations are still pending after every attempt.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationError> {
-    let applied = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map_err(MigrationError)?;
-    Ok(applied.iter().map(ToString::to_string).collect())
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let err = match conn.run_pending_migrations(MIGRATIONS) {
+            Ok(applied) => return Ok(applied.iter().map(ToString::to_string).collect()),
+            Err(err) => err,
+        };
+        let pending = conn.pending_migrations(MIGRATIONS).map(|p| p.len());
+        tracing::debug!(attempt, ?pending, error = %err, "migration failed");
+        if pending.is_ok_and(|n| n == 0) {
+            return Ok(Vec::new());
+        }
+        if attempt >= MIGRATION_ATTEMPTS {
+            return Err(MigrationError(err));
+        }
+        // 10 ms doubling to 320 ms, jittered so that racers spread out.
+        let ceiling = Duration::from_millis(10 << (attempt - 1).min(5));
+        std::thread::sleep(ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0));
+    }
 }
 
 /// A migration failed; the harness's error is the source.

@@ -199,3 +199,75 @@ fn dbinit_sql_and_the_migration_hold_the_same_statement() {
     .unwrap();
     assert_eq!(strip(&dbinit), strip(&up));
 }
+
+/// Starts `bank migrate` on `db` without waiting for it.
+fn spawn_migrate(db: &TestDb, workdir: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_bank"))
+        .current_dir(workdir)
+        .env_remove("DATABASE_URL")
+        .args(["--database-url", &db.url_string(), "migrate"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start bank migrate")
+}
+
+#[test]
+fn five_concurrent_migrations_on_a_fresh_database_all_succeed() {
+    // Replicas that migrate at deploy time race like this.
+    let workdir = tempdir();
+    for round in 1..=20 {
+        let db = TestDb::empty();
+        let children: Vec<_> = (0..5).map(|_| spawn_migrate(&db, workdir.path())).collect();
+        let mut applied = 0;
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            match stdout.trim_end() {
+                "Applied migration 20261121000000." => applied += 1,
+                "Schema is up to date." => {}
+                other => panic!("round {round}: unexpected output {other:?}"),
+            }
+        }
+        assert_eq!(applied, 1, "round {round}: exactly one applied it");
+        assert_eq!(describe(&db), expected(), "round {round}");
+    }
+}
+
+#[test]
+fn migrate_beside_diesel_migration_run_succeeds() {
+    let workdir = tempdir();
+    let mut diesel_failures = 0;
+    for round in 1..=20 {
+        let db = TestDb::empty();
+        let ours = spawn_migrate(&db, workdir.path());
+        let theirs = Command::new("diesel")
+            .args([
+                "migration",
+                "run",
+                "--database-url",
+                &db.url_string(),
+                "--migration-dir",
+            ])
+            .arg(repo_root().join("migrations"))
+            .current_dir(workdir.path())
+            .output()
+            .expect("diesel CLI on PATH (./dev test installs it)");
+        let ours = ours.wait_with_output().unwrap();
+        assert!(
+            ours.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&ours.stderr)
+        );
+        // diesel CLI has no retry of its own: when it loses the race it
+        // fails, and the schema is right all the same.
+        diesel_failures += usize::from(!theirs.status.success());
+        assert_eq!(describe(&db), expected(), "round {round}");
+    }
+    eprintln!("migrate beside diesel CLI: diesel CLI failed in {diesel_failures} of 20 rounds");
+}
