@@ -1,5 +1,5 @@
-//! Configuration: the command line, its validation, and the database URL
-//! (parsed once, redacted whenever it is shown).
+//! Configuration: the command line (low-level arguments, turned into
+//! [`crate::plan`] types by `TryFrom`), `.env`, and the database URL.
 
 use std::time::Duration;
 
