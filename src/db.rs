@@ -1,19 +1,87 @@
 //! The database connection: first contact (with readable errors), the r2d2
 //! pool, the embedded migrations and the schema check.
 
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use diesel::connection::{set_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
 use diesel::sql_types::Bool;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DbUrl;
 
 /// The r2d2 pool of Diesel connections the app runs its transactions on.
-pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+pub type PgPool = Pool<Manager>;
+
+/// Diesel's connection manager, counting the connections being opened: r2d2
+/// opens them on background threads, and a process that exits while one of
+/// them is inside libpq crashes in the exit-time cleanup of the libraries
+/// libpq uses (OpenSSL for TLS and scram, Kerberos for its GSSAPI probe;
+/// issue #9). [`wait_for_background_connects`] waits for the count to reach
+/// zero.
+#[derive(Debug)]
+pub struct Manager(ConnectionManager<PgConnection>);
+
+impl Manager {
+    /// A manager for the connection string `url`.
+    pub fn new(url: &DbUrl) -> Self {
+        Self(ConnectionManager::new(url.for_libpq()))
+    }
+}
+
+static CONNECTING: Mutex<usize> = Mutex::new(0);
+static CONNECTED: Condvar = Condvar::new();
+
+/// One connection being opened; dropping it counts the attempt as done.
+struct Connecting;
+
+impl Connecting {
+    fn start() -> Self {
+        *CONNECTING.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Connecting
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        *CONNECTING.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        CONNECTED.notify_all();
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = PgConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConnection, Self::Error> {
+        let _connecting = Connecting::start();
+        self.0.connect()
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
+        self.0.is_valid(conn)
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        self.0.has_broken(conn)
+    }
+}
+
+/// Waits until no connection is being opened by a pool, for at most
+/// `limit`, and says whether that happened. Call it after every pool is
+/// dropped and before the process exits: r2d2's queued connects do nothing
+/// once their pool is gone, so only those already inside libpq remain, and
+/// each of those ends within `connect_timeout`.
+pub fn wait_for_background_connects(limit: Duration) -> bool {
+    let connecting = CONNECTING.lock().unwrap_or_else(PoisonError::into_inner);
+    let (connecting, _) = CONNECTED
+        .wait_timeout_while(connecting, limit, |n| *n > 0)
+        .unwrap_or_else(PoisonError::into_inner);
+    *connecting == 0
+}
 
 /// The migrations in `migrations/`, compiled in for `bank migrate`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -91,7 +159,7 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
 /// Builds the pool. `establish` should have succeeded first, so that a bad
 /// URL is reported with its real cause rather than as a pool timeout.
 pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
-    let manager = ConnectionManager::<PgConnection>::new(url.for_libpq());
+    let manager = Manager::new(url);
     Pool::builder()
         .max_size(max_size)
         .min_idle(Some(0))

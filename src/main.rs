@@ -4,17 +4,19 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
 use bank::config::{self, Cli};
 
 fn main() -> ExitCode {
-    // Initialise OpenSSL before libpq does, without its exit-time cleanup:
-    // that cleanup runs while r2d2's background threads may still be inside
-    // libpq connecting over TLS, and crashed the process at exit (issue #9).
-    // The first initialisation decides, and openssl-sys asks for
-    // OPENSSL_INIT_NO_ATEXIT; the same system libssl serves both.
+    // Initialise OpenSSL before libpq does, without its exit-time cleanup,
+    // which crashed the process when it ran while a pool thread was still
+    // inside libpq (issue #9). The first initialisation decides, and
+    // openssl-sys asks for OPENSSL_INIT_NO_ATEXIT; the same system libssl
+    // serves both. The wait for background connects below is the fix for
+    // every library; this one stays for a wait that runs out.
     openssl_sys::init();
     // Before the command line, which reads DATABASE_URL from it; its errors
     // wait until --help and --version have had their chance.
@@ -60,6 +62,11 @@ fn main() -> ExitCode {
         out.flush()
             .map_err(|err| anyhow::anyhow!("writing the results to stdout: {err}"))
     });
+    // The pools are gone; let any connection r2d2 was still opening in the
+    // background finish before the process exits (see db::Manager).
+    if !bank::db::wait_for_background_connects(Duration::from_secs(30)) {
+        tracing::warn!("exiting while a connection is still being opened");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

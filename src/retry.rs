@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::r2d2::{ConnectionManager, ManageConnection, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::Text;
 use tracing::{debug, debug_span};
@@ -430,9 +430,6 @@ pub fn decide(s: &Situation) -> Step {
     }
 }
 
-/// The r2d2 pool [`Retrier::run`] draws connections from.
-type ConnPool = Pool<ConnectionManager<PgConnection>>;
-
 /// Runs units of work in retried transactions. Cheap to clone and share
 /// between threads.
 #[derive(Clone)]
@@ -501,15 +498,16 @@ impl Retrier {
     ///
     /// # Errors
     /// See [`TxError`]; only the committed attempt's value is ever returned.
-    pub fn run<T, E, F>(
+    pub fn run<T, E, F, M>(
         &self,
-        pool: &ConnPool,
+        pool: &Pool<M>,
         opts: TxOptions,
         unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
+        M: ManageConnection<Connection = PgConnection>,
     {
         self.run_in(Session::pooled(pool), opts, unit)
     }
@@ -534,19 +532,24 @@ impl Retrier {
         if open_transaction(conn) == Some(true) {
             return Err(TxError::AlreadyInTransaction);
         }
-        self.run_in(Session::borrowed(conn), opts, unit)
+        self.run_in(
+            Session::<ConnectionManager<PgConnection>>::borrowed(conn),
+            opts,
+            unit,
+        )
     }
 
     /// The retry loop: one attempt, then the step [`decide`] picks.
-    fn run_in<T, E, F>(
+    fn run_in<T, E, F, M>(
         &self,
-        mut session: Session<'_>,
+        mut session: Session<'_, M>,
         opts: TxOptions,
         mut unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
+        M: ManageConnection<Connection = PgConnection>,
     {
         let start = self.clock.now();
         let mut attempts = 0;
@@ -639,15 +642,16 @@ impl Retrier {
 
     /// One attempt: begin (unless a rewound transaction is still open), run
     /// the unit, commit.
-    fn attempt<T, E, F>(
+    fn attempt<T, E, F, M>(
         &self,
-        session: &mut Session<'_>,
+        session: &mut Session<'_, M>,
         opts: TxOptions,
         unit: &mut F,
     ) -> Result<T, Failure<T, E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
+        M: ManageConnection<Connection = PgConnection>,
     {
         // SERIALIZABLE is CockroachDB's default and what makes PostgreSQL
         // detect the anomalies a bank must not have; say it explicitly so a
@@ -699,17 +703,17 @@ enum OpenError {
 /// read from Diesel's own transaction manager, which lives inside the
 /// connection, so the two cannot disagree; and the connection is only ever
 /// replaced with no transaction open.
-struct Session<'a> {
-    pool: Option<&'a ConnPool>,
-    conn: Option<Handle<'a>>,
+struct Session<'a, M: ManageConnection<Connection = PgConnection>> {
+    pool: Option<&'a Pool<M>>,
+    conn: Option<Handle<'a, M>>,
 }
 
-enum Handle<'a> {
-    Pooled(PooledConnection<ConnectionManager<PgConnection>>),
+enum Handle<'a, M: ManageConnection<Connection = PgConnection>> {
+    Pooled(PooledConnection<M>),
     Borrowed(&'a mut PgConnection),
 }
 
-impl Handle<'_> {
+impl<M: ManageConnection<Connection = PgConnection>> Handle<'_, M> {
     fn get(&mut self) -> &mut PgConnection {
         match self {
             Handle::Pooled(conn) => conn,
@@ -727,8 +731,8 @@ fn open_transaction(conn: &mut PgConnection) -> Option<bool> {
         .map(|depth| depth.is_some())
 }
 
-impl<'a> Session<'a> {
-    fn pooled(pool: &'a ConnPool) -> Self {
+impl<'a, M: ManageConnection<Connection = PgConnection>> Session<'a, M> {
+    fn pooled(pool: &'a Pool<M>) -> Self {
         Self {
             pool: Some(pool),
             conn: None,
@@ -807,7 +811,7 @@ impl<'a> Session<'a> {
     }
 }
 
-impl Drop for Session<'_> {
+impl<M: ManageConnection<Connection = PgConnection>> Drop for Session<'_, M> {
     /// No connection leaves the helper inside a transaction.
     fn drop(&mut self) {
         self.rollback();

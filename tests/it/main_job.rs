@@ -9,7 +9,7 @@ use bank::plan::{Batches, Plan};
 use bank::retry::{Protocol, Retrier, RetryPolicy};
 use diesel::connection::InstrumentationEvent;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel::r2d2::{CustomizeConnection, Pool};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -265,7 +265,7 @@ fn the_savepoint_protocol_adds_its_savepoint_and_release_to_each_phase() {
         .max_size(1)
         .test_on_check_out(false)
         .connection_customizer(Box::new(recorder.clone()))
-        .build(ConnectionManager::<PgConnection>::new(db.url_string()))
+        .build(bank::db::Manager::new(&db.url))
         .unwrap();
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
