@@ -119,7 +119,7 @@ fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 fn main_job(cli: &Cli, url: &DbUrl, plan: Plan, out: &mut dyn Write) -> anyhow::Result<()> {
-    let (retrier, pool) = prepare(cli, url, 2)?;
+    let (retrier, pool) = prepare(cli, url, 1, false)?;
     let report = job::run(&pool, &retrier, plan, out)?;
     tracing::debug!(retries = report.retries, "main job done");
     Ok(())
@@ -133,7 +133,7 @@ fn workload(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let workers = u32::try_from(settings.workers()).context("--workers is too large")?;
-    let (retrier, pool) = prepare(cli, url, workers)?;
+    let (retrier, pool) = prepare(cli, url, workers, true)?;
     let report = workload::run(&pool, &retrier, settings)?;
     if json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -151,13 +151,20 @@ fn workload(
     Ok(())
 }
 
-/// Connects once (so a bad URL gets its real reason), detects the server,
-/// checks the schema, and builds the helper and a pool of `pool_size`.
-fn prepare(cli: &Cli, url: &DbUrl, pool_size: u32) -> anyhow::Result<(Retrier, PgPool)> {
+/// Connects (so a bad URL gets its real reason), learns the server and the
+/// state of the schema in one query, and builds the helper and a pool of
+/// `pool_size` whose first connection is this one. The main job runs its
+/// statements once each, so they go unprepared (`cached` false).
+fn prepare(
+    cli: &Cli,
+    url: &DbUrl,
+    pool_size: u32,
+    cached: bool,
+) -> anyhow::Result<(Retrier, PgPool)> {
     let mut conn = db::establish(url)?;
-    let server = Server::detect(&mut conn).context("asking the server for its version")?;
-    let retrier = retrier(cli, server)?;
-    match db::accounts_table(&mut conn).context("looking for the accounts table")? {
+    let inspection = db::inspect(&mut conn).context("asking the server what it is")?;
+    let retrier = retrier(cli, inspection.server)?;
+    match inspection.accounts {
         AccountsTable::Ready => {}
         AccountsTable::Missing => bail!(
             "table \"accounts\" does not exist in {}; create it with `diesel migration run`, \
@@ -174,9 +181,14 @@ fn prepare(cli: &Cli, url: &DbUrl, pool_size: u32) -> anyhow::Result<(Retrier, P
             )
         }
     }
-    drop(conn);
-    tracing::debug!(?server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
-    let pool = db::pool(url, pool_size).context("building the connection pool")?;
+    tracing::debug!(server = ?inspection.server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
+    let manager = db::Manager::new(url).with_first(conn);
+    let manager = if cached {
+        manager
+    } else {
+        manager.without_statement_cache()
+    };
+    let pool = db::pool_of(manager, pool_size).context("building the connection pool")?;
     Ok((retrier, pool))
 }
 

@@ -4,14 +4,16 @@
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use diesel::connection::CacheSize;
 use diesel::connection::{set_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
-use diesel::sql_types::Bool;
+use diesel::sql_types::{Bool, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DbUrl;
+use crate::retry::Server;
 
 /// The r2d2 pool of Diesel connections the app runs its transactions on.
 pub type PgPool = Pool<Manager>;
@@ -22,13 +24,57 @@ pub type PgPool = Pool<Manager>;
 /// libpq uses (OpenSSL for TLS and scram, Kerberos for its GSSAPI probe;
 /// issue #9). [`wait_for_background_connects`] waits for the count to reach
 /// zero.
-#[derive(Debug)]
-pub struct Manager(ConnectionManager<PgConnection>);
+pub struct Manager {
+    inner: ConnectionManager<PgConnection>,
+    /// A connection opened before the pool, handed out first.
+    first: Mutex<Option<PgConnection>>,
+    statement_cache: bool,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("statement_cache", &self.statement_cache)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Manager {
     /// A manager for the connection string `url`.
     pub fn new(url: &DbUrl) -> Self {
-        Self(ConnectionManager::new(url.for_libpq()))
+        Self {
+            inner: ConnectionManager::new(url.for_libpq()),
+            first: Mutex::new(None),
+            statement_cache: true,
+        }
+    }
+
+    /// Hands out `conn` before opening any: the connection the app opened
+    /// to check the server serves the pool too, which saves the round trips
+    /// of a second one.
+    pub fn with_first(self, conn: PgConnection) -> Self {
+        Self {
+            first: Mutex::new(Some(conn)),
+            ..self
+        }
+    }
+
+    /// Sends every statement unprepared. Diesel prepares a statement it can
+    /// cache in a round trip of its own before running it; a job that runs
+    /// each statement once saves that round trip (the workload, which runs
+    /// the same few statements thousands of times, keeps the cache).
+    pub fn without_statement_cache(self) -> Self {
+        Self {
+            statement_cache: false,
+            ..self
+        }
+    }
+
+    fn configure(&self, mut conn: PgConnection) -> PgConnection {
+        if !self.statement_cache {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        }
+        conn
     }
 }
 
@@ -57,16 +103,24 @@ impl ManageConnection for Manager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConnection, Self::Error> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(conn) = first {
+            return Ok(self.configure(conn));
+        }
         let _connecting = Connecting::start();
-        self.0.connect()
+        self.inner.connect().map(|conn| self.configure(conn))
     }
 
     fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
-        self.0.is_valid(conn)
+        self.inner.is_valid(conn)
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        self.0.has_broken(conn)
+        self.inner.has_broken(conn)
     }
 }
 
@@ -159,7 +213,11 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
 /// Builds the pool. `establish` should have succeeded first, so that a bad
 /// URL is reported with its real cause rather than as a pool timeout.
 pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
-    let manager = Manager::new(url);
+    pool_of(Manager::new(url), max_size)
+}
+
+/// Builds a pool over `manager` (see [`pool`]).
+pub fn pool_of(manager: Manager, max_size: u32) -> Result<PgPool, r2d2::Error> {
     Pool::builder()
         .max_size(max_size)
         .min_idle(Some(0))
@@ -235,15 +293,25 @@ pub enum AccountsTable {
     Ready,
 }
 
-/// Looks for `accounts` in the current schema, and at the user's
-/// privileges on it. Read from `pg_class`, which lists tables the user may
+/// What the app learns before its first transaction, in one query (one
+/// round trip): which server it is, and what the user finds of `accounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspection {
+    /// The server.
+    pub server: Server,
+    /// The `accounts` table.
+    pub accounts: AccountsTable,
+}
+
+/// `accounts` is looked for in `pg_class`, which lists tables the user may
 /// not use (`information_schema` hides them, which made a missing privilege
 /// look like a missing table).
 ///
 /// # Errors
 /// The query's error.
-pub fn accounts_table(conn: &mut PgConnection) -> QueryResult<AccountsTable> {
-    let (present, allowed): (bool, bool) = diesel::select((
+pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
+    let (version, present, allowed): (String, bool, bool) = diesel::select((
+        sql::<Text>("version()"),
         sql::<Bool>(
             "EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -258,10 +326,13 @@ pub fn accounts_table(conn: &mut PgConnection) -> QueryResult<AccountsTable> {
         ),
     ))
     .get_result(conn)?;
-    Ok(match (present, allowed) {
-        (false, _) => AccountsTable::Missing,
-        (true, false) => AccountsTable::NotAllowed,
-        (true, true) => AccountsTable::Ready,
+    Ok(Inspection {
+        server: Server::from_version(&version),
+        accounts: match (present, allowed) {
+            (false, _) => AccountsTable::Missing,
+            (true, false) => AccountsTable::NotAllowed,
+            (true, true) => AccountsTable::Ready,
+        },
     })
 }
 

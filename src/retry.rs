@@ -18,9 +18,9 @@
 //! | statement  | conflict        | otherwise                 | restart |
 //! | release    | conflict        | CockroachDB               | rewind if the retry would not wait, else restart |
 //! | release    | conflict        | PostgreSQL                | restart |
-//! | release    | lost            | PostgreSQL                | reconnect; fail if the connection is the caller's |
+//! | release    | lost            | any                       | ambiguous; if idempotent: reconnect |
 //! | release    | other           | PostgreSQL                | fail |
-//! | release    | lost, other     | CockroachDB               | ambiguous; if idempotent: reconnect (lost) or restart (other) |
+//! | release    | other           | CockroachDB               | ambiguous; if idempotent: restart |
 //! | commit     | any             | CockroachDB, savepoint    | committed |
 //! | commit     | conflict        | otherwise                 | restart |
 //! | commit     | lost, other     | otherwise                 | ambiguous; if idempotent: reconnect (lost) or restart (other) |
@@ -50,7 +50,10 @@
 //!   the server, not the protocol, so that tests may force the savepoint
 //!   protocol on PostgreSQL.
 //! - A lost connection before the commit was sent is safe to retry: the
-//!   server rolls back a transaction whose connection died.
+//!   server rolls back a transaction whose connection died. The savepoint
+//!   protocol sends `RELEASE SAVEPOINT cockroach_restart; COMMIT` as one
+//!   message (one round trip), so a connection lost there may have taken the
+//!   COMMIT with it: ambiguous on either server.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.
 //!
 //! To reuse the helper, copy this file: it needs `diesel` (features
@@ -85,11 +88,16 @@ impl Server {
     /// The query's error.
     pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
         let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
-        Ok(if version.contains("CockroachDB") {
+        Ok(Self::from_version(&version))
+    }
+
+    /// The server that answers `SELECT version()` with `version`.
+    pub fn from_version(version: &str) -> Self {
+        if version.contains("CockroachDB") {
             Server::CockroachDb
         } else {
             Server::PostgreSql
-        })
+        }
     }
 
     /// The retry protocol that works on this server.
@@ -415,8 +423,13 @@ pub fn decide(s: &Situation) -> Step {
                 Step::Restart
             }
         }
-        // The commit was sent and no verdict came back.
-        Class::ConnectionLost | Class::Other if s.stage == commit_stage => {
+        // The commit was sent and no verdict came back. With the savepoint
+        // protocol the COMMIT travels with the RELEASE, so a connection lost
+        // there is in doubt on PostgreSQL too.
+        Class::ConnectionLost | Class::Other
+            if s.stage == commit_stage
+                || (s.stage == Stage::Release && s.class == Class::ConnectionLost) =>
+        {
             match (s.idempotent, s.class) {
                 (false, _) => Step::Ambiguous,
                 (true, Class::ConnectionLost) => reconnect_or(Step::Ambiguous),
@@ -657,13 +670,18 @@ impl Retrier {
         // detect the anomalies a bank must not have; say it explicitly so a
         // server configured otherwise cannot weaken it. Every restart reuses
         // this statement, so the options hold for every attempt.
-        let begin = if opts.read_only {
-            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY"
-        } else {
-            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        let begin = match (opts.read_only, self.protocol) {
+            (false, Protocol::Restart) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            (true, Protocol::Restart) => "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+            // One message, one round trip, for both statements.
+            (false, Protocol::Savepoint) => {
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; SAVEPOINT cockroach_restart"
+            }
+            (true, Protocol::Savepoint) => {
+                "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SAVEPOINT cockroach_restart"
+            }
         };
-        let savepoint = self.protocol == Protocol::Savepoint;
-        let conn = session.open(begin, savepoint).map_err(|err| match err {
+        let conn = session.open(begin).map_err(|err| match err {
             OpenError::Pool(err) => Failure::Pool(err),
             OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
         })?;
@@ -672,10 +690,22 @@ impl Retrier {
             Ok(Err(err)) => return Err(Failure::At(Stage::Statement, err, None)),
             Err(payload) => return Err(Failure::Panicked(payload)),
         };
-        if savepoint {
-            if let Err(err) = conn.batch_execute("RELEASE SAVEPOINT cockroach_restart") {
-                return Err(Failure::At(Stage::Release, E::from(err), Some(value)));
-            }
+        if self.protocol == Protocol::Savepoint {
+            // One message, one round trip. The server stops at the first
+            // statement that fails: if the transaction is still open, that
+            // was the RELEASE; if it is closed, the COMMIT; if the
+            // connection is gone, nobody knows, and the commit was sent:
+            // that counts as the RELEASE, which the table makes ambiguous.
+            return match conn.batch_execute("RELEASE SAVEPOINT cockroach_restart; COMMIT") {
+                Ok(()) => Ok(value),
+                Err(err) => {
+                    let stage = match open_transaction(conn) {
+                        Some(false) => Stage::Commit,
+                        Some(true) | None => Stage::Release,
+                    };
+                    Err(Failure::At(stage, E::from(err), Some(value)))
+                }
+            };
         }
         match AnsiTransactionManager::commit_transaction(conn) {
             Ok(()) => Ok(value),
@@ -752,7 +782,7 @@ impl<'a, M: ManageConnection<Connection = PgConnection>> Session<'a, M> {
 
     /// The connection with a transaction open on it: the one a rewind left
     /// open, or a new one begun here (on a fresh connection if needed).
-    fn open(&mut self, begin: &str, savepoint: bool) -> Result<&mut PgConnection, OpenError> {
+    fn open(&mut self, begin: &str) -> Result<&mut PgConnection, OpenError> {
         let handle = match (self.conn.take(), self.pool) {
             (Some(handle), _) => handle,
             (None, Some(pool)) => Handle::Pooled(pool.get().map_err(OpenError::Pool)?),
@@ -764,10 +794,6 @@ impl<'a, M: ManageConnection<Connection = PgConnection>> Session<'a, M> {
             return Ok(conn);
         }
         AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(OpenError::Database)?;
-        if savepoint {
-            conn.batch_execute("SAVEPOINT cockroach_restart")
-                .map_err(OpenError::Database)?;
-        }
         Ok(conn)
     }
 
@@ -1045,8 +1071,8 @@ mod tests {
         Row {
             stages: &[Stage::Release],
             classes: &[Class::ConnectionLost],
-            setups: &[PG_SAVEPOINT],
-            expect: reconnect_or_fail,
+            setups: &[CRDB, PG_SAVEPOINT],
+            expect: ambiguous_unless_idempotent,
         },
         Row {
             stages: &[Stage::Release],
@@ -1056,7 +1082,7 @@ mod tests {
         },
         Row {
             stages: &[Stage::Release],
-            classes: &[Class::ConnectionLost, Class::Other],
+            classes: &[Class::Other],
             setups: &[CRDB],
             expect: ambiguous_unless_idempotent,
         },
@@ -1135,12 +1161,9 @@ mod tests {
                 assert!(s.stage == Stage::Commit && (s.server, s.protocol) == CRDB);
             }
             if step == Step::Ambiguous {
-                let commit = if (s.server, s.protocol) == CRDB {
-                    Stage::Release
-                } else {
-                    Stage::Commit
-                };
-                assert_eq!(s.stage, commit, "{s:?}");
+                // Only where the commit was sent: the COMMIT, or the
+                // RELEASE that carries it.
+                assert!(matches!(s.stage, Stage::Release | Stage::Commit), "{s:?}");
             }
         }
     }

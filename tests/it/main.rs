@@ -9,6 +9,7 @@ mod helpers;
 mod main_job;
 mod messages;
 mod postgres_only;
+mod proxy;
 mod retry;
 mod schema;
 mod tls;

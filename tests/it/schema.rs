@@ -155,7 +155,7 @@ fn the_migration_goes_down_and_up_again() {
     );
     diesel_cli(&db, &["migration", "revert"]);
     assert_eq!(
-        db::accounts_table(&mut db.conn()).unwrap(),
+        db::inspect(&mut db.conn()).unwrap().accounts,
         db::AccountsTable::Missing
     );
     assert!(

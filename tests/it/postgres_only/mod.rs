@@ -7,4 +7,5 @@ mod connection_strings;
 mod jepsen;
 mod main_job_faults;
 mod retry_faults;
+mod round_trips;
 mod workload_faults;

@@ -1,0 +1,287 @@
+//! A TCP proxy for PostgreSQL's wire protocol on 127.0.0.1: it delays each
+//! direction by a fixed time (cloud latency), keeps every byte in order, and
+//! counts round trips, recording the statements the client sent in each.
+//! Used by the tests (round trips pinned per phase) and, as
+//! `examples/latency_proxy.rs`, by bench/run.
+//!
+//! Each direction is a reader thread that stamps what it reads with the time
+//! it may be delivered, and a writer thread that delivers it then. A later
+//! fault (hold a direction, cut or reset the connection at a chosen message)
+//! belongs in the reader, which is where every message passes.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// One round trip: a flight of client messages that the server answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundTrip {
+    /// The proxied connection it happened on, numbered from 0.
+    pub connection: usize,
+    /// What the client sent: SQL text, or `<ssl request>`, `<startup>`,
+    /// `<password>`; the other extended-protocol messages are not listed.
+    pub sent: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    round_trips: Vec<RoundTrip>,
+    connections: usize,
+}
+
+/// Whose bytes were last seen on a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Client,
+    Server,
+}
+
+/// A running proxy; dropping it closes every connection it carries.
+pub struct Proxy {
+    port: u16,
+    log: Arc<Mutex<Log>>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1 (a free port) and forwards to `upstream`,
+    /// delaying each direction by `delay`.
+    ///
+    /// # Errors
+    /// Binding the listener.
+    pub fn start(upstream: SocketAddr, delay: Duration) -> io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let (log, stop, sockets) = (log.clone(), stop.clone(), sockets.clone());
+            thread::spawn(move || {
+                // Polls so that it notices `stop` within 20 ms.
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let id = {
+                                let mut log = lock(&log);
+                                log.connections += 1;
+                                log.connections - 1
+                            };
+                            if let Err(err) =
+                                carry(client, upstream, delay, id, log.clone(), &sockets)
+                            {
+                                eprintln!("proxy: connection {id}: {err}");
+                            }
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(err) => eprintln!("proxy: accept: {err}"),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            port,
+            log,
+            stop,
+            sockets,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Every round trip so far, in the order they began.
+    pub fn round_trips(&self) -> Vec<RoundTrip> {
+        lock(&self.log).round_trips.clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        lock(&self.log).connections
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for socket in lock(&self.sockets).iter() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts the four threads of one proxied connection.
+fn carry(
+    client: TcpStream,
+    upstream: SocketAddr,
+    delay: Duration,
+    id: usize,
+    log: Arc<Mutex<Log>>,
+    sockets: &Mutex<Vec<TcpStream>>,
+) -> io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_nodelay(true)?;
+    let server = TcpStream::connect(upstream)?;
+    server.set_nodelay(true)?;
+    lock(sockets).extend([client.try_clone()?, server.try_clone()?]);
+    let turn = Arc::new(Mutex::new(Turn::Server));
+    let mut parser = ClientParser::default();
+    let from_client = {
+        let (log, turn) = (log.clone(), turn.clone());
+        move |bytes: &[u8]| {
+            let sent = parser.feed(bytes);
+            let mut log = lock(&log);
+            let mut turn = lock(&turn);
+            let only_terminate = sent.iter().all(|s| s == "<terminate>") && !sent.is_empty();
+            if *turn == Turn::Server && !only_terminate {
+                log.round_trips.push(RoundTrip {
+                    connection: id,
+                    sent: Vec::new(),
+                });
+            }
+            *turn = Turn::Client;
+            if let Some(current) = log
+                .round_trips
+                .iter_mut()
+                .rev()
+                .find(|r| r.connection == id)
+            {
+                current
+                    .sent
+                    .extend(sent.into_iter().filter(|s| s != "<terminate>"));
+            }
+        }
+    };
+    let from_server = move |_: &[u8]| *lock(&turn) = Turn::Server;
+    pump(client.try_clone()?, server.try_clone()?, delay, from_client);
+    pump(server, client, delay, from_server);
+    Ok(())
+}
+
+/// Copies `from` to `to`, each chunk delivered `delay` after it was read.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Duration,
+    mut seen: impl FnMut(&[u8]) + Send + 'static,
+) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen(&buf[..n]);
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    thread::spawn(move || {
+        for (due, bytes) in rx {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+/// Reads the client's side of the protocol far enough to name what it sent.
+#[derive(Default)]
+struct ClientParser {
+    buffer: Vec<u8>,
+    started: bool,
+    /// After the server accepted TLS nothing more can be read.
+    encrypted: bool,
+}
+
+impl ClientParser {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut sent = Vec::new();
+        if self.encrypted {
+            return vec!["<encrypted>".to_owned()];
+        }
+        self.buffer.extend_from_slice(bytes);
+        // A TLS handshake record after an SSL request: the rest is opaque.
+        if !self.started && self.buffer.first() == Some(&0x16) {
+            self.encrypted = true;
+            return vec!["<encrypted>".to_owned()];
+        }
+        loop {
+            let header = if self.started { 5 } else { 4 };
+            if self.buffer.len() < header {
+                break;
+            }
+            let at = header - 4;
+            let length = u32::from_be_bytes([
+                self.buffer[at],
+                self.buffer[at + 1],
+                self.buffer[at + 2],
+                self.buffer[at + 3],
+            ]) as usize;
+            let total = at + length;
+            if self.buffer.len() < total {
+                break;
+            }
+            let message: Vec<u8> = self.buffer.drain(..total).collect();
+            if !self.started {
+                let code = u32::from_be_bytes([message[4], message[5], message[6], message[7]]);
+                match code {
+                    80_877_103 => sent.push("<ssl request>".to_owned()),
+                    80_877_104 => sent.push("<gss request>".to_owned()),
+                    _ => {
+                        self.started = true;
+                        sent.push("<startup>".to_owned());
+                    }
+                }
+                continue;
+            }
+            let body = &message[5..];
+            let text = |bytes: &[u8]| {
+                let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                String::from_utf8_lossy(&bytes[..end]).into_owned()
+            };
+            match message[0] {
+                b'Q' => sent.push(text(body)),
+                b'P' => {
+                    let name_end = body.iter().position(|b| *b == 0).unwrap_or(0);
+                    sent.push(text(&body[name_end + 1..]));
+                }
+                b'p' => sent.push("<password>".to_owned()),
+                b'X' => sent.push("<terminate>".to_owned()),
+                _ => {}
+            }
+        }
+        sent
+    }
+}
