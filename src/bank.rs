@@ -1,6 +1,8 @@
 //! The bank's operations: pure units of work on a connection that return
 //! what they did and print nothing, so the retry helper can run them again.
 
+use std::collections::HashSet;
+
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -235,9 +237,11 @@ impl RunQueryDsl<PgConnection> for MoveFunds {}
 /// # Errors
 /// The database's error.
 pub fn delete_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Uuid>> {
-    let deleted: Vec<Uuid> = diesel::delete(accounts::table.filter(accounts::id.eq_any(ids)))
+    let deleted: HashSet<Uuid> = diesel::delete(accounts::table.filter(accounts::id.eq_any(ids)))
         .returning(accounts::id)
-        .get_results(conn)?;
+        .get_results::<Uuid>(conn)?
+        .into_iter()
+        .collect();
     Ok(ids
         .iter()
         .copied()

@@ -76,7 +76,12 @@ pub fn create_accounts(
             .run(pool, TxOptions::default(), |conn| {
                 bank::insert_accounts(conn, &rows, batches.rows_per_insert())
             })
-            .context("creating accounts")?;
+            .with_context(|| {
+                format!(
+                    "creating accounts ({} created and committed before this)",
+                    created.ids.len()
+                )
+            })?;
         created.retries += done.retries();
         on_commit(&rows)?;
         created.total_balance += rows.iter().map(|a| a.balance).sum::<i64>();
@@ -131,7 +136,8 @@ pub fn run(
                 )?;
             }
         }
-        Ok(())
+        // What committed is on stdout before the next batch begins.
+        out.flush()
     })
     .map_err(|err| explain_repeated_seed(err, plan.seed()))?;
     if !list {
@@ -165,27 +171,50 @@ pub fn run(
     writeln!(out, "New balances:")?;
     account_line(out, &transfer.from_after)?;
     account_line(out, &transfer.to_after)?;
+    out.flush()?;
 
     let doomed: Vec<Uuid> = rand::seq::index::sample(&mut rng, total, plan.delete())
         .into_iter()
         .map(|i| created.ids[i])
         .collect();
-    let done = retrier
-        .run(pool, TxOptions::default(), |conn| {
-            bank::delete_accounts(conn, &doomed)
-        })
-        .context("deleting accounts")?;
-    retries += done.retries();
-    writeln!(out, "Deleting existing accounts...")?;
-    for id in &done.value {
-        writeln!(out, "Deleted account {id}.")?;
+    let list = !plan.is_quiet() && doomed.len() <= LIST_LIMIT;
+    let mut deleted = Vec::with_capacity(doomed.len());
+    // In batches, one transaction each, as creation goes: a transaction that
+    // held every row lock at once would block everything else for as long.
+    for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
+        let done = retrier
+            .run(pool, TxOptions::default(), |conn| {
+                bank::delete_accounts(conn, batch)
+            })
+            .with_context(|| {
+                format!(
+                    "deleting accounts ({} deleted and committed before this)",
+                    deleted.len()
+                )
+            })?;
+        retries += done.retries();
+        if deleted.is_empty() {
+            writeln!(out, "Deleting existing accounts...")?;
+        }
+        if list {
+            for id in &done.value {
+                writeln!(out, "Deleted account {id}.")?;
+            }
+        }
+        // What committed is on stdout before the next batch begins, so a
+        // run that dies later still shows it.
+        out.flush()?;
+        deleted.extend(done.value);
+    }
+    if !list {
+        writeln!(out, "Deleted {} accounts.", deleted.len())?;
     }
     out.flush()?;
 
     Ok(Report {
         created,
         transfer,
-        deleted: done.value,
+        deleted,
         retries,
     })
 }

@@ -283,3 +283,36 @@ fn the_savepoint_protocol_sends_no_more_statements_than_restart() {
         .collect();
     assert_eq!(*recorder.0.lock().unwrap(), expected);
 }
+
+#[test]
+fn deletions_go_in_batches_like_creations_and_quiet_runs_print_one_line_for_them() {
+    let db = TestDb::migrated();
+    let out = bank(&[
+        "--database-url",
+        &db.url_string(),
+        "--accounts",
+        "25",
+        "--delete",
+        "25",
+        "--rows-per-transaction",
+        "10",
+        "--quiet",
+        "-v",
+    ]);
+    assert_ok(&out);
+    let stdout = lines(&out.stdout);
+    assert_eq!(stdout.len(), 12, "{stdout:#?}");
+    assert_eq!(stdout[0], "Creating new accounts...");
+    assert!(stdout[1].starts_with("Created 25 new accounts with balances totalling "));
+    assert_eq!(stdout[2], "Random account balances:");
+    assert_eq!(
+        stdout[10..],
+        ["Deleting existing accounts...", "Deleted 25 accounts."]
+    );
+    let sent = statements(&String::from_utf8_lossy(&out.stderr));
+    let count = |head: &str| sent.iter().filter(|s| s.starts_with(head)).count();
+    assert_eq!(count("INSERT INTO"), 3, "{sent:?}");
+    assert_eq!(count("DELETE FROM"), 3, "batches of 10, 10 and 5: {sent:?}");
+    assert_eq!(count("COMMIT"), 3 + 1 + 3);
+    assert_eq!(db.count("accounts"), 0);
+}
