@@ -316,7 +316,13 @@ pub struct RetryArgs {
     #[arg(long, value_name = "N", global = true, default_value = "10", value_parser = parse_retries, allow_negative_numbers = true)]
     pub max_retries: u32,
 
-    /// Give up on a transaction whose retries would start after this many seconds.
+    /// No statement waits longer than this many seconds (a lock, a slow
+    /// query): a server-side statement_timeout, unless the URL's options set one.
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "20", value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub statement_timeout: Duration,
+
+    /// Give up on a transaction whose retries would start after this many
+    /// seconds; no statement of it waits past this either.
     #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub tx_deadline: Duration,
 
@@ -343,6 +349,7 @@ impl RetryArgs {
         RetryPolicy {
             max_attempts: self.max_retries.saturating_add(1),
             deadline: Some(self.tx_deadline),
+            statement_timeout: Some(self.statement_timeout),
             backoff: Backoff {
                 base: self.backoff_base_ms,
                 cap: self.backoff_cap_ms.max(self.backoff_base_ms),
@@ -452,11 +459,23 @@ impl DbUrl {
     /// `pg_stat_activity`, as in the tutorial) and a `connect_timeout` (so
     /// an unreachable host fails instead of hanging), unless the user set
     /// them.
+    ///
+    /// And TCP keepalives and a `tcp_user_timeout`, unless set: a peer that
+    /// vanished (a partition, a node gone without a word) then fails the
+    /// connection within about 15 seconds instead of the kernel's 15-minute
+    /// retransmission limit. Idle connections are probed after 5 seconds, 3
+    /// times 2 seconds apart; data unacknowledged for 15 seconds ends the
+    /// connection.
     pub fn for_libpq(&self) -> String {
         let mut info = self.info.clone();
         for (key, value) in [
             ("application_name", "docs_simplecrud_diesel"),
             ("connect_timeout", "10"),
+            ("keepalives", "1"),
+            ("keepalives_idle", "5"),
+            ("keepalives_interval", "2"),
+            ("keepalives_count", "3"),
+            ("tcp_user_timeout", "15000"),
         ] {
             if info.get(key).is_none() {
                 info = info.with(key, value);
@@ -484,6 +503,23 @@ impl DbUrl {
     /// The user to connect as, if one is named.
     pub fn user(&self) -> Option<&str> {
         self.info.get("user")
+    }
+
+    /// The same connection string with a server-side `statement_timeout`
+    /// in the startup `options` (no round trip; PostgreSQL and CockroachDB
+    /// both read `-c name=value` there), unless the options set one already.
+    pub fn with_statement_timeout(&self, timeout: Duration) -> Self {
+        let options = self.info.get("options").unwrap_or_default();
+        if options.contains("statement_timeout") {
+            return self.clone();
+        }
+        let setting = format!("-c statement_timeout={}", timeout.as_millis().max(1));
+        let options = if options.is_empty() {
+            setting
+        } else {
+            format!("{options} {setting}")
+        };
+        self.with_param("options", &options)
     }
 
     /// The same connection string with option `key` set to `value`.
@@ -520,6 +556,26 @@ mod tests {
         assert!(libpq.contains("application_name='mine'"));
         assert!(!libpq.contains("docs_simplecrud_diesel"));
         assert!(libpq.contains("connect_timeout='10'"));
+        assert!(libpq.contains("tcp_user_timeout='15000'"));
+        let url =
+            DbUrl::parse("postgresql://h/d?tcp_user_timeout=1000&options=-c%20search_path%3Dx")
+                .unwrap();
+        let libpq = url
+            .with_statement_timeout(Duration::from_secs(3))
+            .for_libpq();
+        assert!(libpq.contains("tcp_user_timeout='1000'"), "{libpq}");
+        assert!(
+            libpq.contains("options='-c search_path=x -c statement_timeout=3000'"),
+            "{libpq}"
+        );
+        let url = DbUrl::parse("host=h options='-c statement_timeout=9'").unwrap();
+        let libpq = url
+            .with_statement_timeout(Duration::from_secs(3))
+            .for_libpq();
+        assert!(
+            libpq.contains("options='-c statement_timeout=9'"),
+            "{libpq}"
+        );
     }
 
     #[test]

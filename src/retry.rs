@@ -159,14 +159,19 @@ pub struct RetryPolicy {
     /// Attempts in all, the first included; at least 1.
     pub max_attempts: u32,
     /// Give up rather than start a retry that would begin after this much
-    /// time since the first attempt began.
+    /// time since the first attempt began. No statement waits past it
+    /// either: each attempt limits its statements to the time left.
     pub deadline: Option<Duration>,
+    /// No statement of the unit waits longer than this (a lock held
+    /// elsewhere, a slow query): the server cancels it.
+    pub statement_timeout: Option<Duration>,
     /// The wait between attempts.
     pub backoff: Backoff,
 }
 
 impl Default for RetryPolicy {
-    /// Ten retries within 30 seconds. The first retry goes at once: on
+    /// Ten retries within 30 seconds, no statement waiting more than 20
+    /// seconds (nor past the deadline). The first retry goes at once: on
     /// PostgreSQL a 40001 from a row lock arrives after the winner committed,
     /// so the way is clear; on CockroachDB an immediate retry rewinds to the
     /// savepoint and keeps the transaction's place in line. Later retries
@@ -176,6 +181,7 @@ impl Default for RetryPolicy {
         Self {
             max_attempts: 11,
             deadline: Some(Duration::from_secs(30)),
+            statement_timeout: Some(Duration::from_secs(20)),
             backoff: Backoff {
                 base: Duration::from_millis(2),
                 cap: Duration::from_millis(500),
@@ -575,7 +581,7 @@ impl Retrier {
                 retry_cause = tracing::field::Empty
             );
             let _entered = span.enter();
-            let (stage, error, value) = match self.attempt(&mut session, opts, &mut unit) {
+            let (stage, error, value) = match self.attempt(&mut session, opts, start, &mut unit) {
                 Ok(value) => return Ok(Committed { value, attempts }),
                 Err(Failure::At(stage, error, value)) => (stage, error, value),
                 Err(Failure::Pool(err)) => return Err(TxError::Pool(err)),
@@ -653,12 +659,44 @@ impl Retrier {
         }
     }
 
+    /// The statements that begin an attempt, sent as one message (one round
+    /// trip): SERIALIZABLE, which is CockroachDB's default and what makes
+    /// PostgreSQL detect the anomalies a bank must not have, said explicitly
+    /// so that a server configured otherwise cannot weaken it; a statement
+    /// timeout no longer than the time left before the deadline, so that no
+    /// blocked statement outlives it by more than its own wait; and, with
+    /// the savepoint protocol, the restart savepoint, after the timeout so
+    /// that a rewind keeps it.
+    fn begin_sql(&self, opts: TxOptions, start: Instant) -> String {
+        let mut sql = String::from("BEGIN ISOLATION LEVEL SERIALIZABLE");
+        if opts.read_only {
+            sql.push_str(", READ ONLY");
+        }
+        let left = self.policy.deadline.map(|deadline| {
+            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
+        });
+        let limit = match (self.policy.statement_timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(limit) = limit {
+            // 0 would mean no limit at all.
+            let ms = limit.as_millis().max(1);
+            sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
+        }
+        if self.protocol == Protocol::Savepoint {
+            sql.push_str("; SAVEPOINT cockroach_restart");
+        }
+        sql
+    }
+
     /// One attempt: begin (unless a rewound transaction is still open), run
     /// the unit, commit.
     fn attempt<T, E, F, M>(
         &self,
         session: &mut Session<'_, M>,
         opts: TxOptions,
+        start: Instant,
         unit: &mut F,
     ) -> Result<T, Failure<T, E>>
     where
@@ -666,22 +704,8 @@ impl Retrier {
         F: FnMut(&mut PgConnection) -> Result<T, E>,
         M: ManageConnection<Connection = PgConnection>,
     {
-        // SERIALIZABLE is CockroachDB's default and what makes PostgreSQL
-        // detect the anomalies a bank must not have; say it explicitly so a
-        // server configured otherwise cannot weaken it. Every restart reuses
-        // this statement, so the options hold for every attempt.
-        let begin = match (opts.read_only, self.protocol) {
-            (false, Protocol::Restart) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
-            (true, Protocol::Restart) => "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
-            // One message, one round trip, for both statements.
-            (false, Protocol::Savepoint) => {
-                "BEGIN ISOLATION LEVEL SERIALIZABLE; SAVEPOINT cockroach_restart"
-            }
-            (true, Protocol::Savepoint) => {
-                "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SAVEPOINT cockroach_restart"
-            }
-        };
-        let conn = session.open(begin).map_err(|err| match err {
+        let begin = self.begin_sql(opts, start);
+        let conn = session.open(&begin).map_err(|err| match err {
             OpenError::Pool(err) => Failure::Pool(err),
             OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
         })?;

@@ -38,8 +38,13 @@ pub struct Report {
     pub retries: u64,
     /// Transfers that used up their retry budget.
     pub gave_up: u64,
-    /// Transfers whose commit outcome is unknown.
+    /// Transfers whose commit outcome is unknown (in doubt).
     pub ambiguous: u64,
+    /// Transfers ended by a hard error (the one that stopped the run).
+    pub failed: u64,
+    /// Workers that could not get a connection (the server refused it, or
+    /// none came within the pool's wait) and stopped.
+    pub unconnected_workers: u64,
     /// Seconds the transfers ran.
     pub elapsed_s: f64,
     /// Committed transfers per second.
@@ -48,12 +53,25 @@ pub struct Report {
     pub latency_ms: Latency,
     /// The sum of the accounts' balances before the transfers.
     pub total_before: i64,
-    /// The sum after them.
-    pub total_after: i64,
-    /// Accounts with a negative balance afterwards.
-    pub negative_balances: i64,
-    /// Whether the total is unchanged and nothing is negative.
-    pub invariant_ok: bool,
+    /// The sum after them, if it could be read.
+    pub total_after: Option<i64>,
+    /// Accounts with a negative balance afterwards, if they could be read.
+    pub negative_balances: Option<i64>,
+    /// Whether the total is unchanged and nothing is negative; `None` when
+    /// the balances could not be read.
+    pub invariant_ok: Option<bool>,
+    /// What ended the run early, if anything did.
+    pub error: Option<String>,
+}
+
+/// A workload that ran: its report, and the error that ended it early, if
+/// one did (the report then says what happened until then).
+#[derive(Debug)]
+pub struct Finished {
+    /// What happened.
+    pub report: Report,
+    /// The hard error that stopped the transfers, or the balance check.
+    pub error: Option<anyhow::Error>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -69,12 +87,15 @@ pub struct Latency {
     pub max: f64,
 }
 
-/// Creates the accounts, runs the transfers, checks the invariant.
+/// Creates the accounts, runs the transfers, checks the invariant. A
+/// transfer failing in a way that is neither a conflict nor a refusal (the
+/// database went away, an account deleted under it) stops every worker; the
+/// report then covers what happened until then, and [`Finished::error`]
+/// says why it stopped.
 ///
 /// # Errors
-/// Creation failing, or a transfer failing in a way that is neither a
-/// conflict nor a refusal (the database went away, say).
-pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Report> {
+/// Creating the accounts failed: there is nothing to report.
+pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Finished> {
     let mut rng = seeded(settings.seed(), 0);
     let total = settings.accounts();
     let created = job::create_accounts(pool, retrier, &mut rng, total, Batches::default(), |_| {
@@ -86,13 +107,13 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
-    let outcomes: Vec<anyhow::Result<Tally>> = thread::scope(|scope| {
+    let outcomes: Vec<(Tally, Option<anyhow::Error>)> = thread::scope(|scope| {
         let workers: Vec<_> = (0..settings.workers())
             .map(|worker| {
                 let (ids, taken, stop) = (&ids, &taken, &stop);
                 scope.spawn(move || {
                     let mut rng = seeded(settings.seed(), worker as u64 + 1);
-                    let result = transfer_loop(
+                    let (tally, error) = transfer_loop(
                         pool,
                         retrier,
                         ids,
@@ -102,34 +123,49 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
                         stop,
                         &mut rng,
                     );
-                    if result.is_err() {
+                    if error.is_some() {
                         // One worker hitting a hard error stops the others.
                         stop.store(true, Ordering::Relaxed);
                     }
-                    result
+                    (tally, error)
                 })
             })
             .collect();
         workers
             .into_iter()
             .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked")))
+                w.join().unwrap_or_else(|_| {
+                    (
+                        Tally::new(),
+                        Some(anyhow::anyhow!("a worker thread panicked")),
+                    )
+                })
             })
             .collect()
     });
     let elapsed = start.elapsed();
     let mut tally = Tally::new();
-    for outcome in outcomes {
-        tally.merge(&outcome?);
+    let mut error = None;
+    for (outcome, failure) in outcomes {
+        tally.merge(&outcome);
+        error = error.or(failure);
     }
-
-    let mut conn = pool.get().context("checking the balances")?;
-    let (total_after, negative_balances) =
-        bank::balance_summary(&mut conn, &ids).context("checking the balances")?;
+    let balances = pool
+        .get()
+        .context("checking the balances")
+        .and_then(|mut conn| {
+            bank::balance_summary(&mut conn, &ids).context("checking the balances")
+        });
+    let (total_after, negative_balances) = match balances {
+        Ok((total, negative)) => (Some(total), Some(negative)),
+        Err(err) => {
+            error = error.or(Some(err));
+            (None, None)
+        }
+    };
     let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
     let elapsed_s = elapsed.as_secs_f64();
-    Ok(Report {
+    let report = Report {
         workers: settings.workers(),
         accounts: settings.accounts() as u64,
         committed: tally.committed,
@@ -137,6 +173,8 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
         retries: tally.retries,
         gave_up: tally.gave_up,
         ambiguous: tally.ambiguous,
+        failed: tally.failed,
+        unconnected_workers: tally.unconnected,
         elapsed_s,
         transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
         latency_ms: Latency {
@@ -148,19 +186,31 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
         total_before: created.total_balance,
         total_after,
         negative_balances,
-        invariant_ok: total_after == created.total_balance && negative_balances == 0,
-    })
+        invariant_ok: total_after
+            .zip(negative_balances)
+            .map(|(total, negative)| total == created.total_balance && negative == 0),
+        error: error.as_ref().map(|err| format!("{err:#}")),
+    };
+    Ok(Finished { report, error })
 }
 
 impl Report {
     /// The report as a few lines of text.
     pub fn to_text(&self) -> String {
-        format!(
+        let invariant = match (self.invariant_ok, self.total_after, self.negative_balances) {
+            (Some(ok), Some(after), Some(negative)) => format!(
+                "total {} before, {after} after, {negative} negative balances: {}",
+                self.total_before,
+                if ok { "ok" } else { "BROKEN" }
+            ),
+            _ => "could not be checked (the balances could not be read)".to_owned(),
+        };
+        let mut text = format!(
             "Ran transfers between {accounts} accounts from {workers} workers for {elapsed:.2} s.\n\
              committed: {committed} ({tps:.1} transfers/s), rejected (insufficient funds): {rejected}\n\
-             retries: {retries}, gave up: {gave_up}, ambiguous commits: {ambiguous}\n\
+             retries: {retries}, gave up: {gave_up}, ambiguous commits (in doubt): {ambiguous}, failed: {failed}\n\
              latency ms: p50 {p50:.3}, p95 {p95:.3}, p99 {p99:.3}, max {max:.3}\n\
-             invariant: total {before} before, {after} after, {negative} negative balances: {verdict}",
+             invariant: {invariant}",
             accounts = self.accounts,
             workers = self.workers,
             elapsed = self.elapsed_s,
@@ -170,15 +220,19 @@ impl Report {
             retries = self.retries,
             gave_up = self.gave_up,
             ambiguous = self.ambiguous,
+            failed = self.failed,
             p50 = self.latency_ms.p50,
             p95 = self.latency_ms.p95,
             p99 = self.latency_ms.p99,
             max = self.latency_ms.max,
-            before = self.total_before,
-            after = self.total_after,
-            negative = self.negative_balances,
-            verdict = if self.invariant_ok { "ok" } else { "BROKEN" },
-        )
+        );
+        if self.unconnected_workers > 0 {
+            text.push_str(&format!(
+                "\nworkers that could not connect: {} of {}",
+                self.unconnected_workers, self.workers
+            ));
+        }
+        text
     }
 }
 
@@ -189,6 +243,8 @@ struct Tally {
     retries: u64,
     gave_up: u64,
     ambiguous: u64,
+    failed: u64,
+    unconnected: u64,
     latency_us: Histogram<u64>,
 }
 
@@ -200,6 +256,8 @@ impl Tally {
             retries: 0,
             gave_up: 0,
             ambiguous: 0,
+            failed: 0,
+            unconnected: 0,
             // 1 µs to an hour at 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("valid histogram bounds"),
@@ -212,12 +270,16 @@ impl Tally {
         self.retries += other.retries;
         self.gave_up += other.gave_up;
         self.ambiguous += other.ambiguous;
+        self.failed += other.failed;
+        self.unconnected += other.unconnected;
         self.latency_us
             .add(&other.latency_us)
             .expect("histograms share their bounds");
     }
 }
 
+/// One worker: transfers until the length is reached, `stop` is set, or a
+/// hard error, which it returns with the counts so far.
 #[allow(clippy::too_many_arguments)]
 fn transfer_loop(
     pool: &PgPool,
@@ -228,7 +290,7 @@ fn transfer_loop(
     taken: &AtomicU64,
     stop: &AtomicBool,
     rng: &mut StdRng,
-) -> anyhow::Result<Tally> {
+) -> (Tally, Option<anyhow::Error>) {
     let mut tally = Tally::new();
     loop {
         let more = match length {
@@ -236,7 +298,7 @@ fn transfer_loop(
             Length::Duration(limit) => start.elapsed() < limit,
         };
         if !more || stop.load(Ordering::Relaxed) {
-            return Ok(tally);
+            return (tally, None);
         }
         let from = rng.random_range(0..ids.len());
         let to = (from + rng.random_range(1..ids.len())) % ids.len();
@@ -258,7 +320,19 @@ fn transfer_loop(
                 tally.retries += u64::from(attempts - 1);
             }
             Err(TxError::AmbiguousCommit { .. }) => tally.ambiguous += 1,
-            Err(other) => return Err(other).context("transferring"),
+            // This worker has no connection to work with; the others go on.
+            Err(TxError::Pool(err)) => {
+                tracing::warn!(error = %err, "a worker could not get a connection and stopped");
+                tally.unconnected += 1;
+                return (tally, None);
+            }
+            Err(other) => {
+                tally.failed += 1;
+                return (
+                    tally,
+                    Some(anyhow::Error::from(other).context("transferring")),
+                );
+            }
         }
     }
 }

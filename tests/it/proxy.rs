@@ -9,6 +9,7 @@
 //! fault (hold a direction, cut or reset the connection at a chosen message)
 //! belongs in the reader, which is where every message passes.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,6 +128,48 @@ impl Drop for Proxy {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Names the phase of the bank's main job each round trip belongs to
+/// (connect, setup, create, transfer, delete), and counts them.
+pub fn per_phase(round_trips: &[RoundTrip]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    let mut transaction: Vec<&RoundTrip> = Vec::new();
+    let label_tx = |tx: &[&RoundTrip]| {
+        let all: Vec<&str> = tx
+            .iter()
+            .flat_map(|r| r.sent.iter().map(String::as_str))
+            .collect();
+        if all.iter().any(|s| s.starts_with("INSERT")) {
+            "3 create"
+        } else if all.iter().any(|s| s.contains("FOR UPDATE")) {
+            "4 transfer"
+        } else if all.iter().any(|s| s.starts_with("DELETE")) {
+            "5 delete"
+        } else {
+            "? other transaction"
+        }
+    };
+    for rt in round_trips {
+        let sent = |p: &str| rt.sent.iter().any(|s| s.starts_with(p) || s.contains(p));
+        if !transaction.is_empty() || sent("BEGIN") {
+            transaction.push(rt);
+            if sent("COMMIT") {
+                *counts.entry(label_tx(&transaction)).or_default() += transaction.len();
+                transaction.clear();
+            }
+            continue;
+        }
+        let phase = if sent("<") || sent("SET TIME ZONE") || sent("SET CLIENT_ENCODING") {
+            "1 connect"
+        } else if sent("version()") {
+            "2 setup"
+        } else {
+            "? other"
+        };
+        *counts.entry(phase).or_default() += 1;
+    }
+    counts
 }
 
 /// Starts the four threads of one proxied connection.

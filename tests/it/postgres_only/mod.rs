@@ -3,6 +3,7 @@
 //! command line's PostgreSQL-only refusals. `./dev test-cockroach` skips
 //! them by this module's name.
 
+mod bounded_waits;
 mod connection_strings;
 mod jepsen;
 mod main_job_faults;

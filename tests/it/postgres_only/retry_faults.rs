@@ -18,6 +18,7 @@ fn policy(max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
         max_attempts,
         deadline: None,
+        statement_timeout: None,
         backoff: Backoff {
             base: Duration::from_millis(10),
             cap: Duration::from_millis(100),

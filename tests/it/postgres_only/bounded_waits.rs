@@ -1,0 +1,208 @@
+//! Waits that must end: a lock never released, in each phase; a statement
+//! blocked past `--tx-deadline`; a hard error in the middle of the
+//! workload. The time asserts are the bounds themselves, with room to
+//! spare; nothing here sleeps to synchronise.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+
+use crate::helpers::*;
+
+fn one_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
+/// Runs the main job with a statement timeout of 1 s, and checks it ended
+/// within a bound that leaves 9 s to spare.
+fn run_bounded(db: &TestDb, extra: &[&str]) -> Output {
+    let url = db.url_string();
+    let mut args = vec![
+        "--database-url",
+        &url,
+        "--statement-timeout",
+        "1",
+        "--max-retries",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let began = Instant::now();
+    let out = bank(&args);
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        began.elapsed()
+    );
+    out
+}
+
+/// A trigger that makes `operation` on accounts wait for advisory lock 4242,
+/// which the returned connection holds until it is dropped.
+fn hold_lock_for(db: &TestDb, operation: &str) -> diesel::PgConnection {
+    db.exec(&format!(
+        "CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
+         BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER wait_for_lock BEFORE {operation} ON accounts
+         FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock()"
+    ));
+    let mut holder = db.conn();
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .expect("take the lock");
+    holder
+}
+
+#[test]
+fn a_lock_never_released_in_the_create_phase_ends_it_with_nothing_written() {
+    let db = TestDb::migrated();
+    let _holder = hold_lock_for(&db, "INSERT");
+    let out = run_bounded(&db, &["--accounts", "10", "--delete", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        one_line(&out),
+        "bank: creating accounts (0 created and committed before this): \
+         canceling statement due to statement timeout"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(db.count("accounts"), 0);
+}
+
+#[test]
+fn a_lock_never_released_in_the_transfer_ends_it_with_the_accounts_shown_and_untouched() {
+    let db = TestDb::migrated();
+    let _holder = hold_lock_for(&db, "UPDATE");
+    let out = run_bounded(&db, &["--accounts", "10", "--delete", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        one_line(&out),
+        "bank: transferring funds: canceling statement due to statement timeout"
+    );
+    // Every committed account was printed, and the database holds exactly
+    // those, with the balances they were created with.
+    let stdout = lines(&out.stdout);
+    assert_eq!(stdout.len(), 11, "{stdout:#?}");
+    let mut printed: Vec<(uuid::Uuid, i64)> = stdout[1..]
+        .iter()
+        .map(|line| {
+            let rest = line.strip_prefix("Created new account with id ").unwrap();
+            let (id, balance) = rest.split_once(" and balance ").unwrap();
+            (
+                id.parse().unwrap(),
+                balance.trim_end_matches('.').parse().unwrap(),
+            )
+        })
+        .collect();
+    printed.sort();
+    assert_eq!(db.accounts(), printed);
+}
+
+#[test]
+fn a_lock_never_released_in_the_delete_phase_ends_it_with_the_transfer_kept() {
+    let db = TestDb::migrated();
+    let _holder = hold_lock_for(&db, "DELETE");
+    let out = run_bounded(&db, &["--accounts", "10", "--delete", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        one_line(&out),
+        "bank: deleting accounts (0 deleted and committed before this): \
+         canceling statement due to statement timeout"
+    );
+    let stdout = lines(&out.stdout);
+    assert!(
+        stdout.contains(&"Transfer complete.".to_owned()),
+        "{stdout:#?}"
+    );
+    assert!(!stdout.iter().any(|l| l.starts_with("Deleted")));
+    assert_eq!(db.count("accounts"), 10, "nothing deleted");
+}
+
+#[test]
+fn the_tx_deadline_bounds_a_statement_blocked_behind_a_lock() {
+    // The issue's case: another session holds the table for longer than the
+    // deadline; the statement timeout alone (30 s here) would wait it out.
+    let db = TestDb::migrated();
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let url = db.url_string();
+    let began = Instant::now();
+    let out = bank(&[
+        "--database-url",
+        &url,
+        "--tx-deadline",
+        "2",
+        "--statement-timeout",
+        "30",
+        "--max-retries",
+        "0",
+        "-q",
+    ]);
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        one_line(&out),
+        "bank: creating accounts (0 created and committed before this): \
+         canceling statement due to statement timeout"
+    );
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(db.count("accounts"), 0);
+}
+
+#[test]
+fn a_hard_error_ends_the_workload_with_its_report_first() {
+    let db = TestDb::migrated();
+    // After 20 updated rows (10 transfers) every update fails for good.
+    db.exec(
+        "CREATE SEQUENCE updates;
+         CREATE FUNCTION break_after() RETURNS trigger AS $$
+         BEGIN
+             IF nextval('updates') > 20 THEN
+                 RAISE EXCEPTION 'the disk is on fire' USING ERRCODE = 'XX000';
+             END IF;
+             RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER break_after BEFORE UPDATE ON accounts
+         FOR EACH ROW EXECUTE FUNCTION break_after()",
+    );
+    let url = db.url_string();
+    let run = |json: bool| {
+        let mut args = vec![
+            "--database-url",
+            &url,
+            "workload",
+            "--workers",
+            "1",
+            "--accounts",
+            "10",
+            "--transfers",
+            "100",
+        ];
+        if json {
+            args.push("--json");
+        }
+        bank(&args)
+    };
+    let out = run(true);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(one_line(&out), "bank: transferring: the disk is on fire");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["committed"], 10, "{report}");
+    assert_eq!(report["failed"], 1, "{report}");
+    assert_eq!(report["invariant_ok"], true, "{report}");
+    assert_eq!(report["error"], "transferring: the disk is on fire");
+    // The same in text: the report, then the error.
+    let out = run(false);
+    assert_eq!(out.status.code(), Some(1));
+    let text = lines(&out.stdout);
+    assert_eq!(text.len(), 5, "{text:#?}");
+    assert!(
+        text[2].ends_with("ambiguous commits (in doubt): 0, failed: 1"),
+        "{}",
+        text[2]
+    );
+}
