@@ -1,9 +1,9 @@
 -- pgbench's side of the workload comparison: the transfer `bank workload`
--- runs (bank::transfer), as plain SQL. Accounts 1..100 have the ids
--- 00000000-0000-4000-8000-000000000001 ... -000000000100.
-\set a random(1, 100)
-\set hop random(1, 99)
-\set b (:a + :hop - 1) % 100 + 1
+-- runs (bank::transfer), as plain SQL. Accounts 1..N (pgbench -D n=N) have
+-- the ids 00000000-0000-4000-8000-000000000001 and so on.
+\set a random(1, :n)
+\set hop random(1, :n - 1)
+\set b (:a + :hop - 1) % :n + 1
 \set amount random(1, 100)
 BEGIN ISOLATION LEVEL SERIALIZABLE;
 SELECT id, balance FROM accounts

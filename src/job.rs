@@ -16,6 +16,7 @@ use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::{Batches, Plan};
 use crate::retry::{Retrier, TxOptions};
+use crate::watchdog;
 
 /// Up to this many accounts, each one gets its line as in the tutorial;
 /// beyond it (or with `--quiet`) one summary line stands for them.
@@ -72,6 +73,7 @@ pub fn create_accounts(
             .collect();
         // The rows are drawn before the transaction, so a retry inserts the
         // same ones and what is printed matches the database.
+        let _watch = watchdog::watch("creating accounts", retrier.worst_case());
         let done = retrier
             .run(pool, TxOptions::default(), |conn| {
                 bank::insert_accounts(conn, &rows, batches.rows_per_insert())
@@ -152,11 +154,13 @@ pub fn run(
     let from = rng.random_range(0..total);
     let to = (from + rng.random_range(1..total)) % total;
     let (from, to) = (created.ids[from], created.ids[to]);
+    let watch = watchdog::watch("transferring funds", retrier.worst_case());
     let done = retrier
         .run(pool, TxOptions::default(), |conn| {
             bank::transfer(conn, from, to, Amount::HalfOfSource)
         })
         .context("transferring funds")?;
+    drop(watch);
     retries += done.retries();
     let transfer = done.value;
     writeln!(out, "Random account balances:")?;
@@ -182,6 +186,7 @@ pub fn run(
     // In batches, one transaction each, as creation goes: a transaction that
     // held every row lock at once would block everything else for as long.
     for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
+        let _watch = watchdog::watch("deleting accounts", retrier.worst_case());
         let done = retrier
             .run(pool, TxOptions::default(), |conn| {
                 bank::delete_accounts(conn, batch)

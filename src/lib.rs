@@ -20,4 +20,5 @@ pub mod plan;
 pub mod retry;
 #[allow(missing_docs)]
 pub mod schema;
+pub mod watchdog;
 pub mod workload;

@@ -56,6 +56,15 @@ fn main() -> ExitCode {
         bank::db::log_statements();
     }
 
+    // A server that stops answering without closing anything (a frozen
+    // process) is the one wait nothing else bounds: end the run, with one
+    // line. What committed is on stdout already (flushed after each batch).
+    bank::watchdog::start(|line| {
+        eprintln!("bank: {line}");
+        bank::db::wait_for_background_connects(Duration::from_secs(5));
+        std::process::exit(1);
+    });
+
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let result = bank::app::run(&cli, &mut out).and_then(|()| {

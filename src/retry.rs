@@ -505,6 +505,15 @@ impl Retrier {
         self
     }
 
+    /// The longest one call may take when the server answers at all: the
+    /// deadline, then one statement's wait, and 5 s for the last answer to
+    /// arrive. `None` without a deadline. Past it, the server is not
+    /// answering; see `crate::watchdog`.
+    pub fn worst_case(&self) -> Option<Duration> {
+        let deadline = self.policy.deadline?;
+        Some(deadline + self.policy.statement_timeout.unwrap_or(deadline) + Duration::from_secs(5))
+    }
+
     /// The protocol in use.
     pub fn protocol(&self) -> Protocol {
         self.protocol

@@ -18,6 +18,7 @@ use crate::db::PgPool;
 use crate::job;
 use crate::plan::{Batches, Length, Settings};
 use crate::retry::{Retrier, TxError, TxOptions};
+use crate::watchdog;
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -305,6 +306,7 @@ fn transfer_loop(
         let (from, to) = (ids[from], ids[to]);
         let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
         let began = Instant::now();
+        let _watch = watchdog::watch("transferring", retrier.worst_case());
         match retrier.run(pool, TxOptions::default(), |conn| {
             bank::transfer(conn, from, to, amount)
         }) {

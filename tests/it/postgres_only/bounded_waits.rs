@@ -206,3 +206,107 @@ fn a_hard_error_ends_the_workload_with_its_report_first() {
         text[2]
     );
 }
+
+/// Resumes a stopped backend when dropped, whatever the test did.
+struct Frozen(i32);
+
+impl Frozen {
+    fn stop(pid: i32) -> Self {
+        signal("-STOP", pid);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal("-CONT", self.0);
+    }
+}
+
+fn signal(which: &str, pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {which} {pid}");
+}
+
+/// The pid of the app's backend once it waits for advisory lock 4242,
+/// looked for at most 200 times, 50 ms apart.
+fn backend_waiting_for_the_lock(db: &TestDb) -> i32 {
+    let mut watcher = db.conn();
+    for _ in 0..200 {
+        let pid: Option<i32> =
+            scalar::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(
+                &mut watcher,
+                &format!(
+                    "(SELECT pid FROM pg_stat_activity WHERE datname = '{}' \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory' LIMIT 1)",
+                    db.name
+                ),
+            )
+            .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the app's backend never waited for the lock");
+}
+
+#[test]
+fn a_frozen_backend_ends_the_job_within_the_bound() {
+    let db = TestDb::migrated();
+    let holder = hold_lock_for(&db, "UPDATE");
+    let url = db.url_string();
+    let workdir = tempdir();
+    let began = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bank"))
+        .current_dir(workdir.path())
+        .env_remove("DATABASE_URL")
+        .args([
+            "--database-url",
+            &url,
+            "--accounts",
+            "10",
+            "--tx-deadline",
+            "2",
+            "--statement-timeout",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Freeze the backend while it waits, then let the lock go: a stopped
+    // process neither takes it nor runs its statement timeout.
+    let frozen = Frozen::stop(backend_waiting_for_the_lock(&db));
+    drop(holder);
+    // Waits 30 s at the most, then ends the run itself.
+    let mut status = None;
+    for _ in 0..600 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let took = began.elapsed();
+    drop(frozen);
+    assert!(status.is_some(), "the run did not end within 30 s");
+    let out = child.wait_with_output().unwrap();
+    // The bound: the deadline (2 s), one statement's wait (1 s), 5 s more.
+    assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        one_line(&out),
+        "bank: transferring funds: no answer from the server within 8 s, every limit included; \
+         its process may be frozen or its disk stalled, so this run stops here"
+    );
+    // Everything committed was printed: the accounts, not the transfer.
+    assert_eq!(lines(&out.stdout).len(), 11);
+}

@@ -1,0 +1,81 @@
+//! The last bound: ends the process when a retried transaction outlives
+//! every limit that should have ended it. A frozen server process (stopped,
+//! or stalled on a disk) still has its kernel acknowledge TCP, so no TCP
+//! timer fires, and it runs no statement timeout, so libpq would wait on
+//! its socket forever; nothing inside the waiting thread can end that wait.
+//!
+//! The app starts the watchdog once ([`start`]); the code around each
+//! retried transaction holds a [`Watch`] for as long as it may legitimately
+//! take. Without a started watchdog, watches cost a lock and do nothing.
+
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What runs when a watch is overdue: it gets one line saying what hung and
+/// for how long, and is expected to end the process.
+type OnStall = Box<dyn Fn(String) + Send + Sync>;
+
+static ON_STALL: OnceLock<OnStall> = OnceLock::new();
+static WATCHES: Mutex<Vec<(u64, &'static str, Instant, Duration)>> = Mutex::new(Vec::new());
+static NEXT_ID: Mutex<u64> = Mutex::new(0);
+
+/// How often the watchdog looks: a watch ends at most this late.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Starts the watchdog thread, once; `on_stall` gets the line to print.
+pub fn start(on_stall: impl Fn(String) + Send + Sync + 'static) {
+    if ON_STALL.set(Box::new(on_stall)).is_err() {
+        return;
+    }
+    thread::spawn(|| loop {
+        thread::sleep(TICK);
+        let overdue = WATCHES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(_, _, started, bound)| started.elapsed() > *bound)
+            .map(|(_, what, _, bound)| (*what, *bound));
+        if let (Some((what, bound)), Some(on_stall)) = (overdue, ON_STALL.get()) {
+            on_stall(format!(
+                "{what}: no answer from the server within {} s, every limit included; \
+                 its process may be frozen or its disk stalled, so this run stops here",
+                bound.as_secs()
+            ));
+        }
+    });
+}
+
+/// Watches one piece of work that should end within `bound` (none: not
+/// watched). Dropping it ends the watch.
+#[derive(Debug)]
+#[must_use = "the watch ends when this is dropped"]
+pub struct Watch(Option<u64>);
+
+/// Starts watching `what`.
+pub fn watch(what: &'static str, bound: Option<Duration>) -> Watch {
+    let Some(bound) = bound else {
+        return Watch(None);
+    };
+    let id = {
+        let mut next = NEXT_ID.lock().unwrap_or_else(PoisonError::into_inner);
+        *next += 1;
+        *next
+    };
+    WATCHES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((id, what, Instant::now(), bound));
+    Watch(Some(id))
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(id) = self.0 {
+            WATCHES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|(other, ..)| *other != id);
+        }
+    }
+}
