@@ -138,15 +138,16 @@ fn workload(
 ) -> anyhow::Result<()> {
     let workers = u32::try_from(settings.workers()).context("--workers is too large")?;
     let (retrier, pool) = prepare(cli, url, workers, true)?;
-    let finished = workload::run(&pool, &retrier, settings)?;
+    // If the watchdog has to end the run, the report so far goes straight
+    // to stdout (this thread is the one waiting) before its line.
+    let finished = workload::run(&pool, &retrier, settings, move |report| {
+        let mut stdout = io::stdout().lock();
+        let _ = writeln!(stdout, "{}", render(report, json)).and_then(|()| stdout.flush());
+    })?;
     let report = &finished.report;
     // The report first, even when the run was cut short: what happened
     // until then is worth as much as why it stopped.
-    if json {
-        writeln!(out, "{}", serde_json::to_string(report)?)?;
-    } else {
-        writeln!(out, "{}", report.to_text())?;
-    }
+    writeln!(out, "{}", render(report, json))?;
     out.flush()?;
     if let Some(err) = finished.error {
         return Err(err);
@@ -162,6 +163,16 @@ fn workload(
         );
     }
     Ok(())
+}
+
+/// The report as `--json` or as text.
+fn render(report: &workload::Report, json: bool) -> String {
+    if json {
+        // A struct of numbers, options and strings always serializes.
+        serde_json::to_string(report).unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"))
+    } else {
+        report.to_text()
+    }
 }
 
 /// Connects (so a bad URL gets its real reason), learns the server and the

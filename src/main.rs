@@ -65,8 +65,9 @@ fn main() -> ExitCode {
         std::process::exit(1);
     });
 
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
+    // Not locked for the whole run: if the watchdog ends it, the workload's
+    // report so far is written from the watchdog's thread.
+    let mut out = io::BufWriter::new(io::stdout());
     let result = bank::app::run(&cli, &mut out).and_then(|()| {
         out.flush()
             .map_err(|err| anyhow::anyhow!("writing the results to stdout: {err}"))

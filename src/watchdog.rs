@@ -7,6 +7,8 @@
 //! The app starts the watchdog once ([`start`]); the code around each
 //! retried transaction holds a [`Watch`] for as long as it may legitimately
 //! take. Without a started watchdog, watches cost a lock and do nothing.
+//! Work with something to say before the run ends (the workload's report
+//! so far) registers [`last_words`] for as long as it runs.
 
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
@@ -19,6 +21,9 @@ type OnStall = Box<dyn Fn(String) + Send + Sync>;
 static ON_STALL: OnceLock<OnStall> = OnceLock::new();
 static WATCHES: Mutex<Vec<(u64, &'static str, Instant, Duration)>> = Mutex::new(Vec::new());
 static NEXT_ID: Mutex<u64> = Mutex::new(0);
+/// What to print before the stall's line ends the run.
+type LastWords = Box<dyn Fn(&str) + Send + Sync>;
+static LAST_WORDS: Mutex<Option<LastWords>> = Mutex::new(None);
 
 /// How often the watchdog looks: a watch ends at most this late.
 const TICK: Duration = Duration::from_millis(100);
@@ -37,11 +42,19 @@ pub fn start(on_stall: impl Fn(String) + Send + Sync + 'static) {
             .find(|(_, _, started, bound)| started.elapsed() > *bound)
             .map(|(_, what, _, bound)| (*what, *bound));
         if let (Some((what, bound)), Some(on_stall)) = (overdue, ON_STALL.get()) {
-            on_stall(format!(
+            let line = format!(
                 "{what}: no answer from the server within {} s, every limit included; \
                  its process may be frozen or its disk stalled, so this run stops here",
                 bound.as_secs()
-            ));
+            );
+            if let Some(last_words) = LAST_WORDS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            {
+                last_words(&line);
+            }
+            on_stall(line);
         }
     });
 }
@@ -77,5 +90,24 @@ impl Drop for Watch {
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|(other, ..)| *other != id);
         }
+    }
+}
+
+/// Registers what to print (given the stall's line) when a stall ends the
+/// run, until the returned guard is dropped. One at a time: a new one
+/// replaces the old.
+pub fn last_words(say: impl Fn(&str) + Send + Sync + 'static) -> LastWordsGuard {
+    *LAST_WORDS.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(say));
+    LastWordsGuard(())
+}
+
+/// Unregisters the last words when dropped.
+#[derive(Debug)]
+#[must_use = "the last words are forgotten when this is dropped"]
+pub struct LastWordsGuard(());
+
+impl Drop for LastWordsGuard {
+    fn drop(&mut self) {
+        *LAST_WORDS.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }

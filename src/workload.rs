@@ -3,6 +3,7 @@
 //! checked (the total balance must not change, no balance may go negative).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Instant;
 
@@ -39,7 +40,8 @@ pub struct Report {
     pub retries: u64,
     /// Transfers that used up their retry budget.
     pub gave_up: u64,
-    /// Transfers whose commit outcome is unknown (in doubt).
+    /// Transfers whose commit outcome is unknown (in doubt), including any
+    /// still waiting for the server when a stall ended the run.
     pub ambiguous: u64,
     /// Transfers ended by a hard error (the one that stopped the run).
     pub failed: u64,
@@ -94,9 +96,19 @@ pub struct Latency {
 /// report then covers what happened until then, and [`Finished::error`]
 /// says why it stopped.
 ///
+/// If the server stops answering altogether (a frozen process; see
+/// [`watchdog`]), the watchdog ends the run: `last_words` then gets the
+/// report so far, with the stall as its error, the transfers still waiting
+/// counted as in doubt, and the balances unread.
+///
 /// # Errors
 /// Creating the accounts failed: there is nothing to report.
-pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Result<Finished> {
+pub fn run(
+    pool: &PgPool,
+    retrier: &Retrier,
+    settings: Settings,
+    last_words: impl Fn(&Report) + Send + Sync + 'static,
+) -> anyhow::Result<Finished> {
     let mut rng = seeded(settings.seed(), 0);
     let total = settings.accounts();
     let created = job::create_accounts(pool, retrier, &mut rng, total, Batches::default(), |_| {
@@ -107,103 +119,163 @@ pub fn run(pool: &PgPool, retrier: &Retrier, settings: Settings) -> anyhow::Resu
 
     // Every worker's connection is opened before the clock starts, as
     // pgbench's "tps without initial connection time" does: the rate is
-    // that of transfers, not of connecting. A connection that cannot be
-    // had now is counted when its worker meets the same refusal.
-    let warm: Vec<_> = (0..settings.workers())
-        .map_while(|_| pool.get().ok())
-        .collect();
+    // that of transfers, not of connecting. Workers whose connection the
+    // server refused ("too many clients") do not start, and the report
+    // counts them: waiting for each in turn would only repeat the refusal.
+    let mut warm = Vec::with_capacity(settings.workers());
+    let mut refusal = None;
+    while warm.len() < settings.workers() && refusal.is_none() {
+        match pool.get() {
+            Ok(conn) => warm.push(conn),
+            Err(err) => refusal = Some(err),
+        }
+    }
+    let connected = warm.len();
     drop(warm);
+    if let Some(err) = &refusal {
+        tracing::warn!(
+            "{} of {} workers got no connection and do not run: {err}",
+            settings.workers() - connected,
+            settings.workers()
+        );
+    }
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    // Each worker counts into its own tally (locked only by it, and by the
+    // watchdog if it ever has to speak for a stalled run).
+    let tallies: Arc<Vec<Mutex<Tally>>> =
+        Arc::new((0..connected).map(|_| Mutex::new(Tally::new())).collect());
+    let in_flight = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let outcomes: Vec<(Tally, Option<anyhow::Error>)> = thread::scope(|scope| {
-        let workers: Vec<_> = (0..settings.workers())
-            .map(|worker| {
-                let (ids, taken, stop) = (&ids, &taken, &stop);
+    let total_before = created.total_balance;
+    let _last_words = watchdog::last_words({
+        let (tallies, in_flight) = (Arc::clone(&tallies), Arc::clone(&in_flight));
+        move |line| {
+            let mut report = Report::new(
+                &settings,
+                &merged(&tallies).with_unconnected(settings.workers() - connected),
+                start.elapsed(),
+                total_before,
+                None,
+            );
+            report.ambiguous += in_flight.load(Ordering::Relaxed);
+            report.error = Some(line.to_owned());
+            last_words(&report);
+        }
+    });
+    let errors: Vec<Option<anyhow::Error>> = thread::scope(|scope| {
+        let workers: Vec<_> = tallies
+            .iter()
+            .enumerate()
+            .map(|(worker, tally)| {
+                let (ids, taken, stop, in_flight) = (&ids, &taken, &stop, &*in_flight);
                 scope.spawn(move || {
                     let mut rng = seeded(settings.seed(), worker as u64 + 1);
-                    let (tally, error) = transfer_loop(
+                    let error = transfer_loop(
                         pool,
                         retrier,
                         ids,
                         settings.length(),
-                        start,
-                        taken,
-                        stop,
+                        Shared {
+                            start,
+                            taken,
+                            stop,
+                            in_flight,
+                            tally,
+                        },
                         &mut rng,
                     );
                     if error.is_some() {
                         // One worker hitting a hard error stops the others.
                         stop.store(true, Ordering::Relaxed);
                     }
-                    (tally, error)
+                    error
                 })
             })
             .collect();
         workers
             .into_iter()
             .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    (
-                        Tally::new(),
-                        Some(anyhow::anyhow!("a worker thread panicked")),
-                    )
-                })
+                w.join()
+                    .unwrap_or_else(|_| Some(anyhow::anyhow!("a worker thread panicked")))
             })
             .collect()
     });
     let elapsed = start.elapsed();
-    let mut tally = Tally::new();
-    let mut error = None;
-    for (outcome, failure) in outcomes {
-        tally.merge(&outcome);
-        error = error.or(failure);
+    let tally = merged(&tallies).with_unconnected(settings.workers() - connected);
+    let mut error = errors.into_iter().flatten().next();
+    if let (0, Some(err)) = (connected, refusal) {
+        error = error.or(Some(
+            anyhow::Error::from(err).context("no worker could connect"),
+        ));
     }
-    let balances = pool
-        .get()
-        .context("checking the balances")
-        .and_then(|mut conn| {
-            bank::balance_summary(&mut conn, &ids).context("checking the balances")
-        });
-    let (total_after, negative_balances) = match balances {
-        Ok((total, negative)) => (Some(total), Some(negative)),
+    let balances = {
+        let _watch = watchdog::watch("checking the balances", retrier.worst_case());
+        pool.get()
+            .context("checking the balances")
+            .and_then(|mut conn| {
+                bank::balance_summary(&mut conn, &ids).context("checking the balances")
+            })
+    };
+    let balances = match balances {
+        Ok(found) => Some(found),
         Err(err) => {
             error = error.or(Some(err));
-            (None, None)
+            None
         }
     };
-    let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
-    let elapsed_s = elapsed.as_secs_f64();
-    let report = Report {
-        workers: settings.workers(),
-        accounts: settings.accounts() as u64,
-        committed: tally.committed,
-        rejected: tally.rejected,
-        retries: tally.retries,
-        gave_up: tally.gave_up,
-        ambiguous: tally.ambiguous,
-        failed: tally.failed,
-        unconnected_workers: tally.unconnected,
-        elapsed_s,
-        transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
-        latency_ms: Latency {
-            p50: ms(0.50),
-            p95: ms(0.95),
-            p99: ms(0.99),
-            max: tally.latency_us.max() as f64 / 1_000.0,
-        },
-        total_before: created.total_balance,
-        total_after,
-        negative_balances,
-        invariant_ok: total_after
-            .zip(negative_balances)
-            .map(|(total, negative)| total == created.total_balance && negative == 0),
-        error: error.as_ref().map(|err| format!("{err:#}")),
-    };
+    let mut report = Report::new(&settings, &tally, elapsed, total_before, balances);
+    report.error = error.as_ref().map(|err| format!("{err:#}"));
     Ok(Finished { report, error })
 }
 
+/// The counts of every worker, added up.
+fn merged(tallies: &[Mutex<Tally>]) -> Tally {
+    let mut total = Tally::new();
+    for tally in tallies {
+        total.merge(&tally.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+    total
+}
+
 impl Report {
+    /// The report of `tally`; `balances` is the total and the count of
+    /// negative balances afterwards, when they could be read.
+    fn new(
+        settings: &Settings,
+        tally: &Tally,
+        elapsed: std::time::Duration,
+        total_before: i64,
+        balances: Option<(i64, i64)>,
+    ) -> Self {
+        let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
+        let elapsed_s = elapsed.as_secs_f64();
+        Report {
+            workers: settings.workers(),
+            accounts: settings.accounts() as u64,
+            committed: tally.committed,
+            rejected: tally.rejected,
+            retries: tally.retries,
+            gave_up: tally.gave_up,
+            ambiguous: tally.ambiguous,
+            failed: tally.failed,
+            unconnected_workers: tally.unconnected,
+            elapsed_s,
+            transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
+            latency_ms: Latency {
+                p50: ms(0.50),
+                p95: ms(0.95),
+                p99: ms(0.99),
+                max: tally.latency_us.max() as f64 / 1_000.0,
+            },
+            total_before,
+            total_after: balances.map(|(total, _)| total),
+            negative_balances: balances.map(|(_, negative)| negative),
+            invariant_ok: balances.map(|(total, negative)| total == total_before && negative == 0),
+            error: None,
+        }
+    }
+
     /// The report as a few lines of text.
     pub fn to_text(&self) -> String {
         let invariant = match (self.invariant_ok, self.total_after, self.negative_balances) {
@@ -273,6 +345,11 @@ impl Tally {
         }
     }
 
+    fn with_unconnected(mut self, workers: usize) -> Self {
+        self.unconnected += workers as u64;
+        self
+    }
+
     fn merge(&mut self, other: &Tally) {
         self.committed += other.committed;
         self.rejected += other.rejected;
@@ -287,27 +364,46 @@ impl Tally {
     }
 }
 
+/// What a worker shares with the others and with the watchdog.
+struct Shared<'a> {
+    start: Instant,
+    /// Transfers begun, when the length is a count.
+    taken: &'a AtomicU64,
+    /// Set when one worker meets a hard error.
+    stop: &'a AtomicBool,
+    /// Transfers under way, across workers.
+    in_flight: &'a AtomicU64,
+    /// This worker's counts.
+    tally: &'a Mutex<Tally>,
+}
+
 /// One worker: transfers until the length is reached, `stop` is set, or a
-/// hard error, which it returns with the counts so far.
-#[allow(clippy::too_many_arguments)]
+/// hard error, which it returns.
 fn transfer_loop(
     pool: &PgPool,
     retrier: &Retrier,
     ids: &[Uuid],
     length: Length,
-    start: Instant,
-    taken: &AtomicU64,
-    stop: &AtomicBool,
+    shared: Shared<'_>,
     rng: &mut StdRng,
-) -> (Tally, Option<anyhow::Error>) {
-    let mut tally = Tally::new();
+) -> Option<anyhow::Error> {
+    let Shared {
+        start,
+        taken,
+        stop,
+        in_flight,
+        tally,
+    } = shared;
+    let count = |update: &dyn Fn(&mut Tally)| {
+        update(&mut tally.lock().unwrap_or_else(PoisonError::into_inner));
+    };
     loop {
         let more = match length {
             Length::Transfers(limit) => taken.fetch_add(1, Ordering::Relaxed) < limit,
             Length::Duration(limit) => start.elapsed() < limit,
         };
         if !more || stop.load(Ordering::Relaxed) {
-            return (tally, None);
+            return None;
         }
         let from = rng.random_range(0..ids.len());
         let to = (from + rng.random_range(1..ids.len())) % ids.len();
@@ -315,33 +411,35 @@ fn transfer_loop(
         let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
         let began = Instant::now();
         let _watch = watchdog::watch("transferring", retrier.worst_case());
-        match retrier.run(pool, TxOptions::default(), |conn| {
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = retrier.run(pool, TxOptions::default(), |conn| {
             bank::transfer(conn, from, to, amount)
-        }) {
-            Ok(done) => {
-                tally.committed += 1;
-                tally.retries += u64::from(done.retries());
+        });
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok(done) => count(&|t| {
+                t.committed += 1;
+                t.retries += u64::from(done.retries());
                 let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
-                tally.latency_us.saturating_record(micros.max(1));
+                t.latency_us.saturating_record(micros.max(1));
+            }),
+            Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {
+                count(&|t| t.rejected += 1)
             }
-            Err(TxError::Failed(BankError::InsufficientFunds { .. })) => tally.rejected += 1,
-            Err(TxError::GaveUp { attempts, .. }) => {
-                tally.gave_up += 1;
-                tally.retries += u64::from(attempts - 1);
-            }
-            Err(TxError::AmbiguousCommit { .. }) => tally.ambiguous += 1,
+            Err(TxError::GaveUp { attempts, .. }) => count(&|t| {
+                t.gave_up += 1;
+                t.retries += u64::from(attempts - 1);
+            }),
+            Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.ambiguous += 1),
             // This worker has no connection to work with; the others go on.
             Err(TxError::Pool(err)) => {
                 tracing::warn!(error = %err, "a worker could not get a connection and stopped");
-                tally.unconnected += 1;
-                return (tally, None);
+                count(&|t| t.unconnected += 1);
+                return None;
             }
             Err(other) => {
-                tally.failed += 1;
-                return (
-                    tally,
-                    Some(anyhow::Error::from(other).context("transferring")),
-                );
+                count(&|t| t.failed += 1);
+                return Some(anyhow::Error::from(other).context("transferring"));
             }
         }
     }

@@ -254,59 +254,135 @@ fn backend_waiting_for_the_lock(db: &TestDb) -> i32 {
     panic!("the app's backend never waited for the lock");
 }
 
+/// Starts the app with `args`, its output piped.
+fn spawn_bank(args: &[&str]) -> (std::process::Child, tempfile::TempDir) {
+    let workdir = tempdir();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bank"))
+        .current_dir(workdir.path())
+        .env_remove("DATABASE_URL")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, workdir)
+}
+
+/// Waits 30 s at the most for `child` to end by itself (killing it after
+/// that), then resumes the frozen backend; returns what the child printed
+/// and whether it ended by itself.
+fn wait_ending(mut child: std::process::Child, frozen: Frozen) -> (Output, bool) {
+    let mut ended = false;
+    for _ in 0..600 {
+        if child.try_wait().unwrap().is_some() {
+            ended = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !ended {
+        let _ = child.kill();
+    }
+    drop(frozen);
+    (child.wait_with_output().unwrap(), ended)
+}
+
+const STALL: &str = "no answer from the server within 8 s, every limit included; \
+                     its process may be frozen or its disk stalled, so this run stops here";
+
 #[test]
 fn a_frozen_backend_ends_the_job_within_the_bound() {
     let db = TestDb::migrated();
     let holder = hold_lock_for(&db, "UPDATE");
     let url = db.url_string();
-    let workdir = tempdir();
     let began = Instant::now();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bank"))
-        .current_dir(workdir.path())
-        .env_remove("DATABASE_URL")
-        .args([
-            "--database-url",
-            &url,
-            "--accounts",
-            "10",
-            "--tx-deadline",
-            "2",
-            "--statement-timeout",
-            "1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, _workdir) = spawn_bank(&[
+        "--database-url",
+        &url,
+        "--accounts",
+        "10",
+        "--tx-deadline",
+        "2",
+        "--statement-timeout",
+        "1",
+    ]);
     // Freeze the backend while it waits, then let the lock go: a stopped
     // process neither takes it nor runs its statement timeout.
     let frozen = Frozen::stop(backend_waiting_for_the_lock(&db));
     drop(holder);
-    // Waits 30 s at the most, then ends the run itself.
-    let mut status = None;
-    for _ in 0..600 {
-        status = child.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    let (out, ended) = wait_ending(child, frozen);
     let took = began.elapsed();
-    drop(frozen);
-    assert!(status.is_some(), "the run did not end within 30 s");
-    let out = child.wait_with_output().unwrap();
+    assert!(ended, "the run did not end within 30 s");
     // The bound: the deadline (2 s), one statement's wait (1 s), 5 s more.
     assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
+    eprintln!("frozen backend in the transfer: the job ended after {took:?}");
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        one_line(&out),
-        "bank: transferring funds: no answer from the server within 8 s, every limit included; \
-         its process may be frozen or its disk stalled, so this run stops here"
-    );
+    assert_eq!(one_line(&out), format!("bank: transferring funds: {STALL}"));
     // Everything committed was printed: the accounts, not the transfer.
     assert_eq!(lines(&out.stdout).len(), 11);
+}
+
+#[test]
+fn a_frozen_backend_ends_the_workload_with_its_report_so_far() {
+    let db = TestDb::migrated();
+    // Only the first transfer waits for the lock: the others go on, and
+    // with 1,000 accounts they rarely touch the frozen one's two.
+    db.exec(
+        "CREATE SEQUENCE updates;
+         CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
+         BEGIN
+             IF nextval('updates') = 1 THEN PERFORM pg_advisory_xact_lock(4242); END IF;
+             RETURN NULL;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER wait_for_lock BEFORE UPDATE ON accounts
+         FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock()",
+    );
+    let mut holder = db.conn();
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .expect("take the lock");
+    let url = db.url_string();
+    let began = Instant::now();
+    let (child, _workdir) = spawn_bank(&[
+        "--database-url",
+        &url,
+        "--tx-deadline",
+        "2",
+        "--statement-timeout",
+        "1",
+        "workload",
+        "--workers",
+        "3",
+        "--accounts",
+        "1000",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    // One worker's backend frozen while it waits; the others go on once
+    // the lock is free, until the duration ends.
+    let frozen = Frozen::stop(backend_waiting_for_the_lock(&db));
+    drop(holder);
+    let (out, ended) = wait_ending(child, frozen);
+    let took = began.elapsed();
+    assert!(ended, "the workload did not end within 30 s");
+    assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(one_line(&out), format!("bank: transferring: {STALL}"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&out.stdout)));
+    eprintln!("frozen backend in the workload: ended after {took:?}, printed {report}");
+    // The stuck transfer is in doubt: resumed, its backend may commit it.
+    assert_eq!(report["ambiguous"], 1, "{report}");
+    assert!(report["committed"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["invariant_ok"], serde_json::Value::Null, "{report}");
+    assert_eq!(report["error"], format!("transferring: {STALL}"));
+    // Whatever the resumed backend does, the money is all there.
+    let mut watcher = db.conn();
+    let total: i64 = scalar::<diesel::sql_types::BigInt, _>(
+        &mut watcher,
+        "(SELECT sum(balance)::INT8 FROM accounts)",
+    )
+    .unwrap();
+    assert_eq!(report["total_before"], total);
 }

@@ -39,3 +39,68 @@ fn a_broken_invariant_fails_the_workload() {
         "{stderr}"
     );
 }
+
+#[test]
+fn workers_the_server_refuses_are_counted_not_hidden() {
+    let db = TestDb::migrated();
+    // A role the server lets in twice: the pool's first connection and one
+    // more; the third and fourth workers are refused.
+    let role = format!("limited_{}", db.name);
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 2;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {role}"
+    ));
+    let url = db
+        .url_string()
+        .replacen("://postgres@", &format!("://{role}@"), 1);
+    assert!(
+        url.contains(&role),
+        "the test URL names user postgres: {url}"
+    );
+    let out = bank(&[
+        "--database-url",
+        &url,
+        "workload",
+        "--workers",
+        "4",
+        "--accounts",
+        "10",
+        "--transfers",
+        "50",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("too many clients: {report}; stderr: {stderr}");
+    assert_eq!(report["workers"], 4, "{report}");
+    assert_eq!(report["unconnected_workers"], 2, "{report}");
+    assert_eq!(
+        report["committed"].as_u64().unwrap() + report["rejected"].as_u64().unwrap(),
+        50
+    );
+    assert_eq!(report["invariant_ok"], true, "{report}");
+    assert!(
+        stderr.contains("2 of 4 workers got no connection and do not run")
+            && stderr.contains(&format!("too many connections for role \"{role}\"")),
+        "{stderr}"
+    );
+    // The text report says it too.
+    let out = bank(&[
+        "--database-url",
+        &url,
+        "workload",
+        "--workers",
+        "3",
+        "--accounts",
+        "10",
+        "--transfers",
+        "5",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        lines(&out.stdout).contains(&"workers that could not connect: 1 of 3".to_owned()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
