@@ -50,7 +50,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Some(Command::Workload(args)) => work_for(args)?,
         None => Work::Job(Plan::try_from(&cli.job).map_err(usage)?),
     };
-    let url = database_url(cli)?.with_statement_timeout(cli.retry.statement_timeout);
+    let url = database_url(cli)?.with_session_timeouts(cli.retry.statement_timeout);
     let mut out = Labelled(out);
     match work {
         Work::Migrate => migrate(&url, &mut out),

@@ -317,7 +317,9 @@ pub struct RetryArgs {
     pub max_retries: u32,
 
     /// No statement waits longer than this many seconds (a lock, a slow
-    /// query): a server-side statement_timeout, unless the URL's options set one.
+    /// query), and no session the app lost stays open in a transaction
+    /// longer: the server-side statement_timeout and
+    /// idle_in_transaction_session_timeout, unless the URL's options set them.
     #[arg(long, value_name = "SECONDS", global = true, default_value = "20", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub statement_timeout: Duration,
 
@@ -505,20 +507,28 @@ impl DbUrl {
         self.info.get("user")
     }
 
-    /// The same connection string with a server-side `statement_timeout`
+    /// The same connection string with the server-side session timeouts
     /// in the startup `options` (no round trip; PostgreSQL and CockroachDB
-    /// both read `-c name=value` there), unless the options set one already.
-    pub fn with_statement_timeout(&self, timeout: Duration) -> Self {
-        let options = self.info.get("options").unwrap_or_default();
-        if options.contains("statement_timeout") {
-            return self.clone();
+    /// both read `-c name=value` there), each unless the options set it:
+    /// - `statement_timeout`: no statement or lock wait lasts longer;
+    /// - `idle_in_transaction_session_timeout`, the same value: a session
+    ///   left open in a transaction is ended by the server, and its locks
+    ///   freed. The app never waits inside a transaction, so only a session
+    ///   it lost (a partition, a client killed mid-transaction) sits idle
+    ///   in one; without this, its locks would block every retry until the
+    ///   server noticed the dead peer, hours later by default.
+    pub fn with_session_timeouts(&self, timeout: Duration) -> Self {
+        let mut options = self.info.get("options").unwrap_or_default().to_owned();
+        for name in ["statement_timeout", "idle_in_transaction_session_timeout"] {
+            // The names do not contain each other, so a substring test is
+            // exact enough for "the user set it".
+            if !options.contains(&format!("{name}=")) {
+                if !options.is_empty() {
+                    options.push(' ');
+                }
+                options.push_str(&format!("-c {name}={}", timeout.as_millis().max(1)));
+            }
         }
-        let setting = format!("-c statement_timeout={}", timeout.as_millis().max(1));
-        let options = if options.is_empty() {
-            setting
-        } else {
-            format!("{options} {setting}")
-        };
         self.with_param("options", &options)
     }
 
@@ -561,19 +571,36 @@ mod tests {
             DbUrl::parse("postgresql://h/d?tcp_user_timeout=1000&options=-c%20search_path%3Dx")
                 .unwrap();
         let libpq = url
-            .with_statement_timeout(Duration::from_secs(3))
+            .with_session_timeouts(Duration::from_secs(3))
             .for_libpq();
         assert!(libpq.contains("tcp_user_timeout='1000'"), "{libpq}");
         assert!(
-            libpq.contains("options='-c search_path=x -c statement_timeout=3000'"),
+            libpq.contains(
+                "options='-c search_path=x -c statement_timeout=3000 \
+                 -c idle_in_transaction_session_timeout=3000'"
+            ),
             "{libpq}"
         );
+        // Each one the user set is kept, and only that one.
         let url = DbUrl::parse("host=h options='-c statement_timeout=9'").unwrap();
         let libpq = url
-            .with_statement_timeout(Duration::from_secs(3))
+            .with_session_timeouts(Duration::from_secs(3))
             .for_libpq();
         assert!(
-            libpq.contains("options='-c statement_timeout=9'"),
+            libpq.contains(
+                "options='-c statement_timeout=9 -c idle_in_transaction_session_timeout=3000'"
+            ),
+            "{libpq}"
+        );
+        let url =
+            DbUrl::parse("host=h options='-c idle_in_transaction_session_timeout=0'").unwrap();
+        let libpq = url
+            .with_session_timeouts(Duration::from_secs(3))
+            .for_libpq();
+        assert!(
+            libpq.contains(
+                "options='-c idle_in_transaction_session_timeout=0 -c statement_timeout=3000'"
+            ),
             "{libpq}"
         );
     }

@@ -26,6 +26,8 @@ pub type PgPool = Pool<Manager>;
 /// zero.
 pub struct Manager {
     inner: ConnectionManager<PgConnection>,
+    /// What `establish` connects to, for messages that say what failed.
+    url: DbUrl,
     /// A connection opened before the pool, handed out first.
     first: Mutex<Option<PgConnection>>,
     statement_cache: bool,
@@ -44,6 +46,7 @@ impl Manager {
     pub fn new(url: &DbUrl) -> Self {
         Self {
             inner: ConnectionManager::new(url.for_libpq()),
+            url: url.clone(),
             first: Mutex::new(None),
             statement_cache: true,
         }
@@ -112,7 +115,16 @@ impl ManageConnection for Manager {
             return Ok(self.configure(conn));
         }
         let _connecting = Connecting::start();
-        self.inner.connect().map(|conn| self.configure(conn))
+        // `establish`, not the inner manager: its error says in one line
+        // what failed and what to check, and r2d2 reports the last one when
+        // a checkout times out.
+        establish(&self.url)
+            .map(|conn| self.configure(conn))
+            .map_err(|err| {
+                diesel::r2d2::Error::ConnectionError(diesel::ConnectionError::BadConnection(
+                    err.to_string(),
+                ))
+            })
     }
 
     fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
@@ -131,6 +143,12 @@ impl ManageConnection for Manager {
 /// each of those ends within `connect_timeout`.
 pub fn wait_for_background_connects(limit: Duration) -> bool {
     let connecting = CONNECTING.lock().unwrap_or_else(PoisonError::into_inner);
+    if *connecting > 0 {
+        tracing::debug!(
+            connecting = *connecting,
+            "waiting for connections being opened"
+        );
+    }
     let (connecting, _) = CONNECTED
         .wait_timeout_while(connecting, limit, |n| *n > 0)
         .unwrap_or_else(PoisonError::into_inner);
@@ -176,6 +194,14 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
     let has = |needle: &str| message.contains(needle);
     if has("Connection refused") {
         "connection refused; is the server running and listening on that host and port?".to_owned()
+    } else if has("No route to host") || has("Network is unreachable") {
+        "no route to the server; the network between here and the server is down, or the address is wrong"
+            .to_owned()
+    } else if has("the database system is starting up")
+        || has("the database system is shutting down")
+        || has("the database system is in recovery mode")
+    {
+        format!("{first_line}; the server is restarting, try again in a moment")
     } else if has("could not translate host name") || has("Name or service not known") {
         format!(
             "unknown host (tried {}); check the host name in the database url",

@@ -273,7 +273,7 @@ pub enum TxError<E> {
     },
     /// The commit was sent but its outcome is unknown (connection lost, or the
     /// server said 40003): the transaction may or may not have been applied.
-    #[error("commit result is ambiguous on attempt {attempts}: the transaction may or may not have been applied; check the data before retrying ({cause})")]
+    #[error("commit result is ambiguous on attempt {attempts}: the transaction may or may not have been applied; check the data before retrying ({})", .cause.to_string().trim_end())]
     AmbiguousCommit {
         /// The attempt whose commit is in doubt.
         attempts: u32,
@@ -618,10 +618,11 @@ impl Retrier {
             match (step, value) {
                 (Step::Committed, Some(value)) => return Ok(Committed { value, attempts }),
                 (Step::Ambiguous, _) => {
+                    debug!(attempts, ?stage, "commit outcome unknown");
                     return Err(TxError::AmbiguousCommit {
                         attempts,
                         cause: error,
-                    })
+                    });
                 }
                 // `Committed` comes only after a COMMIT, which only a
                 // finished unit reaches; without a value, fail safe.

@@ -349,3 +349,45 @@ pub fn raise_error(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
         .execute(conn)
         .map(drop)
 }
+
+/// Runs a server tool as the postgres user when we are root (initdb and
+/// postgres refuse to run as root).
+pub fn as_postgres(program: &Path) -> std::process::Command {
+    // `id -u` rather than libc: the test needs nothing unsafe.
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id -u");
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let mut cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+pub fn run(cmd: &mut std::process::Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn pg_bindir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql (./dev installs them)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.to_string_lossy()
+            .split('/')
+            .nth(4)
+            .and_then(|v| v.parse::<u32>().ok())
+    });
+    dirs.pop().expect("an initdb")
+}

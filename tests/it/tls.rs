@@ -12,45 +12,6 @@ use crate::helpers::*;
 const SENTINEL: &str = "Sentinel-tls-Pa55";
 const ADMIN: &str = "postgres";
 
-/// Runs a server tool as the postgres user when we are root (initdb and
-/// postgres refuse to run as root).
-fn as_postgres(program: &Path) -> Command {
-    // `id -u` rather than libc: the test needs nothing unsafe.
-    let uid = Command::new("id").arg("-u").output().expect("id -u");
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(program);
-        cmd
-    } else {
-        Command::new(program)
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn pg_bindir() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries under /usr/lib/postgresql (./dev installs them)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    dirs.sort_by_key(|p| {
-        p.to_string_lossy()
-            .split('/')
-            .nth(4)
-            .and_then(|v| v.parse::<u32>().ok())
-    });
-    dirs.pop().expect("an initdb")
-}
-
 /// A throwaway TLS-only server with database `bank`, the schema from
 /// dbinit.sql (run by the admin), and user `maxroach` set up as the README
 /// says.

@@ -1,10 +1,19 @@
-//! A Jepsen-style bank test: concurrent transfers while a fault thread
-//! terminates random backends. Every transfer also writes a log row in its
-//! own transaction, so afterwards each one can be placed: committed, failed
-//! before commit, or ambiguous (and then: applied or not). The balances must
-//! equal the initial ones plus exactly the applied transfers.
+//! A Jepsen-style bank test: concurrent transfers from this process while a
+//! fault thread, one fault at a time, at random: terminates a backend,
+//! partitions the network, restarts the server (`immediate` or `fast`), or
+//! freezes a backend (SIGSTOP, then SIGCONT). The server is private and in
+//! a network namespace of its own (see `netns`); the workers' connections
+//! are opened from the client namespace.
+//!
+//! Every transfer also writes a log row in its own transaction, so
+//! afterwards each one can be placed: committed, failed before commit, or
+//! ambiguous (and then: applied or not). The balances must equal the
+//! initial ones plus exactly the applied transfers.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::thread;
@@ -13,20 +22,53 @@ use std::time::{Duration, Instant};
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::db;
 use bank::models::Account;
-use bank::retry::{Retrier, RetryPolicy, TxError, TxOptions};
+use bank::retry::{Retrier, RetryPolicy, Server, TxError, TxOptions};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
+use diesel::r2d2::{ManageConnection, Pool};
 use diesel::sql_types::{Integer, Text};
+use rand::seq::SliceRandom;
 use rand::Rng;
 use uuid::Uuid;
 
-use crate::helpers::*;
+use super::netns::NsServer;
 
 const ACCOUNTS: usize = 5;
 const INITIAL: i64 = 10_000;
 const WORKERS: usize = 6;
-const RUN_FOR: Duration = Duration::from_secs(3);
-const MAX_KILLS: u32 = 60;
+const RUN_FOR: Duration = Duration::from_secs(12);
+const MAX_FAULTS: u32 = 60;
 const VICTIM: &str = "bank_jepsen_victim";
+
+/// Opens the pool's connections from inside a network namespace: r2d2
+/// connects on threads of its own, and each moves itself there first (a
+/// network namespace belongs to a thread; the sockets it opens stay in it).
+struct InNamespace {
+    inner: db::Manager,
+    namespace: File,
+}
+
+impl ManageConnection for InNamespace {
+    type Connection = PgConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConnection, Self::Error> {
+        rustix::thread::move_into_link_name_space(
+            self.namespace.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("enter the client namespace");
+        self.inner.connect()
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
+        self.inner.is_valid(conn)
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        self.inner.has_broken(conn)
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Planned {
@@ -41,6 +83,19 @@ struct Outcomes {
     committed: Vec<Planned>,
     failed: Vec<Planned>,
     ambiguous: Vec<Planned>,
+    /// The failed ones by what ended them.
+    failures: BTreeMap<&'static str, u32>,
+}
+
+fn kind(err: &TxError<BankError>) -> &'static str {
+    match err {
+        TxError::Failed(BankError::InsufficientFunds { .. }) => "insufficient funds",
+        TxError::Failed(_) => "failed",
+        TxError::GaveUp { .. } => "gave up",
+        TxError::Pool(_) => "no connection",
+        TxError::AmbiguousCommit { .. } => "ambiguous",
+        _ => "other",
+    }
 }
 
 #[derive(QueryableByName)]
@@ -49,70 +104,163 @@ struct Pid {
     pid: i32,
 }
 
+/// The faults, one at a time; each is over (the link mended, the backend
+/// resumed, the server back) before the next begins.
+#[derive(Debug, Default)]
+struct Faults {
+    kills: u32,
+    partitions: u32,
+    restarts: u32,
+    freezes: u32,
+}
+
+impl Faults {
+    fn total(&self) -> u32 {
+        self.kills + self.partitions + self.restarts + self.freezes
+    }
+}
+
+/// A random backend of the workers', if any is connected.
+fn victim(server: &NsServer, rng: &mut impl Rng) -> Option<i32> {
+    // A new admin connection each time: a restart ends the previous one.
+    let mut admin = server.admin("bank");
+    let pids: Vec<Pid> = diesel::sql_query(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind::<Text, _>(VICTIM)
+    .load(&mut admin)
+    .unwrap();
+    (!pids.is_empty()).then(|| pids[rng.random_range(0..pids.len())].pid)
+}
+
+fn signal(which: &str, pid: i32) {
+    // The backend may have ended by itself in between: no assert.
+    let _ = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status();
+}
+
+/// Fault `which` (0 to 3), over when this returns.
+fn inject(server: &NsServer, which: usize, faults: &mut Faults, rng: &mut impl Rng) {
+    match which {
+        0 => {
+            if let Some(pid) = victim(server, rng) {
+                let mut admin = server.admin("bank");
+                diesel::sql_query("SELECT pg_terminate_backend($1)")
+                    .bind::<Integer, _>(pid)
+                    .execute(&mut admin)
+                    .unwrap();
+                faults.kills += 1;
+            }
+        }
+        1 => {
+            // From shorter than the clients' dead-peer detection (a
+            // pause) to longer (lost connections, reconnects refused).
+            server.cut();
+            thread::sleep(Duration::from_millis(rng.random_range(500..5_000)));
+            server.mend();
+            faults.partitions += 1;
+        }
+        2 => {
+            server.restart(if rng.random_bool(0.5) {
+                "immediate"
+            } else {
+                "fast"
+            });
+            faults.restarts += 1;
+        }
+        _ => {
+            if let Some(pid) = victim(server, rng) {
+                signal("-STOP", pid);
+                thread::sleep(Duration::from_millis(rng.random_range(200..3_000)));
+                signal("-CONT", pid);
+                faults.freezes += 1;
+            }
+        }
+    }
+}
+
 #[test]
-fn transfers_survive_backends_killed_at_random_moments() {
-    let db = TestDb::migrated();
-    db.require_postgres(
-        "the bank test's fault thread (pg_terminate_backend) and slow commits (PL/pgSQL)",
-    );
-    db.exec("CREATE TABLE transfer_log (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, amount INT8 NOT NULL)");
-    // A commit that takes a few milliseconds, so that some kills land while
-    // COMMIT is in flight and the ambiguous path is exercised for real.
-    db.exec(
-        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$
-         BEGIN PERFORM pg_sleep(0.003); RETURN NULL; END $$ LANGUAGE plpgsql;
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfer_log
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
-    );
+fn transfers_survive_kills_partitions_restarts_and_freezes() {
+    let server = NsServer::start();
+    let mut admin = server.admin("bank");
+    admin
+        .batch_execute(
+            "CREATE TABLE transfer_log (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, amount INT8 NOT NULL);
+             -- A commit that takes a few milliseconds, so that some faults land
+             -- while COMMIT is in flight and the ambiguous path is exercised.
+             CREATE FUNCTION slow_commit() RETURNS trigger AS $$
+             BEGIN PERFORM pg_sleep(0.003); RETURN NULL; END $$ LANGUAGE plpgsql;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfer_log
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+        )
+        .unwrap();
     let accounts: Vec<Account> = (0..ACCOUNTS)
         .map(|_| Account {
             id: Uuid::new_v4(),
             balance: INITIAL,
         })
         .collect();
-    insert_accounts(&mut db.conn(), &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
+    insert_accounts(&mut admin, &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
+    drop(admin);
 
-    // The workers' connections carry an application_name the killer looks for.
-    let pool = db::pool(
-        &db.url.with_param("application_name", VICTIM),
-        WORKERS as u32,
-    )
-    .unwrap();
+    // The workers' connections: named for the fault thread, with the
+    // server's session timeouts short (a session lost to a partition frees
+    // its locks within 2 s) and the clients' dead-peer detection short
+    // (keepalives after 1 s idle, data unacknowledged for 3 s).
+    let url = server
+        .client_db_url()
+        .with_param("application_name", VICTIM)
+        .with_param("keepalives_idle", "1")
+        .with_param("keepalives_interval", "1")
+        .with_param("keepalives_count", "2")
+        .with_param("tcp_user_timeout", "3000")
+        .with_param("connect_timeout", "3")
+        .with_session_timeouts(Duration::from_secs(2));
+    let namespace = File::open(format!("/run/netns/{}", server.client_ns)).unwrap();
+    let pool = Pool::builder()
+        .max_size(WORKERS as u32)
+        .min_idle(Some(0))
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(10))
+        .build(InNamespace {
+            inner: db::Manager::new(&url),
+            namespace,
+        })
+        .unwrap();
     let retrier = Retrier::new(
         RetryPolicy {
             max_attempts: 30,
             deadline: Some(Duration::from_secs(20)),
+            statement_timeout: Some(Duration::from_secs(2)),
             ..RetryPolicy::default()
         },
-        db.server,
+        Server::PostgreSql,
     );
     let outcomes = Mutex::new(Outcomes::default());
     let retries = AtomicU32::new(0);
-    let kills = AtomicU32::new(0);
+    let faults = Mutex::new(Faults::default());
     let stop = AtomicBool::new(false);
     let until = Instant::now() + RUN_FOR;
 
     thread::scope(|scope| {
         scope.spawn(|| {
-            let mut killer = db.conn();
             let mut rng = rand::rng();
-            while !stop.load(Ordering::Relaxed) && kills.load(Ordering::Relaxed) < MAX_KILLS {
+            let mut done = Faults::default();
+            // Rounds of the four kinds in a random order: mixed at random,
+            // and every kind in every run.
+            let mut order = Vec::new();
+            while !stop.load(Ordering::Relaxed) && done.total() < MAX_FAULTS {
+                if order.is_empty() {
+                    order = vec![0, 1, 2, 3];
+                    order.shuffle(&mut rng);
+                }
                 // Random moments: the pause is what makes them random, not
                 // a synchronisation.
-                thread::sleep(Duration::from_millis(rng.random_range(0..40)));
-                let pids: Vec<Pid> = diesel::sql_query(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
-                )
-                .bind::<Text, _>(VICTIM)
-                .load(&mut killer)
-                .unwrap();
-                if pids.is_empty() {
-                    continue;
-                }
-                let pid = pids[rng.random_range(0..pids.len())].pid;
-                diesel::sql_query("SELECT pg_terminate_backend($1)").bind::<Integer, _>(pid).execute(&mut killer).unwrap();
-                kills.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+                inject(&server, order.pop().unwrap(), &mut done, &mut rng);
             }
+            *faults.lock().unwrap() = done;
         });
         let workers: Vec<_> = (0..WORKERS)
             .map(|_| {
@@ -151,10 +299,13 @@ fn transfers_survive_backends_killed_at_random_moments() {
                             Err(TxError::AmbiguousCommit { .. }) => {
                                 outcomes.ambiguous.push(planned)
                             }
-                            Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {
+                            // Every other error is definite: refused for
+                            // funds, a statement timed out, retries used up,
+                            // no connection to be had. None may have applied.
+                            Err(other) => {
+                                *outcomes.failures.entry(kind(&other)).or_default() += 1;
                                 outcomes.failed.push(planned)
                             }
-                            Err(other) => panic!("unexpected failure: {other}"),
                         }
                     }
                 })
@@ -170,6 +321,8 @@ fn transfers_survive_backends_killed_at_random_moments() {
             }
         }
     });
+    drop(pool);
+    let mut check = server.admin("bank");
 
     let outcomes = outcomes.into_inner().unwrap();
     let logged: HashSet<Uuid> = {
@@ -177,7 +330,7 @@ fn transfers_survive_backends_killed_at_random_moments() {
         diesel::select(sql::<diesel::sql_types::Array<diesel::sql_types::Uuid>>(
             "COALESCE((SELECT array_agg(id) FROM transfer_log), '{}')",
         ))
-        .get_result::<Vec<Uuid>>(&mut db.conn())
+        .get_result::<Vec<Uuid>>(&mut check)
         .unwrap()
         .into_iter()
         .collect()
@@ -208,7 +361,15 @@ fn transfers_survive_backends_killed_at_random_moments() {
         *expected.get_mut(&t.from).unwrap() -= t.amount;
         *expected.get_mut(&t.to).unwrap() += t.amount;
     }
-    let actual: BTreeMap<Uuid, i64> = db.accounts().into_iter().collect();
+    let actual: BTreeMap<Uuid, i64> = {
+        use bank::schema::accounts::dsl::*;
+        accounts
+            .select((id, balance))
+            .load::<(Uuid, i64)>(&mut check)
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
     assert_eq!(
         actual, expected,
         "each applied transfer moved its money exactly once"
@@ -216,17 +377,25 @@ fn transfers_survive_backends_killed_at_random_moments() {
     assert_eq!(actual.values().sum::<i64>(), INITIAL * ACCOUNTS as i64);
     assert!(actual.values().all(|b| *b >= 0));
 
-    let kills = kills.into_inner();
+    let faults = faults.into_inner().unwrap();
     eprintln!(
-        "jepsen: {} transfers: {} committed, {} failed before commit, {} ambiguous ({} applied); {} retries; {} backends killed",
+        "jepsen: {} transfers: {} committed, {} failed before commit {:?}, {} ambiguous ({} applied); \
+         {} retries; faults: {} backends killed, {} partitions, {} restarts, {} freezes",
         outcomes.committed.len() + outcomes.failed.len() + outcomes.ambiguous.len(),
         outcomes.committed.len(),
         outcomes.failed.len(),
+        outcomes.failures,
         outcomes.ambiguous.len(),
         applied_ambiguous.len(),
         retries.into_inner(),
-        kills,
+        faults.kills,
+        faults.partitions,
+        faults.restarts,
+        faults.freezes,
     );
-    assert!(kills > 0, "the fault thread must have killed backends");
+    assert!(
+        faults.partitions > 0 && faults.restarts > 0,
+        "the fault thread must have injected faults: {faults:?}"
+    );
     assert!(!outcomes.committed.is_empty());
 }
