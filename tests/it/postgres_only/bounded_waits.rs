@@ -290,10 +290,12 @@ fn wait_ending(mut child: std::process::Child, frozen: Frozen) -> (Output, bool)
 const STALL: &str = "no answer from the server within 8 s, every limit included; \
                      its process may be frozen or its disk stalled, so this run stops here";
 
-#[test]
-fn a_frozen_backend_ends_the_job_within_the_bound() {
+/// Freezes the job's backend while its `operation` waits for a lock, lets
+/// the lock go, and checks the job ends within its bound with one line
+/// naming `phase`; returns what it printed on stdout.
+fn frozen_in(operation: &str, phase: &str) -> Vec<String> {
     let db = TestDb::migrated();
-    let holder = hold_lock_for(&db, "UPDATE");
+    let holder = hold_lock_for(&db, operation);
     let url = db.url_string();
     let began = Instant::now();
     let (child, _workdir) = spawn_bank(&[
@@ -301,6 +303,8 @@ fn a_frozen_backend_ends_the_job_within_the_bound() {
         &url,
         "--accounts",
         "10",
+        "--delete",
+        "2",
         "--tx-deadline",
         "2",
         "--statement-timeout",
@@ -315,11 +319,36 @@ fn a_frozen_backend_ends_the_job_within_the_bound() {
     assert!(ended, "the run did not end within 30 s");
     // The bound: the deadline (2 s), one statement's wait (1 s), 5 s more.
     assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
-    eprintln!("frozen backend in the transfer: the job ended after {took:?}");
+    eprintln!(
+        "frozen backend while {phase}: the job ended after {:.1} s: {}",
+        took.as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(one_line(&out), format!("bank: transferring funds: {STALL}"));
+    assert_eq!(one_line(&out), format!("bank: {phase}: {STALL}"));
+    lines(&out.stdout)
+}
+
+#[test]
+fn a_frozen_backend_ends_the_create_phase_within_the_bound() {
+    // Nothing committed, nothing printed.
+    assert!(frozen_in("INSERT", "creating accounts").is_empty());
+}
+
+#[test]
+fn a_frozen_backend_ends_the_transfer_within_the_bound() {
     // Everything committed was printed: the accounts, not the transfer.
-    assert_eq!(lines(&out.stdout).len(), 11);
+    assert_eq!(frozen_in("UPDATE", "transferring funds").len(), 11);
+}
+
+#[test]
+fn a_frozen_backend_ends_the_delete_phase_within_the_bound() {
+    let stdout = frozen_in("DELETE", "deleting accounts");
+    assert!(
+        stdout.contains(&"Transfer complete.".to_owned()),
+        "{stdout:#?}"
+    );
+    assert!(!stdout.iter().any(|l| l.starts_with("Deleted")));
 }
 
 #[test]
