@@ -453,3 +453,40 @@ fn seeded(seed: Option<u64>, stream: u64) -> StdRng {
         None => StdRng::from_os_rng(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_report_counts_workers_that_could_not_connect_and_unread_balances() {
+        let settings = Settings::new(4, 10, Length::Transfers(5), None).unwrap();
+        let mut tally = Tally::new().with_unconnected(1);
+        tally.committed = 5;
+        let report = Report::new(
+            &settings,
+            &tally,
+            std::time::Duration::from_secs(1),
+            100,
+            None,
+        );
+        let text = report.to_text();
+        assert!(
+            text.ends_with(
+                "invariant: could not be checked (the balances could not be read)\n\
+                 workers that could not connect: 1 of 4"
+            ),
+            "{text}"
+        );
+        assert_eq!(report.invariant_ok, None);
+        let report = Report::new(
+            &settings,
+            &Tally::new(),
+            std::time::Duration::from_secs(1),
+            100,
+            Some((100, 0)),
+        );
+        assert_eq!(report.invariant_ok, Some(true));
+        assert!(!report.to_text().contains("could not connect"));
+    }
+}
