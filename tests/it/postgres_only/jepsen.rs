@@ -84,17 +84,18 @@ struct Outcomes {
     failed: Vec<Planned>,
     ambiguous: Vec<Planned>,
     /// The failed ones by what ended them.
-    failures: BTreeMap<&'static str, u32>,
+    failures: BTreeMap<String, u32>,
 }
 
-fn kind(err: &TxError<BankError>) -> &'static str {
+/// What ended a failed transfer: the error's kind and, for the database's
+/// own errors, its message without the details that vary.
+fn kind(err: &TxError<BankError>) -> String {
     match err {
-        TxError::Failed(BankError::InsufficientFunds { .. }) => "insufficient funds",
-        TxError::Failed(_) => "failed",
-        TxError::GaveUp { .. } => "gave up",
-        TxError::Pool(_) => "no connection",
-        TxError::AmbiguousCommit { .. } => "ambiguous",
-        _ => "other",
+        TxError::Failed(BankError::InsufficientFunds { .. }) => "insufficient funds".to_owned(),
+        TxError::Failed(other) => format!("failed: {other}"),
+        TxError::GaveUp { .. } => "gave up".to_owned(),
+        TxError::Pool(_) => "no connection".to_owned(),
+        other => other.to_string(),
     }
 }
 
