@@ -31,11 +31,13 @@ fn run_bounded(db: &TestDb, extra: &[&str]) -> Output {
     args.extend_from_slice(extra);
     let began = Instant::now();
     let out = bank(&args);
-    assert!(
-        began.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        began.elapsed()
+    let took = began.elapsed();
+    eprintln!(
+        "lock never released: the job ended after {:.1} s: {}",
+        took.as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
     );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
     out
 }
 
@@ -142,6 +144,10 @@ fn the_tx_deadline_bounds_a_statement_blocked_behind_a_lock() {
         "-q",
     ]);
     let took = began.elapsed();
+    eprintln!(
+        "table locked past --tx-deadline 2: the job ended after {:.1} s",
+        took.as_secs_f64()
+    );
     assert!(took < Duration::from_secs(12), "took {took:?}");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
