@@ -9,6 +9,7 @@
 //! it counted, per phase of the bank's main job, and exits.
 
 #[path = "../tests/it/proxy.rs"]
+#[allow(dead_code)] // the tests use more of it than this program
 mod proxy;
 
 use std::io::{self, Write};

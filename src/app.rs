@@ -212,7 +212,8 @@ fn prepare(
     } else {
         manager.without_statement_cache()
     };
-    let pool = db::pool_of(manager, pool_size).context("building the connection pool")?;
+    let pool = db::pool_of(manager, pool_size, cli.retry.pool_timeout)
+        .context("building the connection pool")?;
     Ok((retrier, pool))
 }
 

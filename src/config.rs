@@ -328,6 +328,17 @@ pub struct RetryArgs {
     #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub tx_deadline: Duration,
 
+    /// Wait at most this many seconds for a connection from the pool (a
+    /// server restarting, or gone) before the transaction fails.
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "15", value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub pool_timeout: Duration,
+
+    /// End the run this many seconds after a transaction outlived its
+    /// deadline and one statement's wait: the server is not answering (a
+    /// frozen process, a stalled disk).
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "5", value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub watchdog_slack: Duration,
+
     /// Ceiling of the first delayed retry's wait, in milliseconds; it doubles per retry.
     #[arg(long, value_name = "MS", global = true, default_value = "2", value_parser = parse_millis, allow_negative_numbers = true)]
     pub backoff_base_ms: Duration,
@@ -624,6 +635,8 @@ mod tests {
     fn the_command_line_defaults_are_the_library_defaults() {
         let cli = Cli::try_parse_from(["bank"]).unwrap();
         assert_eq!(cli.retry.policy(), RetryPolicy::default());
+        assert_eq!(cli.retry.pool_timeout, crate::db::POOL_CHECKOUT_WAIT);
+        assert_eq!(cli.retry.watchdog_slack, crate::watchdog::DEFAULT_SLACK);
     }
 
     #[test]

@@ -236,14 +236,25 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
     }
 }
 
-/// Builds the pool. `establish` should have succeeded first, so that a bad
-/// URL is reported with its real cause rather than as a pool timeout.
+/// How long a checkout waits for a connection by default (`--pool-timeout`):
+/// long enough for a reconnect to ride out a server restart, short enough
+/// that a server gone for good ends the run.
+pub const POOL_CHECKOUT_WAIT: Duration = Duration::from_secs(15);
+
+/// Builds the pool, with the default checkout wait. `establish` should have
+/// succeeded first, so that a bad URL is reported with its real cause
+/// rather than as a pool timeout.
 pub fn pool(url: &DbUrl, max_size: u32) -> Result<PgPool, r2d2::Error> {
-    pool_of(Manager::new(url), max_size)
+    pool_of(Manager::new(url), max_size, POOL_CHECKOUT_WAIT)
 }
 
-/// Builds a pool over `manager` (see [`pool`]).
-pub fn pool_of(manager: Manager, max_size: u32) -> Result<PgPool, r2d2::Error> {
+/// Builds a pool over `manager` whose checkouts wait `checkout_wait` at the
+/// most (see [`pool`]).
+pub fn pool_of(
+    manager: Manager,
+    max_size: u32,
+    checkout_wait: Duration,
+) -> Result<PgPool, r2d2::Error> {
     Pool::builder()
         .max_size(max_size)
         .min_idle(Some(0))
@@ -257,7 +268,7 @@ pub fn pool_of(manager: Manager, max_size: u32) -> Result<PgPool, r2d2::Error> {
         // rebalances across nodes.
         .idle_timeout(Some(Duration::from_secs(60)))
         .max_lifetime(Some(Duration::from_secs(30 * 60)))
-        .connection_timeout(Duration::from_secs(15))
+        .connection_timeout(checkout_wait)
         .error_handler(Box::new(r2d2::NopErrorHandler))
         .build(manager)
 }

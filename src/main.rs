@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     // A server that stops answering without closing anything (a frozen
     // process) is the one wait nothing else bounds: end the run, with one
     // line. What committed is on stdout already (flushed after each batch).
-    bank::watchdog::start(|line| {
+    bank::watchdog::start(cli.retry.watchdog_slack, |line| {
         eprintln!("bank: {line}");
         bank::db::wait_for_background_connects(Duration::from_secs(5));
         std::process::exit(1);

@@ -505,13 +505,13 @@ impl Retrier {
         self
     }
 
-    /// The longest one call may take when the server answers at all: the
-    /// deadline, then one statement's wait, and 5 s for the last answer to
-    /// arrive. `None` without a deadline. Past it, the server is not
-    /// answering; see `crate::watchdog`.
+    /// The longest one call may take when the server answers at once: the
+    /// deadline, then one statement's wait. `None` without a deadline. The
+    /// app's watchdog adds a slack for the last answer to arrive; past that,
+    /// the server is not answering (see `crate::watchdog`).
     pub fn worst_case(&self) -> Option<Duration> {
         let deadline = self.policy.deadline?;
-        Some(deadline + self.policy.statement_timeout.unwrap_or(deadline) + Duration::from_secs(5))
+        Some(deadline + self.policy.statement_timeout.unwrap_or(deadline))
     }
 
     /// The protocol in use.

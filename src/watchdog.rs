@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 /// for how long, and is expected to end the process.
 type OnStall = Box<dyn Fn(String) + Send + Sync>;
 
-static ON_STALL: OnceLock<OnStall> = OnceLock::new();
+/// The slack added to every watch's bound, and what runs on a stall.
+static ON_STALL: OnceLock<(Duration, OnStall)> = OnceLock::new();
 static WATCHES: Mutex<Vec<(u64, &'static str, Instant, Duration)>> = Mutex::new(Vec::new());
 static NEXT_ID: Mutex<u64> = Mutex::new(0);
 /// What to print before the stall's line ends the run.
@@ -28,24 +29,29 @@ static LAST_WORDS: Mutex<Option<LastWords>> = Mutex::new(None);
 /// How often the watchdog looks: a watch ends at most this late.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Starts the watchdog thread, once; `on_stall` gets the line to print.
-pub fn start(on_stall: impl Fn(String) + Send + Sync + 'static) {
-    if ON_STALL.set(Box::new(on_stall)).is_err() {
+/// The slack by default (`--watchdog-slack`): the time the last answer may
+/// take to arrive once every limit of the transaction has passed.
+pub const DEFAULT_SLACK: Duration = Duration::from_secs(5);
+
+/// Starts the watchdog thread, once. A watch is overdue `slack` after its
+/// own bound; `on_stall` gets the line to print.
+pub fn start(slack: Duration, on_stall: impl Fn(String) + Send + Sync + 'static) {
+    if ON_STALL.set((slack, Box::new(on_stall))).is_err() {
         return;
     }
-    thread::spawn(|| loop {
+    thread::spawn(move || loop {
         thread::sleep(TICK);
         let overdue = WATCHES
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .find(|(_, _, started, bound)| started.elapsed() > *bound)
-            .map(|(_, what, _, bound)| (*what, *bound));
-        if let (Some((what, bound)), Some(on_stall)) = (overdue, ON_STALL.get()) {
+            .find(|(_, _, started, bound)| started.elapsed() > *bound + slack)
+            .map(|(_, what, _, bound)| (*what, *bound + slack));
+        if let (Some((what, bound)), Some((_, on_stall))) = (overdue, ON_STALL.get()) {
             let line = format!(
                 "{what}: no answer from the server within {} s, every limit included; \
                  its process may be frozen or its disk stalled, so this run stops here",
-                bound.as_secs()
+                seconds(bound)
             );
             if let Some(last_words) = LAST_WORDS
                 .lock()
@@ -57,6 +63,15 @@ pub fn start(on_stall: impl Fn(String) + Send + Sync + 'static) {
             on_stall(line);
         }
     });
+}
+
+/// Whole seconds as `8`, others as `2.5`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        d.as_secs().to_string()
+    } else {
+        format!("{:.1}", d.as_secs_f64())
+    }
 }
 
 /// Watches one piece of work that should end within `bound` (none: not
@@ -109,5 +124,16 @@ pub struct LastWordsGuard(());
 impl Drop for LastWordsGuard {
     fn drop(&mut self) {
         *LAST_WORDS.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_read_as_whole_or_tenths_of_seconds() {
+        assert_eq!(seconds(Duration::from_secs(8)), "8");
+        assert_eq!(seconds(Duration::from_millis(2500)), "2.5");
     }
 }

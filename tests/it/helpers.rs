@@ -350,15 +350,20 @@ pub fn raise_error(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
         .map(drop)
 }
 
-/// Runs a server tool as the postgres user when we are root (initdb and
-/// postgres refuse to run as root).
-pub fn as_postgres(program: &Path) -> std::process::Command {
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
     // `id -u` rather than libc: the test needs nothing unsafe.
     let uid = std::process::Command::new("id")
         .arg("-u")
         .output()
         .expect("id -u");
-    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+    String::from_utf8_lossy(&uid.stdout).trim() == "0"
+}
+
+/// Runs a server tool as the postgres user when we are root (initdb and
+/// postgres refuse to run as root).
+pub fn as_postgres(program: &Path) -> std::process::Command {
+    if is_root() {
         let mut cmd = std::process::Command::new("runuser");
         cmd.args(["-u", "postgres", "--"]).arg(program);
         cmd

@@ -9,6 +9,7 @@ mod helpers;
 mod main_job;
 mod messages;
 mod postgres_only;
+mod private_server;
 mod proxy;
 mod retry;
 mod schema;

@@ -57,6 +57,25 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn start(upstream: SocketAddr, delay: Duration) -> io::Result<Self> {
+        Self::start_with(upstream, delay, None)
+    }
+
+    /// Forwards to `upstream` at once, but every connection after the first
+    /// waits `stall` before it is carried: a client's connect attempt is
+    /// then inside libpq, waiting for the server's first answer, for that
+    /// long (a slow handshake, a server slow to accept).
+    ///
+    /// # Errors
+    /// Binding the listener.
+    pub fn stalling(upstream: SocketAddr, stall: Duration) -> io::Result<Self> {
+        Self::start_with(upstream, Duration::ZERO, Some(stall))
+    }
+
+    fn start_with(
+        upstream: SocketAddr,
+        delay: Duration,
+        stall: Option<Duration>,
+    ) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
@@ -75,10 +94,21 @@ impl Proxy {
                                 log.connections += 1;
                                 log.connections - 1
                             };
-                            if let Err(err) =
-                                carry(client, upstream, delay, id, log.clone(), &sockets)
-                            {
-                                eprintln!("proxy: connection {id}: {err}");
+                            let (log, sockets) = (log.clone(), sockets.clone());
+                            let go = move || {
+                                if let Err(err) = carry(client, upstream, delay, id, log, &sockets)
+                                {
+                                    eprintln!("proxy: connection {id}: {err}");
+                                }
+                            };
+                            match stall.filter(|_| id > 0) {
+                                // The stall is the fault itself, bounded by
+                                // its length.
+                                Some(stall) => drop(thread::spawn(move || {
+                                    thread::sleep(stall);
+                                    go();
+                                })),
+                                None => go(),
                             }
                         }
                         Err(err) if err.kind() == io::ErrorKind::WouldBlock => {

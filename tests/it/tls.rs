@@ -2,124 +2,134 @@
 //! PostgreSQL that accepts only TLS with scram-sha-256 passwords, a server
 //! certificate signed by a CA made for the test, and an application user
 //! that may only read and write `accounts`.
+//!
+//! One such server serves every test here (started by the first, its
+//! certificates made once); each test gets a database of its own.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{ChildStdin, Command, Output};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use crate::helpers::*;
+use crate::private_server::Cluster;
+use crate::proxy::Proxy;
 
 const SENTINEL: &str = "Sentinel-tls-Pa55";
-const ADMIN: &str = "postgres";
 
-/// A throwaway TLS-only server with database `bank`, the schema from
-/// dbinit.sql (run by the admin), and user `maxroach` set up as the README
-/// says.
+/// The TLS-only server with users `maxroach` (the README's application
+/// user), `nogrant` (no privileges) and `plainroach` (also admitted
+/// without TLS), all with password [`SENTINEL`].
 struct TlsServer {
     dir: PathBuf,
     port: u16,
-    bin: PathBuf,
+    cluster_conninfo: String,
+    /// Stops the server when the test process exits (see
+    /// [`Cluster::stop_when_this_process_exits`]).
+    _guardian: Mutex<ChildStdin>,
+}
+
+/// The shared server, started on first use.
+fn server() -> &'static TlsServer {
+    static SERVER: OnceLock<TlsServer> = OnceLock::new();
+    SERVER.get_or_init(TlsServer::start)
 }
 
 impl TlsServer {
     fn start() -> Self {
-        let dir = tempdir().keep();
-        let bin = pg_bindir();
-        make_certificates(&dir);
-        let data = dir.join("data");
-        fs::write(dir.join("pw"), "admin-password\n").unwrap();
-        run(Command::new("chown").args(["-R", "postgres:"]).arg(&dir));
-        run(as_postgres(&bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                ADMIN,
+        let cluster = Cluster::init(
+            &[
                 "--auth-local=trust",
                 "--auth-host=scram-sha-256",
-                "--no-instructions",
-            ])
-            .arg(format!("--pwfile={}", dir.join("pw").display())));
+                "--pwfile=pw",
+            ],
+            |dir| {
+                make_certificates(dir);
+                fs::write(dir.join("pw"), "admin-password\n").unwrap();
+            },
+        );
+        let dir = cluster.dir.clone();
         // Only TLS over TCP, but for one user who shows scram passwords
         // without TLS; the admin works through the Unix socket.
-        fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n\
-             hostnossl bank plainroach 127.0.0.1/32 scram-sha-256\n",
-        )
-        .unwrap();
-        let conf = format!(
-            "\nssl = on\nssl_cert_file = '{d}/server.crt'\nssl_key_file = '{d}/server.key'\n\
-             listen_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\nfsync = off\n",
-            d = dir.display()
+        cluster.configure(
+            &format!(
+                "ssl = on\nssl_cert_file = '{d}/server.crt'\nssl_key_file = '{d}/server.key'\n\
+                 listen_addresses = '127.0.0.1'\nfsync = off\nmax_connections = 100",
+                d = dir.display()
+            ),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n\
+             hostssl all all ::1/128 scram-sha-256\nhostnossl all plainroach 127.0.0.1/32 scram-sha-256\n",
         );
-        let mut postgresql_conf = fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        postgresql_conf.push_str(&conf);
-        fs::write(data.join("postgresql.conf"), postgresql_conf).unwrap();
-        run(Command::new("chown").args(["-R", "postgres:"]).arg(&dir));
-        // The server binds its port itself: a random one, and another if
-        // that one is taken (a port probed free and then handed over could
-        // be taken in between by a parallel test).
-        let mut attempts = 0;
-        let port = loop {
-            attempts += 1;
-            // Below the kernel's ephemeral range, so no client socket holds it.
-            let port: u16 = rand::random_range(10_000..20_000);
-            let started = as_postgres(&bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.join("log"))
-                .args(["-w", "-t", "60", "-o", &format!("-p {port}"), "start"])
-                .output()
-                .expect("pg_ctl");
-            if started.status.success() {
-                break port;
-            }
-            let log = fs::read_to_string(dir.join("log")).unwrap_or_default();
-            assert!(
-                attempts < 5 && log.contains("could not bind"),
-                "the TLS server did not start: {log}"
-            );
-        };
-        let server = Self { dir, port, bin };
-        server.admin_sql("postgres", "CREATE DATABASE bank");
-        let out = run(Command::new("psql")
+        let port = cluster.start_on_some_port();
+        cluster.psql(
+            port,
+            "postgres",
+            &[
+                "-c",
+                &format!(
+                    "CREATE USER maxroach WITH PASSWORD '{SENTINEL}';
+                     CREATE USER nogrant WITH PASSWORD '{SENTINEL}';
+                     CREATE USER plainroach WITH PASSWORD '{SENTINEL}';"
+                ),
+            ],
+        );
+        let cluster_conninfo = cluster.socket_conninfo(port, "postgres");
+        Self {
+            dir,
+            port,
+            cluster_conninfo,
+            _guardian: Mutex::new(cluster.stop_when_this_process_exits()),
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("ca.crt").display().to_string()
+    }
+}
+
+/// A database of its own on the shared server: the schema from dbinit.sql
+/// (run by the admin), and `maxroach` and `plainroach` granted what the
+/// README grants.
+struct TlsDb {
+    server: &'static TlsServer,
+    name: String,
+}
+
+impl TlsDb {
+    fn new() -> Self {
+        let server = server();
+        let name = format!("bank_{:08x}", rand::random::<u32>());
+        let db = Self { server, name };
+        db.admin_sql_in("postgres", &format!("CREATE DATABASE {}", db.name));
+        run(Command::new("psql")
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
             .arg(repo_root().join("dbinit.sql"))
-            .arg(server.admin_conninfo("bank")));
-        assert!(out.status.success());
-        // The README's application user, verbatim.
-        server.admin_sql(
-            "bank",
-            &format!(
-                "CREATE USER maxroach WITH PASSWORD '{SENTINEL}';
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;
-                 CREATE USER nogrant WITH PASSWORD '{SENTINEL}';
-                 CREATE USER plainroach WITH PASSWORD '{SENTINEL}';
-                 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO plainroach;"
-            ),
+            .arg(db.admin_conninfo(&db.name)));
+        // The README's grant, verbatim.
+        db.admin_sql(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO plainroach;",
         );
-        server
+        db
     }
 
     fn admin_conninfo(&self, database: &str) -> String {
-        format!(
-            "host={} port={} user={ADMIN} dbname={database}",
-            self.dir.display(),
-            self.port
-        )
+        self.server
+            .cluster_conninfo
+            .replace("dbname=postgres", &format!("dbname={database}"))
     }
 
-    fn admin_sql(&self, database: &str, sql: &str) -> String {
+    fn admin_sql_in(&self, database: &str, sql: &str) -> String {
         let out = run(Command::new("psql")
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .arg(self.admin_conninfo(database)));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    fn ca(&self) -> String {
-        self.dir.join("ca.crt").display().to_string()
+    fn admin_sql(&self, sql: &str) -> String {
+        self.admin_sql_in(&self.name, sql)
     }
 
     /// The application's URL: TLS verified against our CA, host `localhost`.
@@ -127,28 +137,19 @@ impl TlsServer {
         self.url_with(
             "localhost",
             SENTINEL,
-            &format!("sslmode=verify-full&sslrootcert={}", self.ca()),
+            &format!("sslmode=verify-full&sslrootcert={}", self.server.ca()),
         )
     }
 
     fn url_with(&self, host: &str, password: &str, params: &str) -> String {
-        format!(
-            "postgresql://maxroach:{password}@{host}:{}/bank?{params}",
-            self.port
-        )
+        self.url_on(host, self.server.port, password, params)
     }
-}
 
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .output();
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+    fn url_on(&self, host: &str, port: u16, password: &str, params: &str) -> String {
+        format!(
+            "postgresql://maxroach:{password}@{host}:{port}/{}?{params}",
+            self.name
+        )
     }
 }
 
@@ -226,25 +227,22 @@ fn assert_one_line_failure(out: &Output, expected: &str) {
 
 #[test]
 fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
-    let server = TlsServer::start();
-    let out = bank(&["--database-url", &server.url()]);
+    let db = TlsDb::new();
+    let out = bank(&["--database-url", &db.url()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lines(&out.stdout).len(), 115);
-    assert_eq!(
-        server.admin_sql("bank", "SELECT count(*) FROM accounts"),
-        "95"
-    );
+    assert_eq!(db.admin_sql("SELECT count(*) FROM accounts"), "95");
     // pg_hba.conf admits TCP connections only as hostssl, and the
     // sslmode=disable case below is refused: the job ran over TLS.
 
-    let other_ca = server.dir.join("other-ca.crt").display().to_string();
+    let other_ca = db.server.dir.join("other-ca.crt").display().to_string();
     let cases = [
         (
-            server.url_with(
+            db.url_with(
                 "localhost",
                 SENTINEL,
                 "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
@@ -252,7 +250,7 @@ fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
             "the CA certificate file /nonexistent/ca.crt does not exist",
         ),
         (
-            server.url_with(
+            db.url_with(
                 "localhost",
                 SENTINEL,
                 &format!("sslmode=verify-full&sslrootcert={other_ca}"),
@@ -260,22 +258,22 @@ fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
             "certificate could not be verified",
         ),
         (
-            server.url_with(
+            db.url_with(
                 "127.0.0.1",
                 SENTINEL,
-                &format!("sslmode=verify-full&sslrootcert={}", server.ca()),
+                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
             ),
             "does not match the host name",
         ),
         (
-            server.url_with("localhost", SENTINEL, "sslmode=disable"),
+            db.url_with("localhost", SENTINEL, "sslmode=disable"),
             "requires an encrypted connection",
         ),
         (
-            server.url_with(
+            db.url_with(
                 "localhost",
                 "wrong-password",
-                &format!("sslmode=verify-full&sslrootcert={}", server.ca()),
+                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
             ),
             "password authentication failed",
         ),
@@ -287,18 +285,15 @@ fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
 
 #[test]
 fn the_application_user_runs_the_job_but_may_not_change_the_schema() {
-    let server = TlsServer::start();
-    let url = server.url();
+    let db = TlsDb::new();
+    let url = db.url();
     let out = bank(&["--database-url", &url, "--accounts", "10", "--delete", "2"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        server.admin_sql("bank", "SELECT count(*) FROM accounts"),
-        "8"
-    );
+    assert_eq!(db.admin_sql("SELECT count(*) FROM accounts"), "8");
 
     // DDL is refused to it: migrations cannot create their bookkeeping table.
     let out = bank(&["--database-url", &url, "migrate"]);
@@ -320,26 +315,26 @@ fn the_application_user_runs_the_job_but_may_not_change_the_schema() {
 
 #[test]
 fn a_user_without_privileges_is_told_so_and_shown_the_grant() {
-    let server = TlsServer::start();
-    let url = server.url().replace("maxroach:", "nogrant:");
+    let db = TlsDb::new();
+    let url = db.url().replace("maxroach:", "nogrant:");
     let out = bank(&["--database-url", &url]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
         format!(
-            "bank: user nogrant may not read and write table \"accounts\" in nogrant@localhost:{}/bank; \
+            "bank: user nogrant may not read and write table \"accounts\" in nogrant@localhost:{}/{}; \
              an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO nogrant",
-            server.port
+            db.server.port, db.name
         )
     );
 }
 
 #[test]
 fn no_password_reaches_any_output_at_any_verbosity() {
-    let server = TlsServer::start();
+    let db = TlsDb::new();
     let (_reserved, closed) = refusing_port();
     let closed_url = format!("postgresql://maxroach:{SENTINEL}@127.0.0.1:{closed}/bank");
-    let wrong_ca = server.url_with(
+    let wrong_ca = db.url_with(
         "localhost",
         SENTINEL,
         "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
@@ -358,7 +353,7 @@ fn no_password_reaches_any_output_at_any_verbosity() {
         ],
         &["--accounts", "3", "--delete", "1"],
     ];
-    for (url, working) in [(server.url(), true), (closed_url, false), (wrong_ca, false)] {
+    for (url, working) in [(db.url(), true), (closed_url, false), (wrong_ca, false)] {
         for command in commands {
             for verbose in [false, true] {
                 let workdir = tempdir();
@@ -396,7 +391,7 @@ fn no_password_reaches_any_output_at_any_verbosity() {
     let dir = tempdir();
     fs::write(
         dir.path().join(".env"),
-        format!("DATABASE_URL={}\n", server.url()),
+        format!("DATABASE_URL={}\n", db.url()),
     )
     .unwrap();
     let out = bank_cmd(dir.path()).args(["--help"]).output().unwrap();
@@ -406,44 +401,76 @@ fn no_password_reaches_any_output_at_any_verbosity() {
     );
 }
 
-/// The workload with 16 workers starts connections on r2d2's background
-/// threads, which may still be inside libpq (and OpenSSL, which libpq uses
-/// for TLS and for scram) when the process exits; OpenSSL's exit-time
-/// cleanup then crashed it in about one run in four. Fifty clean exits.
-fn fifty_workloads_exit_cleanly(url: &str) {
-    for run in 1..=50 {
+/// r2d2 opens a pool's connections on background threads. A process that
+/// exited while one of them was inside libpq (and OpenSSL, which libpq uses
+/// for TLS and for scram) crashed in OpenSSL's exit-time cleanup, in about
+/// one run in four with 16 workers (issue #9). This makes that moment
+/// certain instead of likely: a proxy carries the first connection at once
+/// and stalls every later one for 1.5 s, so the second worker's checkout
+/// gives up after `--pool-timeout 0.5` while its connect is still inside
+/// libpq; the one connected worker finishes, and the process must wait for
+/// that connect before it exits, and exit 0. (With the wait removed, the
+/// flight count below fails every run.)
+fn exits_cleanly_with_a_connect_in_flight(db: &TlsDb, user: &str, host: &str, params: &str) {
+    let upstream: SocketAddr = format!("127.0.0.1:{}", db.server.port).parse().unwrap();
+    for run in 1..=3 {
+        let proxy = Proxy::stalling(upstream, Duration::from_millis(1500)).unwrap();
+        let url = db
+            .url_on(host, proxy.port(), SENTINEL, params)
+            .replace("maxroach:", &format!("{user}:"));
         let out = bank(&[
             "--database-url",
-            url,
+            &url,
+            "--pool-timeout",
+            "0.5",
+            "-v",
             "workload",
             "--workers",
-            "16",
+            "2",
             "--accounts",
-            "20",
+            "4",
             "--transfers",
             "10",
         ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
             Some(0),
-            "run {run}: {:?} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "run {run}: {:?} {stderr}",
+            out.status
         );
+        // The cause, not just the outcome: a worker went without, and the
+        // process waited for the connect still under way when it was done.
+        assert!(
+            stderr.contains("1 of 2 workers got no connection and do not run"),
+            "run {run}: {stderr}"
+        );
+        // The stalled connect went on talking to the server after the
+        // stall, so the process was still there: it waited, rather than
+        // exit with the connect inside libpq. (A process that did not wait
+        // leaves one flight, sent before it died, on that connection.)
+        let flights = proxy
+            .round_trips()
+            .iter()
+            .filter(|rt| rt.connection == 1)
+            .count();
+        assert!(
+            flights >= 2,
+            "run {run}: the stalled connect was abandoned at exit ({flights} flights): {stderr}"
+        );
+        assert!(!stderr.contains(SENTINEL), "run {run}: {stderr}");
     }
 }
 
 #[test]
-fn the_workload_over_tls_with_scram_exits_cleanly_fifty_times() {
-    let server = TlsServer::start();
-    fifty_workloads_exit_cleanly(&server.url());
+fn the_workload_over_tls_with_scram_exits_cleanly_with_a_connect_in_flight() {
+    let db = TlsDb::new();
+    let params = format!("sslmode=verify-full&sslrootcert={}", db.server.ca());
+    exits_cleanly_with_a_connect_in_flight(&db, "maxroach", "localhost", &params);
 }
 
 #[test]
-fn the_workload_with_scram_without_tls_exits_cleanly_fifty_times() {
-    let server = TlsServer::start();
-    let url = server
-        .url_with("127.0.0.1", SENTINEL, "sslmode=disable")
-        .replace("maxroach:", "plainroach:");
-    fifty_workloads_exit_cleanly(&url);
+fn the_workload_with_scram_without_tls_exits_cleanly_with_a_connect_in_flight() {
+    let db = TlsDb::new();
+    exits_cleanly_with_a_connect_in_flight(&db, "plainroach", "127.0.0.1", "sslmode=disable");
 }

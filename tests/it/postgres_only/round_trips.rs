@@ -77,7 +77,7 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     ))
     .unwrap();
     let manager = bank::db::Manager::new(&url).without_statement_cache();
-    let pool = bank::db::pool_of(manager, 1).unwrap();
+    let pool = bank::db::pool_of(manager, 1, bank::db::POOL_CHECKOUT_WAIT).unwrap();
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
     let plan = Plan::new(100, 5, Batches::default()).unwrap();
