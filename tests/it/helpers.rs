@@ -396,3 +396,160 @@ pub fn pg_bindir() -> PathBuf {
     });
     dirs.pop().expect("an initdb")
 }
+
+/// The one line a failed run printed on stderr, which must be one line.
+pub fn one_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
+/// The accounts a run printed as created ("Created new account with id ..."
+/// lines), with their balances, sorted by id.
+pub fn printed_accounts(stdout: &[String]) -> Vec<(uuid::Uuid, i64)> {
+    let mut printed: Vec<(uuid::Uuid, i64)> = stdout
+        .iter()
+        .filter_map(|line| line.strip_prefix("Created new account with id "))
+        .map(|rest| {
+            let (id, balance) = rest.split_once(" and balance ").expect("an account line");
+            (
+                id.parse().expect("an id"),
+                balance.trim_end_matches('.').parse().expect("a balance"),
+            )
+        })
+        .collect();
+    printed.sort();
+    printed
+}
+
+/// The `bank` binary with `args`, started from an empty directory with its
+/// output piped; `prefix` runs it through another program first (`ip netns
+/// exec NS`). Keep the directory for as long as the child runs.
+pub fn spawn_bank(prefix: &[&str], args: &[&str]) -> (std::process::Child, tempfile::TempDir) {
+    let workdir = tempdir();
+    let bank = env!("CARGO_BIN_EXE_bank");
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(rest).arg(bank);
+            cmd
+        }
+        None => std::process::Command::new(bank),
+    };
+    let child = cmd
+        .args(args)
+        .current_dir(workdir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start bank");
+    (child, workdir)
+}
+
+/// Waits for `child` to end by itself, `bound` after `began` at the most
+/// (then kills it), calling `tick` every 20 ms meanwhile; returns its
+/// output, how long it ran since `began`, and whether it ended by itself.
+pub fn wait_bounded_with(
+    mut child: std::process::Child,
+    began: Instant,
+    bound: Duration,
+    mut tick: impl FnMut(),
+) -> (Output, Duration, bool) {
+    let mut ended = false;
+    while began.elapsed() < bound {
+        if child.try_wait().expect("try_wait").is_some() {
+            ended = true;
+            break;
+        }
+        tick();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !ended {
+        let _ = child.kill();
+    }
+    let took = began.elapsed();
+    (child.wait_with_output().expect("the child's output"), took, ended)
+}
+
+/// [`wait_bounded_with`] with nothing to do meanwhile.
+pub fn wait_bounded(
+    child: std::process::Child,
+    began: Instant,
+    bound: Duration,
+) -> (Output, Duration, bool) {
+    wait_bounded_with(child, began, bound, || {})
+}
+
+/// The advisory lock the lock-holding trigger waits for.
+pub const HELD_LOCK: i64 = 4242;
+
+/// Where the lock-holding trigger holds a statement of the app's.
+#[derive(Clone, Copy)]
+pub enum HoldAt {
+    /// Before the statement (`INSERT`, `UPDATE` or `DELETE` on accounts).
+    Statement(&'static str),
+    /// Only the first such statement of the database's life.
+    FirstStatement(&'static str),
+    /// At the COMMIT of the transaction that ran it (a deferred trigger).
+    Commit(&'static str),
+}
+
+/// Installs the trigger that makes the chosen statement (or COMMIT) wait
+/// for advisory lock [`HELD_LOCK`], and takes that lock on `holder`, which
+/// keeps it until it is dropped or unlocks it. The harness then sees the
+/// app's backend waiting ([`backend_waiting_for_the_lock`]) and acts at
+/// that moment, without sleeping to synchronise.
+pub fn hold_at(admin: &mut PgConnection, holder: &mut PgConnection, at: HoldAt) {
+    use diesel::connection::SimpleConnection;
+    let wait = format!("PERFORM pg_advisory_xact_lock({HELD_LOCK});");
+    let (body, trigger) = match at {
+        HoldAt::Statement(op) => (
+            wait,
+            format!("CREATE TRIGGER wait_for_lock BEFORE {op} ON accounts FOR EACH STATEMENT"),
+        ),
+        HoldAt::FirstStatement(op) => (
+            format!("IF nextval('held_statements') = 1 THEN {wait} END IF;"),
+            format!("CREATE TRIGGER wait_for_lock BEFORE {op} ON accounts FOR EACH STATEMENT"),
+        ),
+        HoldAt::Commit(op) => (
+            wait,
+            format!(
+                "CREATE CONSTRAINT TRIGGER wait_for_lock AFTER {op} ON accounts \
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+            ),
+        ),
+    };
+    admin
+        .batch_execute(&format!(
+            "CREATE SEQUENCE held_statements;
+             CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
+             BEGIN {body} RETURN NULL; END $$ LANGUAGE plpgsql;
+             {trigger} EXECUTE FUNCTION wait_for_lock()"
+        ))
+        .expect("install the lock-holding trigger");
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({HELD_LOCK})"))
+        .expect("take the lock");
+}
+
+/// The pid of a backend of database `datname` waiting for [`HELD_LOCK`],
+/// looked for at most 400 times, 50 ms apart.
+pub fn backend_waiting_for_the_lock(watcher: &mut PgConnection, datname: &str) -> i32 {
+    for _ in 0..400 {
+        let pid: Option<i32> = scalar::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(
+            watcher,
+            &format!(
+                "(SELECT pid FROM pg_stat_activity WHERE datname = '{datname}' \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory' LIMIT 1)"
+            ),
+        )
+        .expect("read pg_stat_activity");
+        if let Some(pid) = pid {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no backend of {datname} ever waited for the lock");
+}

@@ -10,12 +10,6 @@ use diesel::connection::SimpleConnection;
 
 use crate::helpers::*;
 
-fn one_line(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
-    stderr.trim_end().to_owned()
-}
-
 /// Runs the main job with a statement timeout of 1 s, and checks it ended
 /// within a bound that leaves 9 s to spare.
 fn run_bounded(db: &TestDb, extra: &[&str]) -> Output {
@@ -41,19 +35,11 @@ fn run_bounded(db: &TestDb, extra: &[&str]) -> Output {
     out
 }
 
-/// A trigger that makes `operation` on accounts wait for advisory lock 4242,
-/// which the returned connection holds until it is dropped.
-fn hold_lock_for(db: &TestDb, operation: &str) -> diesel::PgConnection {
-    db.exec(&format!(
-        "CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
-         BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$ LANGUAGE plpgsql;
-         CREATE TRIGGER wait_for_lock BEFORE {operation} ON accounts
-         FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock()"
-    ));
+/// Holds `operation` on accounts behind the lock the returned connection
+/// holds until it is dropped.
+fn hold_lock_for(db: &TestDb, operation: &'static str) -> diesel::PgConnection {
     let mut holder = db.conn();
-    holder
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .expect("take the lock");
+    hold_at(&mut db.conn(), &mut holder, HoldAt::Statement(operation));
     holder
 }
 
@@ -86,18 +72,8 @@ fn a_lock_never_released_in_the_transfer_ends_it_with_the_accounts_shown_and_unt
     // those, with the balances they were created with.
     let stdout = lines(&out.stdout);
     assert_eq!(stdout.len(), 11, "{stdout:#?}");
-    let mut printed: Vec<(uuid::Uuid, i64)> = stdout[1..]
-        .iter()
-        .map(|line| {
-            let rest = line.strip_prefix("Created new account with id ").unwrap();
-            let (id, balance) = rest.split_once(" and balance ").unwrap();
-            (
-                id.parse().unwrap(),
-                balance.trim_end_matches('.').parse().unwrap(),
-            )
-        })
-        .collect();
-    printed.sort();
+    let printed = printed_accounts(&stdout);
+    assert_eq!(printed.len(), 10, "{stdout:#?}");
     assert_eq!(db.accounts(), printed);
 }
 
@@ -237,94 +213,47 @@ fn signal(which: &str, pid: i32) {
     assert!(status.success(), "kill {which} {pid}");
 }
 
-/// The pid of the app's backend once it waits for advisory lock 4242,
-/// looked for at most 200 times, 50 ms apart.
-fn backend_waiting_for_the_lock(db: &TestDb) -> i32 {
-    let mut watcher = db.conn();
-    for _ in 0..200 {
-        let pid: Option<i32> =
-            scalar::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(
-                &mut watcher,
-                &format!(
-                    "(SELECT pid FROM pg_stat_activity WHERE datname = '{}' \
-                 AND wait_event_type = 'Lock' AND wait_event = 'advisory' LIMIT 1)",
-                    db.name
-                ),
-            )
-            .unwrap();
-        if let Some(pid) = pid {
-            return pid;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the app's backend never waited for the lock");
-}
-
-/// Starts the app with `args`, its output piped.
-fn spawn_bank(args: &[&str]) -> (std::process::Child, tempfile::TempDir) {
-    let workdir = tempdir();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bank"))
-        .current_dir(workdir.path())
-        .env_remove("DATABASE_URL")
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    (child, workdir)
-}
-
 /// Waits 30 s at the most for `child` to end by itself (killing it after
 /// that), then resumes the frozen backend; returns what the child printed
-/// and whether it ended by itself.
-fn wait_ending(mut child: std::process::Child, frozen: Frozen) -> (Output, bool) {
-    let mut ended = false;
-    for _ in 0..600 {
-        if child.try_wait().unwrap().is_some() {
-            ended = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if !ended {
-        let _ = child.kill();
-    }
+/// and how long it ran since `began`.
+fn wait_ending(child: std::process::Child, began: Instant, frozen: Frozen) -> (Output, Duration) {
+    let (out, took, ended) = wait_bounded(child, began, Duration::from_secs(30));
     drop(frozen);
-    (child.wait_with_output().unwrap(), ended)
+    assert!(ended, "the run did not end within 30 s");
+    (out, took)
 }
 
-const STALL: &str = "no answer from the server within 8 s, every limit included; \
+/// The limits the frozen-backend runs set: a deadline of 1 s, one
+/// statement's wait of 1 s, and the watchdog's slack of 1 s (5 s in
+/// production) after them, so the watchdog ends the run after 3 s.
+const FROZEN_LIMITS: [&str; 6] = [
+    "--tx-deadline",
+    "1",
+    "--statement-timeout",
+    "1",
+    "--watchdog-slack",
+    "1",
+];
+
+const STALL: &str = "no answer from the server within 3 s, every limit included; \
                      its process may be frozen or its disk stalled, so this run stops here";
 
 /// Freezes the job's backend while its `operation` waits for a lock, lets
 /// the lock go, and checks the job ends within its bound with one line
 /// naming `phase`; returns what it printed on stdout.
-fn frozen_in(operation: &str, phase: &str) -> Vec<String> {
+fn frozen_in(operation: &'static str, phase: &str) -> Vec<String> {
     let db = TestDb::migrated();
     let holder = hold_lock_for(&db, operation);
     let url = db.url_string();
     let began = Instant::now();
-    let (child, _workdir) = spawn_bank(&[
-        "--database-url",
-        &url,
-        "--accounts",
-        "10",
-        "--delete",
-        "2",
-        "--tx-deadline",
-        "2",
-        "--statement-timeout",
-        "1",
-    ]);
+    let mut args = vec!["--database-url", &url, "--accounts", "10", "--delete", "2"];
+    args.extend(FROZEN_LIMITS);
+    let (child, _workdir) = spawn_bank(&[], &args);
     // Freeze the backend while it waits, then let the lock go: a stopped
     // process neither takes it nor runs its statement timeout.
-    let frozen = Frozen::stop(backend_waiting_for_the_lock(&db));
+    let frozen = Frozen::stop(backend_waiting_for_the_lock(&mut db.conn(), &db.name));
     drop(holder);
-    let (out, ended) = wait_ending(child, frozen);
-    let took = began.elapsed();
-    assert!(ended, "the run did not end within 30 s");
-    // The bound: the deadline (2 s), one statement's wait (1 s), 5 s more.
-    assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
+    let (out, took) = wait_ending(child, began, frozen);
     eprintln!(
         "frozen backend while {phase}: the job ended after {:.1} s: {}",
         took.as_secs_f64(),
@@ -362,29 +291,13 @@ fn a_frozen_backend_ends_the_workload_with_its_report_so_far() {
     let db = TestDb::migrated();
     // Only the first transfer waits for the lock: the others go on, and
     // with 1,000 accounts they rarely touch the frozen one's two.
-    db.exec(
-        "CREATE SEQUENCE updates;
-         CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
-         BEGIN
-             IF nextval('updates') = 1 THEN PERFORM pg_advisory_xact_lock(4242); END IF;
-             RETURN NULL;
-         END $$ LANGUAGE plpgsql;
-         CREATE TRIGGER wait_for_lock BEFORE UPDATE ON accounts
-         FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock()",
-    );
     let mut holder = db.conn();
-    holder
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .expect("take the lock");
+    hold_at(&mut db.conn(), &mut holder, HoldAt::FirstStatement("UPDATE"));
     let url = db.url_string();
     let began = Instant::now();
-    let (child, _workdir) = spawn_bank(&[
-        "--database-url",
-        &url,
-        "--tx-deadline",
-        "2",
-        "--statement-timeout",
-        "1",
+    let mut args = vec!["--database-url", &url];
+    args.extend(FROZEN_LIMITS);
+    args.extend([
         "workload",
         "--workers",
         "3",
@@ -394,14 +307,12 @@ fn a_frozen_backend_ends_the_workload_with_its_report_so_far() {
         "1",
         "--json",
     ]);
+    let (child, _workdir) = spawn_bank(&[], &args);
     // One worker's backend frozen while it waits; the others go on once
     // the lock is free, until the duration ends.
-    let frozen = Frozen::stop(backend_waiting_for_the_lock(&db));
+    let frozen = Frozen::stop(backend_waiting_for_the_lock(&mut db.conn(), &db.name));
     drop(holder);
-    let (out, ended) = wait_ending(child, frozen);
-    let took = began.elapsed();
-    assert!(ended, "the workload did not end within 30 s");
-    assert!(took < Duration::from_secs(8 + 7), "took {took:?}");
+    let (out, took) = wait_ending(child, began, frozen);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(one_line(&out), format!("bank: transferring: {STALL}"));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)

@@ -9,17 +9,15 @@
 //! server through its Unix socket, which namespaces do not separate.
 //! Everything is removed when the [`NsServer`] is dropped. Needs root.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
 
 use bank::config::DbUrl;
 use bank::db;
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::{Integer, Nullable};
 use diesel::PgConnection;
 
 use crate::helpers::*;
+use crate::private_server::Cluster;
 
 const SERVER_ADDR: &str = "10.99.0.1";
 const CLIENT_ADDR: &str = "10.99.0.2";
@@ -35,88 +33,43 @@ pub struct NsServer {
     pub server_ns: String,
     pub client_ns: String,
     link: String,
-    dir: PathBuf,
-    bin: PathBuf,
+    /// Always there until dropped; stopped before the namespaces go.
+    cluster: Option<Cluster>,
 }
 
 impl NsServer {
     pub fn start() -> Self {
         let tag = format!("{:08x}", rand::random::<u32>());
-        let server = Self {
+        let mut server = Self {
             server_ns: format!("bks{tag}"),
             client_ns: format!("bkc{tag}"),
             link: format!("vs{tag}"),
-            dir: tempdir().keep(),
-            bin: pg_bindir(),
+            cluster: None,
         };
         // From here on, Drop removes whatever was made.
         let (s, c) = (server.server_ns.as_str(), server.client_ns.as_str());
         ip(&["netns", "add", s]);
         ip(&["netns", "add", c]);
         let peer = format!("vc{tag}");
-        ip(&[
-            "-n",
-            s,
-            "link",
-            "add",
-            &server.link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            c,
-        ]);
-        ip(&[
-            "-n",
-            s,
-            "addr",
-            "add",
-            &format!("{SERVER_ADDR}/30"),
-            "dev",
-            &server.link,
-        ]);
-        ip(&[
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{CLIENT_ADDR}/30"),
-            "dev",
-            &peer,
-        ]);
-        for (ns, dev) in [(s, "lo"), (c, "lo"), (s, server.link.as_str()), (c, &peer)] {
+        let link = server.link.as_str();
+        ip(&["-n", s, "link", "add", link, "type", "veth", "peer", "name", &peer, "netns", c]);
+        ip(&["-n", s, "addr", "add", &format!("{SERVER_ADDR}/30"), "dev", link]);
+        ip(&["-n", c, "addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", &peer]);
+        for (ns, dev) in [(s, "lo"), (c, "lo"), (s, link), (c, &peer)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
 
-        let data = server.dir.join("data");
-        run(Command::new("chown")
-            .args(["-R", "postgres:"])
-            .arg(&server.dir));
-        run(as_postgres(&server.bin.join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-instructions"]));
+        let cluster = Cluster::init(&["--auth=trust"], |_| {}).in_netns(s);
         // fsync off: the OS keeps what a killed server wrote. Commits stay
         // synchronous: with synchronous_commit off, a crash restart loses
         // the last commits, and the tests would see accounts vanish (they
         // did, before this was on).
-        let conf = format!(
-            "\nlisten_addresses = '{SERVER_ADDR}'\nport = 5432\nunix_socket_directories = '{d}'\n\
-             fsync = off\nmax_connections = 60\n",
-            d = server.dir.display()
+        cluster.configure(
+            &format!("listen_addresses = '{SERVER_ADDR}'\nport = 5432\nfsync = off\nmax_connections = 60"),
+            &format!("local all all trust\nhost all all {CLIENT_ADDR}/32 trust\n"),
         );
-        let path = data.join("postgresql.conf");
-        let mut postgresql_conf = std::fs::read_to_string(&path).unwrap();
-        postgresql_conf.push_str(&conf);
-        std::fs::write(&path, postgresql_conf).unwrap();
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            format!("local all all trust\nhost all all {CLIENT_ADDR}/32 trust\n"),
-        )
-        .unwrap();
-        server.pg_ctl(&["-l", &server.dir.join("log").to_string_lossy(), "start"]);
+        cluster.start();
+        server.cluster = Some(cluster);
         server
             .admin("postgres")
             .batch_execute("CREATE DATABASE bank")
@@ -125,44 +78,20 @@ impl NsServer {
         server
     }
 
-    /// `pg_ctl` on this server, run inside its namespace; waits for it.
-    fn pg_ctl(&self, args: &[&str]) {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.server_ns,
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-        ])
-        .arg(self.bin.join("pg_ctl"))
-        .arg("-D")
-        .arg(self.dir.join("data"))
-        .args(["-w", "-t", "60"])
-        .args(args)
-        // pg_ctl's server inherits these; a pipe would keep the test's
-        // output open for as long as the server runs.
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        run(&mut cmd);
+    fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("the server's cluster")
     }
 
     /// Restarts the server: `mode` is `immediate` (a crash: no backend
     /// finishes anything) or `fast` (backends told to end, then a clean
     /// shutdown).
     pub fn restart(&self, mode: &str) {
-        self.pg_ctl(&["-m", mode, "restart"]);
+        self.cluster().restart(mode);
     }
 
     /// The harness's own way in, through the Unix socket.
     pub fn admin_url(&self, database: &str) -> DbUrl {
-        DbUrl::parse(&format!(
-            "host={} port=5432 user=postgres dbname={database}",
-            self.dir.display()
-        ))
-        .unwrap()
+        DbUrl::parse(&self.cluster().socket_conninfo(5432, database)).unwrap()
     }
 
     pub fn admin(&self, database: &str) -> PgConnection {
@@ -172,6 +101,18 @@ impl NsServer {
     /// The URL the program under test uses, from the client namespace.
     pub fn client_url(&self) -> String {
         format!("postgresql://postgres@{SERVER_ADDR}:5432/bank")
+    }
+
+    /// The client URL with dead-peer detection in about 2 s instead of the
+    /// production 15 s (keepalives after 1 s idle, 1 probe; data
+    /// unacknowledged for 1.5 s) and connects given up after 2 s: a fault
+    /// test sets the bounds it exercises instead of waiting them out.
+    pub fn fast_detection_url(&self) -> String {
+        format!(
+            "{}?keepalives_idle=1&keepalives_interval=1&keepalives_count=1\
+             &tcp_user_timeout=1500&connect_timeout=2",
+            self.client_url()
+        )
     }
 
     /// The same URL as the library parses it.
@@ -191,81 +132,18 @@ impl NsServer {
     }
 
     /// The `bank` binary with `args`, started in the client namespace.
-    pub fn spawn_bank(&self, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.client_ns])
-            .arg(env!("CARGO_BIN_EXE_bank"))
-            .args(args)
-            .current_dir(std::env::temp_dir())
-            .env_remove("DATABASE_URL")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start bank in the client namespace")
-    }
-
-    /// The pid of a backend of database `bank` waiting for advisory lock
-    /// 4242, looked for at most 400 times, 50 ms apart.
-    pub fn backend_waiting_for_the_lock(&self, admin: &mut PgConnection) -> i32 {
-        for _ in 0..400 {
-            let pid: Option<i32> = scalar::<Nullable<Integer>, _>(
-                admin,
-                "(SELECT pid FROM pg_stat_activity WHERE datname = 'bank' \
-                 AND wait_event_type = 'Lock' AND wait_event = 'advisory' LIMIT 1)",
-            )
-            .unwrap();
-            if let Some(pid) = pid {
-                return pid;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no backend ever waited for the lock");
+    pub fn spawn_bank(&self, args: &[&str]) -> (Child, tempfile::TempDir) {
+        spawn_bank(&["ip", "netns", "exec", &self.client_ns], args)
     }
 }
 
 impl Drop for NsServer {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.server_ns,
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-            ])
-            .arg(self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // The server first, while its namespace is there to run pg_ctl in.
+        drop(self.cluster.take());
         // Deleting a namespace deletes the veth end in it, and so the pair.
         for ns in [&self.server_ns, &self.client_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Waits for `child` to end by itself, `bound` at the most (then kills it);
-/// returns its output, how long it ran since `began`, and whether it ended
-/// by itself.
-pub fn wait_bounded(mut child: Child, began: Instant, bound: Duration) -> (Output, Duration, bool) {
-    let mut ended = false;
-    while began.elapsed() < bound {
-        if child.try_wait().unwrap().is_some() {
-            ended = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if !ended {
-        let _ = child.kill();
-    }
-    let took = began.elapsed();
-    (child.wait_with_output().unwrap(), took, ended)
 }

@@ -15,46 +15,15 @@
 
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
-use diesel::PgConnection;
-
 use super::netns::NsServer;
 use crate::helpers::*;
 
-/// Past the client's dead-peer detection (keepalives after 5 s idle, then
-/// `tcp_user_timeout` 15 s), so the connection is really lost.
-const LONG_CUT: Duration = Duration::from_secs(20);
+/// Past the client's dead-peer detection, which the tests' URL sets to
+/// about 2 s ([`NsServer::fast_detection_url`]; 15 s in production), so
+/// the connection is really lost.
+const LONG_CUT: Duration = Duration::from_secs(4);
 /// Every run here must end by itself within this.
 const BOUND: Duration = Duration::from_secs(60);
-
-/// Where the job is held when the link goes down.
-#[derive(Clone, Copy)]
-enum At {
-    /// Inside the phase's statement (`INSERT`, `UPDATE` or `DELETE`).
-    Statement(&'static str),
-    /// Inside the COMMIT of the transaction that ran it.
-    Commit(&'static str),
-}
-
-fn hold_at(admin: &mut PgConnection, at: At) {
-    admin
-        .batch_execute(
-            "CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
-             BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$ LANGUAGE plpgsql",
-        )
-        .unwrap();
-    let trigger = match at {
-        At::Statement(op) => format!(
-            "CREATE TRIGGER wait_for_lock BEFORE {op} ON accounts \
-             FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock()"
-        ),
-        At::Commit(op) => format!(
-            "CREATE CONSTRAINT TRIGGER wait_for_lock AFTER {op} ON accounts \
-             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_for_lock()"
-        ),
-    };
-    admin.batch_execute(&trigger).unwrap();
-}
 
 /// What a partitioned run left: its output, how long it took, and the
 /// server, to read what it holds.
@@ -69,17 +38,14 @@ struct Partitioned {
 /// Runs the main job with 10 accounts and 2 deletions, cuts the link when
 /// it is held `at`, and mends it after `cut_for` (never, with `None`, until
 /// the run ended).
-fn partition(at: At, cut_for: Option<Duration>) -> Partitioned {
+fn partition(at: HoldAt, cut_for: Option<Duration>) -> Partitioned {
     let server = NsServer::start();
     let mut admin = server.admin("bank");
-    hold_at(&mut admin, at);
     let mut holder = server.admin("bank");
-    holder
-        .batch_execute("SELECT pg_advisory_lock(4242)")
-        .unwrap();
-    let url = server.client_url();
+    hold_at(&mut admin, &mut holder, at);
+    let url = server.fast_detection_url();
     let began = Instant::now();
-    let child = server.spawn_bank(&[
+    let (child, _workdir) = server.spawn_bank(&[
         "--database-url",
         &url,
         "--accounts",
@@ -88,31 +54,24 @@ fn partition(at: At, cut_for: Option<Duration>) -> Partitioned {
         "2",
         "--statement-timeout",
         "3",
+        // Longer than the cut, with room for a connect under way at the
+        // mend to time out (connect_timeout 2 s) and be tried again.
+        "--pool-timeout",
+        "6",
     ]);
-    server.backend_waiting_for_the_lock(&mut admin);
+    backend_waiting_for_the_lock(&mut admin, "bank");
     server.cut();
     drop(holder);
     // Until the run ends: the link is mended once `cut_for` has passed
     // (the partition's length: the fault itself, not a synchronisation).
     let mend_at = cut_for.map(|cut_for| Instant::now() + cut_for);
     let mut mended = false;
-    let mut child = child;
-    let ended = loop {
+    let (out, took, ended) = wait_bounded_with(child, began, BOUND, || {
         if !mended && mend_at.is_some_and(|at| Instant::now() >= at) {
             server.mend();
             mended = true;
         }
-        if child.try_wait().unwrap().is_some() {
-            break true;
-        }
-        if began.elapsed() > BOUND {
-            let _ = child.kill();
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let took = began.elapsed();
-    let out = child.wait_with_output().unwrap();
+    });
     server.mend();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(ended, "the job did not end within {BOUND:?}: {stderr}");
@@ -146,22 +105,8 @@ impl Partitioned {
         );
     }
 
-    /// The accounts the job printed as created, with their balances.
     fn printed_accounts(&self) -> Vec<(uuid::Uuid, i64)> {
-        let mut printed: Vec<(uuid::Uuid, i64)> = self
-            .stdout
-            .iter()
-            .filter_map(|line| line.strip_prefix("Created new account with id "))
-            .map(|rest| {
-                let (id, balance) = rest.split_once(" and balance ").unwrap();
-                (
-                    id.parse().unwrap(),
-                    balance.trim_end_matches('.').parse().unwrap(),
-                )
-            })
-            .collect();
-        printed.sort();
-        printed
+        printed_accounts(&self.stdout)
     }
 }
 
@@ -188,8 +133,8 @@ fn assert_completed(run: &Partitioned) {
 
 #[test]
 fn a_partition_in_the_create_phase_is_retried_on_a_new_connection() {
-    let run = partition(At::Statement("INSERT"), Some(LONG_CUT));
-    run.report("in the create phase, 20 s");
+    let run = partition(HoldAt::Statement("INSERT"), Some(LONG_CUT));
+    run.report("in the create phase");
     assert_completed(&run);
     assert_eq!(
         run.printed_accounts().len(),
@@ -200,23 +145,23 @@ fn a_partition_in_the_create_phase_is_retried_on_a_new_connection() {
 
 #[test]
 fn a_partition_in_the_transfer_is_retried_on_a_new_connection() {
-    let run = partition(At::Statement("UPDATE"), Some(LONG_CUT));
-    run.report("in the transfer, 20 s");
+    let run = partition(HoldAt::Statement("UPDATE"), Some(LONG_CUT));
+    run.report("in the transfer");
     assert_completed(&run);
     assert_eq!(run.printed_accounts().len(), 10);
 }
 
 #[test]
 fn a_partition_in_the_delete_phase_is_retried_on_a_new_connection() {
-    let run = partition(At::Statement("DELETE"), Some(LONG_CUT));
-    run.report("in the delete phase, 20 s");
+    let run = partition(HoldAt::Statement("DELETE"), Some(LONG_CUT));
+    run.report("in the delete phase");
     assert_completed(&run);
 }
 
 #[test]
 fn a_partition_during_the_create_commit_is_reported_ambiguous_and_applied_once() {
-    let run = partition(At::Commit("INSERT"), Some(LONG_CUT));
-    run.report("during the create phase's COMMIT, 20 s");
+    let run = partition(HoldAt::Commit("INSERT"), Some(LONG_CUT));
+    run.report("during the create phase's COMMIT");
     assert_eq!(run.out.status.code(), Some(1));
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
     assert!(run.stderr.starts_with(AMBIGUOUS_CREATE), "{}", run.stderr);
@@ -230,8 +175,8 @@ fn a_partition_during_the_create_commit_is_reported_ambiguous_and_applied_once()
 
 #[test]
 fn a_partition_during_the_transfer_commit_is_reported_ambiguous_and_applied_once() {
-    let run = partition(At::Commit("UPDATE"), Some(LONG_CUT));
-    run.report("during the transfer's COMMIT, 20 s");
+    let run = partition(HoldAt::Commit("UPDATE"), Some(LONG_CUT));
+    run.report("during the transfer's COMMIT");
     assert_eq!(run.out.status.code(), Some(1));
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
     assert!(run.stderr.starts_with(AMBIGUOUS_TRANSFER), "{}", run.stderr);
@@ -252,7 +197,7 @@ fn a_partition_during_the_transfer_commit_is_reported_ambiguous_and_applied_once
 
 #[test]
 fn a_partition_that_outlasts_the_bounds_ends_the_job_with_one_line() {
-    let run = partition(At::Statement("UPDATE"), None);
+    let run = partition(HoldAt::Statement("UPDATE"), None);
     run.report("in the transfer, never mended");
     assert_eq!(run.out.status.code(), Some(1));
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);

@@ -10,10 +10,9 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
 use diesel::sql_types::BigInt;
 
-use super::netns::{wait_bounded, NsServer};
+use super::netns::NsServer;
 use crate::helpers::*;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -21,18 +20,12 @@ const BOUND: Duration = Duration::from_secs(60);
 fn main_job_through_a_restart(mode: &str) {
     let server = NsServer::start();
     let mut admin = server.admin("bank");
-    admin
-        .batch_execute(
-            "CREATE FUNCTION wait_for_lock() RETURNS trigger AS $$
-             BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$ LANGUAGE plpgsql;
-             CREATE TRIGGER wait_for_lock BEFORE UPDATE ON accounts
-             FOR EACH STATEMENT EXECUTE FUNCTION wait_for_lock();
-             SELECT pg_advisory_lock(4242)",
-        )
-        .unwrap();
+    // The restart ends the holder's session too, which frees the lock.
+    let mut holder = server.admin("bank");
+    hold_at(&mut admin, &mut holder, HoldAt::Statement("UPDATE"));
     let url = server.client_url();
     let began = Instant::now();
-    let child = server.spawn_bank(&[
+    let (child, _workdir) = server.spawn_bank(&[
         "--database-url",
         &url,
         "--accounts",
@@ -42,8 +35,7 @@ fn main_job_through_a_restart(mode: &str) {
         "--statement-timeout",
         "3",
     ]);
-    let mut watcher = server.admin("bank");
-    server.backend_waiting_for_the_lock(&mut watcher);
+    backend_waiting_for_the_lock(&mut admin, "bank");
     server.restart(mode);
     let (out, took, ended) = wait_bounded(child, began, BOUND);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -86,7 +78,7 @@ fn workload_through_a_restart(mode: &str) -> Output {
     let server = NsServer::start();
     let url = server.client_url();
     let began = Instant::now();
-    let child = server.spawn_bank(&[
+    let (child, _workdir) = server.spawn_bank(&[
         "--database-url",
         &url,
         "--statement-timeout",
@@ -97,7 +89,7 @@ fn workload_through_a_restart(mode: &str) -> Output {
         "--accounts",
         "100",
         "--duration",
-        "4",
+        "2",
         "--json",
     ]);
     // Restart once every worker is connected and transferring: four of the
