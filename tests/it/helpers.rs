@@ -470,7 +470,11 @@ pub fn wait_bounded_with(
         let _ = child.kill();
     }
     let took = began.elapsed();
-    (child.wait_with_output().expect("the child's output"), took, ended)
+    (
+        child.wait_with_output().expect("the child's output"),
+        took,
+        ended,
+    )
 }
 
 /// [`wait_bounded_with`] with nothing to do meanwhile.
@@ -538,14 +542,15 @@ pub fn hold_at(admin: &mut PgConnection, holder: &mut PgConnection, at: HoldAt) 
 /// looked for at most 400 times, 50 ms apart.
 pub fn backend_waiting_for_the_lock(watcher: &mut PgConnection, datname: &str) -> i32 {
     for _ in 0..400 {
-        let pid: Option<i32> = scalar::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(
-            watcher,
-            &format!(
-                "(SELECT pid FROM pg_stat_activity WHERE datname = '{datname}' \
+        let pid: Option<i32> =
+            scalar::<diesel::sql_types::Nullable<diesel::sql_types::Integer>, _>(
+                watcher,
+                &format!(
+                    "(SELECT pid FROM pg_stat_activity WHERE datname = '{datname}' \
                  AND wait_event_type = 'Lock' AND wait_event = 'advisory' LIMIT 1)"
-            ),
-        )
-        .expect("read pg_stat_activity");
+                ),
+            )
+            .expect("read pg_stat_activity");
         if let Some(pid) = pid {
             return pid;
         }

@@ -76,7 +76,7 @@ struct Line {
 
 /// The accounts table as information_schema describes it: columns with
 /// types and nullability, constraints with their kinds and check clauses.
-fn describe(db: &TestDb) -> Vec<String> {
+pub(crate) fn describe(db: &TestDb) -> Vec<String> {
     let sql = "
         SELECT 'column ' || column_name || ' ' || data_type || ' nullable=' || is_nullable AS line
           FROM information_schema.columns
@@ -99,7 +99,7 @@ fn describe(db: &TestDb) -> Vec<String> {
         .collect()
 }
 
-fn expected() -> Vec<String> {
+pub(crate) fn expected() -> Vec<String> {
     vec![
         "column balance bigint nullable=NO".to_owned(),
         "column id uuid nullable=NO".to_owned(),
@@ -201,7 +201,7 @@ fn dbinit_sql_and_the_migration_hold_the_same_statement() {
 }
 
 /// Starts `bank migrate` on `db` without waiting for it.
-fn spawn_migrate(db: &TestDb, workdir: &std::path::Path) -> std::process::Child {
+pub(crate) fn spawn_migrate(db: &TestDb, workdir: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_bank"))
         .current_dir(workdir)
         .env_remove("DATABASE_URL")
@@ -214,9 +214,11 @@ fn spawn_migrate(db: &TestDb, workdir: &std::path::Path) -> std::process::Child 
 
 #[test]
 fn five_concurrent_migrations_on_a_fresh_database_all_succeed() {
-    // Replicas that migrate at deploy time race like this.
+    // Replicas that migrate at deploy time race like this. A few free
+    // rounds, on any server; postgres_only::migration_races makes every
+    // racer lose a race for certain.
     let workdir = tempdir();
-    for round in 1..=20 {
+    for round in 1..=4 {
         let db = TestDb::empty();
         let children: Vec<_> = (0..5).map(|_| spawn_migrate(&db, workdir.path())).collect();
         let mut applied = 0;
@@ -243,7 +245,7 @@ fn five_concurrent_migrations_on_a_fresh_database_all_succeed() {
 fn migrate_beside_diesel_migration_run_succeeds() {
     let workdir = tempdir();
     let mut diesel_failures = 0;
-    for round in 1..=20 {
+    for round in 1..=4 {
         let db = TestDb::empty();
         let ours = spawn_migrate(&db, workdir.path());
         let theirs = Command::new("diesel")
@@ -269,5 +271,5 @@ fn migrate_beside_diesel_migration_run_succeeds() {
         diesel_failures += usize::from(!theirs.status.success());
         assert_eq!(describe(&db), expected(), "round {round}");
     }
-    eprintln!("migrate beside diesel CLI: diesel CLI failed in {diesel_failures} of 20 rounds");
+    eprintln!("migrate beside diesel CLI: diesel CLI failed in {diesel_failures} of 4 rounds");
 }

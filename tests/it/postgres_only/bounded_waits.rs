@@ -292,7 +292,11 @@ fn a_frozen_backend_ends_the_workload_with_its_report_so_far() {
     // Only the first transfer waits for the lock: the others go on, and
     // with 1,000 accounts they rarely touch the frozen one's two.
     let mut holder = db.conn();
-    hold_at(&mut db.conn(), &mut holder, HoldAt::FirstStatement("UPDATE"));
+    hold_at(
+        &mut db.conn(),
+        &mut holder,
+        HoldAt::FirstStatement("UPDATE"),
+    );
     let url = db.url_string();
     let began = Instant::now();
     let mut args = vec!["--database-url", &url];

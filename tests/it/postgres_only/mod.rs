@@ -7,6 +7,7 @@ mod bounded_waits;
 mod connection_strings;
 mod jepsen;
 mod main_job_faults;
+mod migration_races;
 mod netns;
 mod partitions;
 mod restarts;

@@ -52,9 +52,27 @@ impl NsServer {
         ip(&["netns", "add", c]);
         let peer = format!("vc{tag}");
         let link = server.link.as_str();
-        ip(&["-n", s, "link", "add", link, "type", "veth", "peer", "name", &peer, "netns", c]);
-        ip(&["-n", s, "addr", "add", &format!("{SERVER_ADDR}/30"), "dev", link]);
-        ip(&["-n", c, "addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", &peer]);
+        ip(&[
+            "-n", s, "link", "add", link, "type", "veth", "peer", "name", &peer, "netns", c,
+        ]);
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            &format!("{SERVER_ADDR}/30"),
+            "dev",
+            link,
+        ]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/30"),
+            "dev",
+            &peer,
+        ]);
         for (ns, dev) in [(s, "lo"), (c, "lo"), (s, link), (c, &peer)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }

@@ -60,6 +60,10 @@ fn workers_the_server_refuses_are_counted_not_hidden() {
     let out = bank(&[
         "--database-url",
         &url,
+        // The refused workers' checkouts give up after 1 s (15 s in
+        // production).
+        "--pool-timeout",
+        "1",
         "workload",
         "--workers",
         "4",
