@@ -558,3 +558,42 @@ pub fn backend_waiting_for_the_lock(watcher: &mut PgConnection, datname: &str) -
     }
     panic!("no backend of {datname} ever waited for the lock");
 }
+
+/// The binary's arguments for the main job on `url` with `accounts`
+/// accounts and `delete` deletions, then `extra`.
+pub fn job_args(url: &str, accounts: u32, delete: u32, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--database-url", url, "--accounts"]
+        .map(String::from)
+        .into();
+    args.extend([accounts.to_string(), "--delete".into(), delete.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// The binary's arguments for `workload` on `url`: the global flags
+/// `before`, then `--workers W --accounts A`, then `after` (a length:
+/// `--transfers N` or `--duration S`, and more).
+pub fn workload_args(
+    url: &str,
+    before: &[&str],
+    workers: u32,
+    accounts: u32,
+    after: &[&str],
+) -> Vec<String> {
+    let mut args = vec!["--database-url".to_owned(), url.to_owned()];
+    args.extend(before.iter().map(|a| a.to_string()));
+    args.extend([
+        "workload".into(),
+        "--workers".into(),
+        workers.to_string(),
+        "--accounts".into(),
+        accounts.to_string(),
+    ]);
+    args.extend(after.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `args` as the `&str`s the runners take.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}

@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use crate::helpers::{as_postgres, is_root, pg_bindir, run, tempdir};
 
@@ -42,6 +43,32 @@ impl Cluster {
             .args(initdb_args)
             // Relative paths in the arguments name the cluster's files.
             .current_dir(&cluster.dir));
+        cluster
+    }
+
+    /// A cluster that trusts every local and host connection
+    /// (`initdb --auth=trust`), copied from one made once per test process:
+    /// a copy takes a fraction of initdb's time. The template is removed
+    /// when the process exits (see [`Cluster::stop_when_this_process_exits`]).
+    pub fn trusting() -> Self {
+        static TEMPLATE: OnceLock<(PathBuf, Mutex<ChildStdin>)> = OnceLock::new();
+        let (template, _) = TEMPLATE.get_or_init(|| {
+            let template = Self::init(&["--auth=trust"], |_| {});
+            let data = template.data();
+            (data, Mutex::new(template.remove_when_this_process_exits()))
+        });
+        let cluster = Self {
+            dir: tempdir().keep(),
+            bin: pg_bindir(),
+            netns: None,
+        };
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(cluster.data()));
+        run(Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(&cluster.dir));
         cluster
     }
 
@@ -163,12 +190,25 @@ impl Cluster {
         } else {
             ""
         };
-        let script = format!(
-            "cat >/dev/null; {as_postgres}'{}' -D '{}' -m immediate -w stop; rm -rf '{}'",
+        let stop = format!(
+            "{as_postgres}'{}' -D '{}' -m immediate -w stop",
             self.bin.join("pg_ctl").display(),
             self.data().display(),
-            self.dir.display()
         );
+        self.guard(&stop)
+    }
+
+    /// The same for a cluster that never ran (a template): its directory
+    /// is removed once the test process has exited.
+    pub fn remove_when_this_process_exits(self) -> ChildStdin {
+        self.guard("true")
+    }
+
+    /// Starts the guardian that runs `stop`, then removes the directory.
+    // Never waited for: it is meant to outlive this process.
+    #[allow(clippy::zombie_processes)]
+    fn guard(self, stop: &str) -> ChildStdin {
+        let script = format!("cat >/dev/null; {stop}; rm -rf '{}'", self.dir.display());
         let mut guardian = Command::new("sh")
             .args(["-c", &script])
             .stdin(Stdio::piped())

@@ -418,20 +418,14 @@ fn exits_cleanly_with_a_connect_in_flight(db: &TlsDb, user: &str, host: &str, pa
         let url = db
             .url_on(host, proxy.port(), SENTINEL, params)
             .replace("maxroach:", &format!("{user}:"));
-        let out = bank(&[
-            "--database-url",
+        let args = workload_args(
             &url,
-            "--pool-timeout",
-            "0.5",
-            "-v",
-            "workload",
-            "--workers",
-            "2",
-            "--accounts",
-            "4",
-            "--transfers",
-            "10",
-        ]);
+            &["--pool-timeout", "0.5"],
+            2,
+            4,
+            &["--transfers", "10"],
+        );
+        let out = bank(&strs(&args));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),

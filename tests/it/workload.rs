@@ -5,20 +5,14 @@ use crate::helpers::*;
 #[test]
 fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
     let db = TestDb::migrated();
-    let out = bank(&[
-        "--database-url",
+    let args = workload_args(
         &db.url_string(),
-        "workload",
-        "--workers",
-        "4",
-        "--accounts",
-        "10",
-        "--transfers",
-        "300",
-        "--json",
-        "--seed",
-        "3",
-    ]);
+        &[],
+        4,
+        10,
+        &["--transfers", "300", "--json", "--seed", "3"],
+    );
+    let out = bank(&strs(&args));
     assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = |key: &str| {
@@ -56,17 +50,8 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
 #[test]
 fn a_timed_workload_prints_a_text_report() {
     let db = TestDb::migrated();
-    let out = bank(&[
-        "--database-url",
-        &db.url_string(),
-        "workload",
-        "--workers",
-        "2",
-        "--accounts",
-        "5",
-        "--duration",
-        "0.5",
-    ]);
+    let args = workload_args(&db.url_string(), &[], 2, 5, &["--duration", "0.5"]);
+    let out = bank(&strs(&args));
     assert_ok(&out);
     let text = lines(&out.stdout);
     assert_eq!(text.len(), 5, "{text:#?}");

@@ -77,7 +77,7 @@ impl NsServer {
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
 
-        let cluster = Cluster::init(&["--auth=trust"], |_| {}).in_netns(s);
+        let cluster = Cluster::trusting().in_netns(s);
         // fsync off: the OS keeps what a killed server wrote. Commits stay
         // synchronous: with synchronous_commit off, a crash restart loses
         // the last commits, and the tests would see accounts vanish (they

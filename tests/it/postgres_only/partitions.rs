@@ -45,20 +45,16 @@ fn partition(at: HoldAt, cut_for: Option<Duration>) -> Partitioned {
     hold_at(&mut admin, &mut holder, at);
     let url = server.fast_detection_url();
     let began = Instant::now();
-    let (child, _workdir) = server.spawn_bank(&[
-        "--database-url",
+    // The pool's wait is longer than the cut, with room for a connect
+    // under way at the mend to time out (connect_timeout 2 s) and be tried
+    // again.
+    let args = job_args(
         &url,
-        "--accounts",
-        "10",
-        "--delete",
-        "2",
-        "--statement-timeout",
-        "3",
-        // Longer than the cut, with room for a connect under way at the
-        // mend to time out (connect_timeout 2 s) and be tried again.
-        "--pool-timeout",
-        "6",
-    ]);
+        10,
+        2,
+        &["--statement-timeout", "3", "--pool-timeout", "6"],
+    );
+    let (child, _workdir) = server.spawn_bank(&strs(&args));
     backend_waiting_for_the_lock(&mut admin, "bank");
     server.cut();
     drop(holder);

@@ -25,16 +25,8 @@ fn main_job_through_a_restart(mode: &str) {
     hold_at(&mut admin, &mut holder, HoldAt::Statement("UPDATE"));
     let url = server.client_url();
     let began = Instant::now();
-    let (child, _workdir) = server.spawn_bank(&[
-        "--database-url",
-        &url,
-        "--accounts",
-        "10",
-        "--delete",
-        "2",
-        "--statement-timeout",
-        "3",
-    ]);
+    let args = job_args(&url, 10, 2, &["--statement-timeout", "3"]);
+    let (child, _workdir) = server.spawn_bank(&strs(&args));
     backend_waiting_for_the_lock(&mut admin, "bank");
     server.restart(mode);
     let (out, took, ended) = wait_bounded(child, began, BOUND);

@@ -12,18 +12,14 @@ fn a_broken_invariant_fails_the_workload() {
          BEGIN NEW.balance := NEW.balance - 1; RETURN NEW; END $$ LANGUAGE plpgsql;
          CREATE TRIGGER skim BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION skim()",
     );
-    let out = bank(&[
-        "--database-url",
+    let args = workload_args(
         &db.url_string(),
-        "workload",
-        "--workers",
-        "2",
-        "--accounts",
-        "5",
-        "--transfers",
-        "10",
-        "--json",
-    ]);
+        &[],
+        2,
+        5,
+        &["--transfers", "10", "--json"],
+    );
+    let out = bank(&strs(&args));
     assert!(!out.status.success());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["invariant_ok"], false);
