@@ -577,7 +577,17 @@ mod tests {
         assert!(libpq.contains("application_name='mine'"));
         assert!(!libpq.contains("docs_simplecrud_diesel"));
         assert!(libpq.contains("connect_timeout='10'"));
-        assert!(libpq.contains("tcp_user_timeout='15000'"));
+        // The production dead-peer bounds: keepalives after 5 s idle, 3
+        // probes 2 s apart, data unacknowledged for 15 s.
+        for default in [
+            "keepalives='1'",
+            "keepalives_idle='5'",
+            "keepalives_interval='2'",
+            "keepalives_count='3'",
+            "tcp_user_timeout='15000'",
+        ] {
+            assert!(libpq.contains(default), "{default} in {libpq}");
+        }
         let url =
             DbUrl::parse("postgresql://h/d?tcp_user_timeout=1000&options=-c%20search_path%3Dx")
                 .unwrap();

@@ -132,6 +132,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn with_the_defaults_a_stall_ends_the_run_after_55_seconds() {
+        let retrier = crate::retry::Retrier::new(
+            crate::retry::RetryPolicy::default(),
+            crate::retry::Server::PostgreSql,
+        );
+        // The deadline (30 s), one statement's wait (20 s), the slack (5 s).
+        assert_eq!(
+            retrier.worst_case().map(|bound| bound + DEFAULT_SLACK),
+            Some(Duration::from_secs(55))
+        );
+    }
+
+    #[test]
     fn bounds_read_as_whole_or_tenths_of_seconds() {
         assert_eq!(seconds(Duration::from_secs(8)), "8");
         assert_eq!(seconds(Duration::from_millis(2500)), "2.5");
