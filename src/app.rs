@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
 
@@ -10,8 +11,25 @@ use crate::config::{Cli, Command, DbUrl, ProtocolChoice, WorkloadArgs};
 use crate::db::{self, AccountsTable, PgPool};
 use crate::job;
 use crate::plan::{Plan, Settings};
-use crate::retry::{Protocol, Retrier, Server};
+use crate::watchdog::Watchdog;
 use crate::workload;
+use diesel_tx_retry::{Protocol, Retrier, Server};
+
+/// Where results go: shared, so that the watchdog's thread can write the
+/// workload's report so far if it has to end a stalled run. Each write
+/// locks it for that write only.
+pub type Output = Arc<Mutex<dyn Write + Send>>;
+
+/// What the process gives the app besides the command line and the output.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    /// Ends a run whose server stopped answering ([`Watchdog::off`] by
+    /// default).
+    pub watchdog: Watchdog,
+    /// Counts the connections the pools are opening, for the process to
+    /// wait on before it exits.
+    pub connects: db::Connects,
+}
 
 /// What the user asked for cannot be done as asked: a flag, `DATABASE_URL`
 /// or `.env` is wrong. Nothing was written. The exit code is 2.
@@ -43,7 +61,7 @@ enum Work {
 ///
 /// # Errors
 /// Anything that stops the command; render it with [`error_line`].
-pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run(cli: &Cli, runtime: &Runtime, out: &Output) -> anyhow::Result<()> {
     // Every argument is checked before anything connects or writes.
     let work = match &cli.command {
         Some(Command::Migrate) => Work::Migrate,
@@ -51,11 +69,11 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         None => Work::Job(Plan::try_from(&cli.job).map_err(usage)?),
     };
     let url = database_url(cli)?.with_session_timeouts(cli.retry.statement_timeout);
-    let mut out = Labelled(out);
+    let mut labelled = Labelled(Shared(out));
     match work {
-        Work::Migrate => migrate(&url, &mut out),
-        Work::Job(plan) => main_job(cli, &url, plan, &mut out),
-        Work::Workload(settings, json) => workload(cli, &url, settings, json, &mut out),
+        Work::Migrate => migrate(cli, &url, &mut labelled),
+        Work::Job(plan) => main_job(cli, runtime, &url, plan, &mut labelled),
+        Work::Workload(settings, json) => workload(cli, runtime, &url, settings, json, out),
     }
 }
 
@@ -82,11 +100,29 @@ pub fn error_line(err: &anyhow::Error) -> String {
         .join(" ")
 }
 
+/// The shared output as a writer, locked for each call.
+struct Shared<'a>(&'a Output);
+
+impl Write for Shared<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
+    }
+}
+
 /// Says what was being written when output fails (a closed pipe, a full
 /// disk), instead of a bare "Broken pipe (os error 32)".
-struct Labelled<'a>(&'a mut dyn Write);
+struct Labelled<W>(W);
 
-impl Write for Labelled<'_> {
+impl<W: Write> Write for Labelled<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write(buf).map_err(label)
     }
@@ -106,8 +142,11 @@ fn database_url(cli: &Cli) -> anyhow::Result<DbUrl> {
     DbUrl::parse(raw).map_err(usage)
 }
 
-fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
+fn migrate(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut conn = db::establish(url)?;
+    if cli.verbose {
+        db::log_statements(&mut conn);
+    }
     let applied = db::run_migrations(&mut conn)?;
     if applied.is_empty() {
         writeln!(out, "Schema is up to date.")?;
@@ -118,32 +157,45 @@ fn migrate(url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main_job(cli: &Cli, url: &DbUrl, plan: Plan, out: &mut dyn Write) -> anyhow::Result<()> {
+fn main_job(
+    cli: &Cli,
+    runtime: &Runtime,
+    url: &DbUrl,
+    plan: Plan,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     // Statements that run once go unprepared (preparing costs a round trip
     // of its own); but when the same INSERT repeats, as in a bulk run,
     // preparing it once saves the server parsing and planning it each time.
     let repeats = plan.accounts() > plan.batches().rows_per_insert();
-    let (retrier, pool) = prepare(cli, url, 1, repeats)?;
-    let report = job::run(&pool, &retrier, plan, out)?;
+    let (retrier, pool) = prepare(cli, runtime, url, 1, repeats)?;
+    let report = job::run(&pool, &retrier, &runtime.watchdog, plan, out)?;
     tracing::debug!(retries = report.retries, "main job done");
     Ok(())
 }
 
 fn workload(
     cli: &Cli,
+    runtime: &Runtime,
     url: &DbUrl,
     settings: Settings,
     json: bool,
-    out: &mut dyn Write,
+    output: &Output,
 ) -> anyhow::Result<()> {
     let workers = u32::try_from(settings.workers()).context("--workers is too large")?;
-    let (retrier, pool) = prepare(cli, url, workers, true)?;
-    // If the watchdog has to end the run, the report so far goes straight
-    // to stdout (this thread is the one waiting) before its line.
-    let finished = workload::run(&pool, &retrier, settings, move |report| {
-        let mut stdout = io::stdout().lock();
-        let _ = writeln!(stdout, "{}", render(report, json)).and_then(|()| stdout.flush());
-    })?;
+    let (retrier, pool) = prepare(cli, runtime, url, workers, true)?;
+    // If the watchdog has to end the run, the report so far goes to the
+    // output from the watchdog's thread (this one is the one waiting),
+    // before its line.
+    let last_words = {
+        let output = Arc::clone(output);
+        move |report: &workload::Report| {
+            let mut out = output.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = writeln!(out, "{}", render(report, json)).and_then(|()| out.flush());
+        }
+    };
+    let finished = workload::run(&pool, &retrier, &runtime.watchdog, settings, last_words)?;
+    let mut out = Labelled(Shared(output));
     let report = &finished.report;
     // The report first, even when the run was cut short: what happened
     // until then is worth as much as why it stopped.
@@ -181,11 +233,15 @@ fn render(report: &workload::Report, json: bool) -> String {
 /// statements once each, so they go unprepared (`cached` false).
 fn prepare(
     cli: &Cli,
+    runtime: &Runtime,
     url: &DbUrl,
     pool_size: u32,
     cached: bool,
 ) -> anyhow::Result<(Retrier, PgPool)> {
     let mut conn = db::establish(url)?;
+    if cli.verbose {
+        db::log_statements(&mut conn);
+    }
     let inspection = db::inspect(&mut conn).context("asking the server what it is")?;
     let retrier = retrier(cli, inspection.server)?;
     match inspection.accounts {
@@ -206,7 +262,10 @@ fn prepare(
         }
     }
     tracing::debug!(server = ?inspection.server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
-    let manager = db::Manager::new(url).with_first(conn);
+    let manager = db::Manager::new(url)
+        .with_first(conn)
+        .counted_in(&runtime.connects)
+        .logging_statements(cli.verbose);
     let manager = if cached {
         manager
     } else {
@@ -232,5 +291,9 @@ fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {
         (ProtocolChoice::Savepoint, Server::CockroachDb) => Protocol::Savepoint,
         (ProtocolChoice::Restart, _) => Protocol::Restart,
     };
-    Ok(Retrier::new(cli.retry.policy(), server).with_protocol(protocol))
+    let retrier = Retrier::new(cli.retry.policy(), server);
+    Ok(match protocol {
+        Protocol::Restart => retrier.with_restart_protocol(),
+        Protocol::Savepoint => retrier,
+    })
 }

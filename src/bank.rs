@@ -10,8 +10,8 @@ use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::Account;
-use crate::retry::AsDieselError;
 use crate::schema::accounts;
+use diesel_tx_retry::AsDieselError;
 
 /// Rows per multi-row `INSERT` by default: past a few thousand rows larger
 /// statements stop saving time (bench/RESULTS.md has the sweep).

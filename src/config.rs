@@ -12,7 +12,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::conninfo::ConnInfo;
 use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use crate::retry::{Backoff, RetryPolicy};
+use diesel_tx_retry::{Backoff, RetryPolicy};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
 ///

@@ -1,11 +1,11 @@
 //! The database connection: first contact (with readable errors), the r2d2
 //! pool, the embedded migrations and the schema check.
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use diesel::connection::CacheSize;
-use diesel::connection::{set_default_instrumentation, Instrumentation, InstrumentationEvent};
+use diesel::connection::InstrumentationEvent;
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
@@ -13,7 +13,7 @@ use diesel::sql_types::{Bool, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DbUrl;
-use crate::retry::Server;
+use diesel_tx_retry::Server;
 
 /// The r2d2 pool of Diesel connections the app runs its transactions on.
 pub type PgPool = Pool<Manager>;
@@ -22,8 +22,7 @@ pub type PgPool = Pool<Manager>;
 /// opens them on background threads, and a process that exits while one of
 /// them is inside libpq crashes in the exit-time cleanup of the libraries
 /// libpq uses (OpenSSL for TLS and scram, Kerberos for its GSSAPI probe;
-/// issue #9). [`wait_for_background_connects`] waits for the count to reach
-/// zero.
+/// issue #9). [`Connects::wait`] waits for the count to reach zero.
 pub struct Manager {
     inner: ConnectionManager<PgConnection>,
     /// What `establish` connects to, for messages that say what failed.
@@ -31,6 +30,8 @@ pub struct Manager {
     /// A connection opened before the pool, handed out first.
     first: Mutex<Option<PgConnection>>,
     statement_cache: bool,
+    log_statements: bool,
+    connects: Connects,
 }
 
 impl std::fmt::Debug for Manager {
@@ -49,6 +50,25 @@ impl Manager {
             url: url.clone(),
             first: Mutex::new(None),
             statement_cache: true,
+            log_statements: false,
+            connects: Connects::default(),
+        }
+    }
+
+    /// Counts the connections it opens in `connects`, which the process
+    /// waits on before it exits.
+    pub fn counted_in(self, connects: &Connects) -> Self {
+        Self {
+            connects: connects.clone(),
+            ..self
+        }
+    }
+
+    /// Logs every statement its connections run (see [`log_statements`]).
+    pub fn logging_statements(self, on: bool) -> Self {
+        Self {
+            log_statements: on,
+            ..self
         }
     }
 
@@ -77,27 +97,53 @@ impl Manager {
         if !self.statement_cache {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         }
+        if self.log_statements {
+            log_statements(&mut conn);
+        }
         conn
     }
 }
 
-static CONNECTING: Mutex<usize> = Mutex::new(0);
-static CONNECTED: Condvar = Condvar::new();
+/// Connections being opened, counted by the pools' managers, so that the
+/// process can wait for them before it exits. Clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct Connects(Arc<(Mutex<usize>, Condvar)>);
 
-/// One connection being opened; dropping it counts the attempt as done.
-struct Connecting;
+impl Connects {
+    fn start(&self) -> Connecting<'_> {
+        *self.0 .0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Connecting(self)
+    }
 
-impl Connecting {
-    fn start() -> Self {
-        *CONNECTING.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        Connecting
+    /// Waits until no connection is being opened, for at most `limit`, and
+    /// says whether that happened. Call it after every pool is dropped and
+    /// before the process exits: r2d2's queued connects do nothing once
+    /// their pool is gone, so only those already inside libpq remain, and
+    /// each of those ends within `connect_timeout`.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let (count, done) = &*self.0;
+        let connecting = count.lock().unwrap_or_else(PoisonError::into_inner);
+        if *connecting > 0 {
+            tracing::debug!(
+                connecting = *connecting,
+                "waiting for connections being opened"
+            );
+        }
+        let (connecting, _) = done
+            .wait_timeout_while(connecting, limit, |n| *n > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        *connecting == 0
     }
 }
 
-impl Drop for Connecting {
+/// One connection being opened; dropping it counts the attempt as done.
+struct Connecting<'a>(&'a Connects);
+
+impl Drop for Connecting<'_> {
     fn drop(&mut self) {
-        *CONNECTING.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
-        CONNECTED.notify_all();
+        let (count, done) = &*self.0 .0;
+        *count.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        done.notify_all();
     }
 }
 
@@ -114,7 +160,7 @@ impl ManageConnection for Manager {
         if let Some(conn) = first {
             return Ok(self.configure(conn));
         }
-        let _connecting = Connecting::start();
+        let _connecting = self.connects.start();
         // `establish`, not the inner manager: its error says in one line
         // what failed and what to check, and r2d2 reports the last one when
         // a checkout times out.
@@ -134,25 +180,6 @@ impl ManageConnection for Manager {
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
         self.inner.has_broken(conn)
     }
-}
-
-/// Waits until no connection is being opened by a pool, for at most
-/// `limit`, and says whether that happened. Call it after every pool is
-/// dropped and before the process exits: r2d2's queued connects do nothing
-/// once their pool is gone, so only those already inside libpq remain, and
-/// each of those ends within `connect_timeout`.
-pub fn wait_for_background_connects(limit: Duration) -> bool {
-    let connecting = CONNECTING.lock().unwrap_or_else(PoisonError::into_inner);
-    if *connecting > 0 {
-        tracing::debug!(
-            connecting = *connecting,
-            "waiting for connections being opened"
-        );
-    }
-    let (connecting, _) = CONNECTED
-        .wait_timeout_while(connecting, limit, |n| *n > 0)
-        .unwrap_or_else(PoisonError::into_inner);
-    *connecting == 0
 }
 
 /// The migrations in `migrations/`, compiled in for `bank migrate`.
@@ -373,18 +400,13 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
     })
 }
 
-/// Logs every statement at debug level on target `bank::sql`. Connection
-/// events are left out on purpose: they carry the URL, and with it the
-/// password.
-pub fn log_statements() {
-    fn make() -> Option<Box<dyn Instrumentation>> {
-        Some(Box::new(|event: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::StartQuery { query, .. } = event {
-                tracing::debug!(target: "bank::sql", "{query}");
-            }
-        }))
-    }
-    if let Err(err) = set_default_instrumentation(make) {
-        tracing::warn!("statement logging is off: {err}");
-    }
+/// Logs every statement `conn` runs at debug level on target `bank::sql`.
+/// Connection events are left out on purpose: they carry the URL, and with
+/// it the password.
+pub fn log_statements(conn: &mut PgConnection) {
+    conn.set_instrumentation(|event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            tracing::debug!(target: "bank::sql", "{query}");
+        }
+    });
 }

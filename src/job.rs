@@ -15,8 +15,8 @@ use crate::bank::{self, Amount, Transfer};
 use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::{Batches, Plan};
-use crate::retry::{Retrier, TxOptions};
-use crate::watchdog;
+use crate::watchdog::Watchdog;
+use diesel_tx_retry::{Retrier, TxOptions};
 
 /// Up to this many accounts, each one gets its line as in the tutorial;
 /// beyond it (or with `--quiet`) one summary line stands for them.
@@ -43,6 +43,7 @@ pub struct Created {
 pub fn create_accounts(
     pool: &PgPool,
     retrier: &Retrier,
+    watchdog: &Watchdog,
     rng: &mut StdRng,
     total: usize,
     batches: Batches,
@@ -73,7 +74,7 @@ pub fn create_accounts(
             .collect();
         // The rows are drawn before the transaction, so a retry inserts the
         // same ones and what is printed matches the database.
-        let _watch = watchdog::watch("creating accounts", retrier.worst_case());
+        let _watch = watchdog.watch("creating accounts", retrier.policy());
         let done = retrier
             .run(pool, TxOptions::default(), |conn| {
                 bank::insert_accounts(conn, &rows, batches.rows_per_insert())
@@ -114,6 +115,7 @@ pub struct Report {
 pub fn run(
     pool: &PgPool,
     retrier: &Retrier,
+    watchdog: &Watchdog,
     plan: Plan,
     out: &mut dyn Write,
 ) -> anyhow::Result<Report> {
@@ -124,23 +126,31 @@ pub fn run(
     let total = plan.accounts();
     let list = !plan.is_quiet() && total <= LIST_LIMIT;
     let mut header = false;
-    let created = create_accounts(pool, retrier, &mut rng, total, plan.batches(), |rows| {
-        if !header {
-            header = true;
-            writeln!(out, "Creating new accounts...")?;
-        }
-        if list {
-            for account in rows {
-                writeln!(
-                    out,
-                    "Created new account with id {} and balance {}.",
-                    account.id, account.balance
-                )?;
+    let created = create_accounts(
+        pool,
+        retrier,
+        watchdog,
+        &mut rng,
+        total,
+        plan.batches(),
+        |rows| {
+            if !header {
+                header = true;
+                writeln!(out, "Creating new accounts...")?;
             }
-        }
-        // What committed is on stdout before the next batch begins.
-        out.flush()
-    })
+            if list {
+                for account in rows {
+                    writeln!(
+                        out,
+                        "Created new account with id {} and balance {}.",
+                        account.id, account.balance
+                    )?;
+                }
+            }
+            // What committed is on stdout before the next batch begins.
+            out.flush()
+        },
+    )
     .map_err(|err| explain_repeated_seed(err, plan.seed()))?;
     if !list {
         writeln!(
@@ -154,7 +164,7 @@ pub fn run(
     let from = rng.random_range(0..total);
     let to = (from + rng.random_range(1..total)) % total;
     let (from, to) = (created.ids[from], created.ids[to]);
-    let watch = watchdog::watch("transferring funds", retrier.worst_case());
+    let watch = watchdog.watch("transferring funds", retrier.policy());
     let done = retrier
         .run(pool, TxOptions::default(), |conn| {
             bank::transfer(conn, from, to, Amount::HalfOfSource)
@@ -186,7 +196,7 @@ pub fn run(
     // In batches, one transaction each, as creation goes: a transaction that
     // held every row lock at once would block everything else for as long.
     for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
-        let _watch = watchdog::watch("deleting accounts", retrier.worst_case());
+        let _watch = watchdog.watch("deleting accounts", retrier.policy());
         let done = retrier
             .run(pool, TxOptions::default(), |conn| {
                 bank::delete_accounts(conn, batch)
@@ -239,8 +249,8 @@ fn new_account(rng: &mut StdRng) -> Account {
 
 /// A clearer error for a seeded run whose ids are already in the table.
 pub(crate) fn explain_repeated_seed(err: anyhow::Error, seed: Option<u64>) -> anyhow::Error {
-    use crate::retry::TxError;
     use diesel::result::{DatabaseErrorKind, Error as DieselError};
+    use diesel_tx_retry::TxError;
     let duplicate = err.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<TxError<DieselError>>(),

@@ -17,7 +17,6 @@ pub mod db;
 pub mod job;
 pub mod models;
 pub mod plan;
-pub mod retry;
 #[allow(missing_docs)]
 pub mod schema;
 pub mod watchdog;

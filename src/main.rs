@@ -2,8 +2,9 @@
 //! maps the outcome to an exit code: 0 done, 2 usage (a flag, DATABASE_URL or
 //! .env is wrong), 1 anything else.
 
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -41,9 +42,9 @@ fn main() -> ExitCode {
         }
     };
     let default_level = if cli.verbose {
-        "bank=debug"
+        "bank=debug,diesel_tx_retry=debug"
     } else {
-        "bank=warn"
+        "bank=warn,diesel_tx_retry=warn"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,29 +53,35 @@ fn main() -> ExitCode {
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .init();
-    if cli.verbose {
-        bank::db::log_statements();
-    }
-
     // A server that stops answering without closing anything (a frozen
     // process) is the one wait nothing else bounds: end the run, with one
     // line. What committed is on stdout already (flushed after each batch).
-    bank::watchdog::start(cli.retry.watchdog_slack, |line| {
-        eprintln!("bank: {line}");
-        bank::db::wait_for_background_connects(Duration::from_secs(5));
-        std::process::exit(1);
-    });
+    let connects = bank::db::Connects::default();
+    let watchdog = {
+        let connects = connects.clone();
+        bank::watchdog::Watchdog::start(cli.retry.watchdog_slack, move |line| {
+            eprintln!("bank: {line}");
+            connects.wait(Duration::from_secs(5));
+            std::process::exit(1);
+        })
+    };
+    let runtime = bank::app::Runtime {
+        watchdog,
+        connects: connects.clone(),
+    };
 
-    // Not locked for the whole run: if the watchdog ends it, the workload's
-    // report so far is written from the watchdog's thread.
-    let mut out = io::BufWriter::new(io::stdout());
-    let result = bank::app::run(&cli, &mut out).and_then(|()| {
-        out.flush()
+    // Shared, not locked for the whole run: if the watchdog ends it, the
+    // workload's report so far is written from the watchdog's thread.
+    let out: bank::app::Output = Arc::new(Mutex::new(io::BufWriter::new(io::stdout())));
+    let result = bank::app::run(&cli, &runtime, &out).and_then(|()| {
+        out.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
             .map_err(|err| anyhow::anyhow!("writing the results to stdout: {err}"))
     });
     // The pools are gone; let any connection r2d2 was still opening in the
     // background finish before the process exits (see db::Manager).
-    if !bank::db::wait_for_background_connects(Duration::from_secs(30)) {
+    if !connects.wait(Duration::from_secs(30)) {
         tracing::warn!("exiting while a connection is still being opened");
     }
     match result {

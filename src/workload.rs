@@ -18,8 +18,8 @@ use crate::bank::{self, Amount, BankError};
 use crate::db::PgPool;
 use crate::job;
 use crate::plan::{Batches, Length, Settings};
-use crate::retry::{Retrier, TxError, TxOptions};
-use crate::watchdog;
+use crate::watchdog::Watchdog;
+use diesel_tx_retry::{Retrier, TxError, TxOptions};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -106,14 +106,21 @@ pub struct Latency {
 pub fn run(
     pool: &PgPool,
     retrier: &Retrier,
+    watchdog: &Watchdog,
     settings: Settings,
     last_words: impl Fn(&Report) + Send + Sync + 'static,
 ) -> anyhow::Result<Finished> {
     let mut rng = seeded(settings.seed(), 0);
     let total = settings.accounts();
-    let created = job::create_accounts(pool, retrier, &mut rng, total, Batches::default(), |_| {
-        Ok(())
-    })
+    let created = job::create_accounts(
+        pool,
+        retrier,
+        watchdog,
+        &mut rng,
+        total,
+        Batches::default(),
+        |_| Ok(()),
+    )
     .map_err(|err| job::explain_repeated_seed(err, settings.seed()))?;
     let ids = created.ids;
 
@@ -148,7 +155,7 @@ pub fn run(
     let in_flight = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let total_before = created.total_balance;
-    let _last_words = watchdog::last_words({
+    let _last_words = watchdog.last_words({
         let (tallies, in_flight) = (Arc::clone(&tallies), Arc::clone(&in_flight));
         move |line| {
             let mut report = Report::new(
@@ -174,6 +181,7 @@ pub fn run(
                     let error = transfer_loop(
                         pool,
                         retrier,
+                        watchdog,
                         ids,
                         settings.length(),
                         Shared {
@@ -210,7 +218,7 @@ pub fn run(
         ));
     }
     let balances = {
-        let _watch = watchdog::watch("checking the balances", retrier.worst_case());
+        let _watch = watchdog.watch("checking the balances", retrier.policy());
         pool.get()
             .context("checking the balances")
             .and_then(|mut conn| {
@@ -382,6 +390,7 @@ struct Shared<'a> {
 fn transfer_loop(
     pool: &PgPool,
     retrier: &Retrier,
+    watchdog: &Watchdog,
     ids: &[Uuid],
     length: Length,
     shared: Shared<'_>,
@@ -410,7 +419,7 @@ fn transfer_loop(
         let (from, to) = (ids[from], ids[to]);
         let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
         let began = Instant::now();
-        let _watch = watchdog::watch("transferring", retrier.worst_case());
+        let _watch = watchdog.watch("transferring", retrier.policy());
         in_flight.fetch_add(1, Ordering::Relaxed);
         let result = retrier.run(pool, TxOptions::default(), |conn| {
             bank::transfer(conn, from, to, amount)
@@ -432,7 +441,7 @@ fn transfer_loop(
             }),
             Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.ambiguous += 1),
             // This worker has no connection to work with; the others go on.
-            Err(TxError::Pool(err)) => {
+            Err(TxError::NoConnection(err)) => {
                 tracing::warn!(error = %err, "a worker could not get a connection and stopped");
                 count(&|t| t.unconnected += 1);
                 return None;

@@ -2,9 +2,9 @@
 //! name and `./dev test-cockroach` runs them. They have not been run where
 //! this was written, as no CockroachDB binary could be installed there.
 
-use bank::retry::TxOptions;
-use bank::retry::{Backoff, Protocol, Retrier, RetryPolicy, Server};
 use diesel::prelude::*;
+use diesel_tx_retry::TxOptions;
+use diesel_tx_retry::{Backoff, Protocol, Retrier, RetryPolicy, Server};
 use std::time::Duration;
 
 use crate::helpers::*;

@@ -8,7 +8,7 @@ use std::thread;
 
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::models::Account;
-use bank::retry::{Retrier, RetryPolicy, TxError, TxOptions};
+use diesel_tx_retry::{Retrier, RetryPolicy, TxError, TxOptions};
 use rand::Rng;
 
 use crate::helpers::*;

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use assert_cmd::Command;
 use bank::config::DbUrl;
 use bank::db::{self, PgPool};
-use bank::retry::{Clock, Server, TxError};
 use diesel::dsl::sql;
 use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
 use diesel::query_dsl::LoadQuery;
 use diesel::sql_types::{BigInt, Text};
+use diesel_tx_retry::{Clock, Server, TxError};
 use rand::Rng;
 
 /// Two tests from one body taking the protocol: `NAME::restart` and
@@ -24,11 +24,11 @@ macro_rules! for_each_protocol {
         mod $name {
             #[test]
             fn restart() {
-                super::$name(bank::retry::Protocol::Restart)
+                super::$name(diesel_tx_retry::Protocol::Restart)
             }
             #[test]
             fn savepoint() {
-                super::$name(bank::retry::Protocol::Savepoint)
+                super::$name(diesel_tx_retry::Protocol::Savepoint)
             }
         }
     )*};

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use bank::job;
 use bank::plan::{Batches, Plan};
-use bank::retry::{Protocol, Retrier, RetryPolicy};
 use diesel::connection::InstrumentationEvent;
 use diesel::prelude::*;
 use diesel::r2d2::{CustomizeConnection, Pool};
+use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -272,7 +272,14 @@ fn the_savepoint_protocol_sends_no_more_statements_than_restart() {
     let plan = Plan::new(100, 5, Batches::default())
         .unwrap()
         .seeded(Some(1));
-    job::run(&pool, &retrier, plan, &mut Vec::new()).unwrap();
+    job::run(
+        &pool,
+        &retrier,
+        &bank::watchdog::Watchdog::off(),
+        plan,
+        &mut Vec::new(),
+    )
+    .unwrap();
     let expected: Vec<&str> = PHASES
         .iter()
         .flat_map(|phase| {

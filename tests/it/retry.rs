@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::models::Account;
-use bank::retry::{Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_tx_retry::{Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
 
 use crate::helpers::*;
 
@@ -74,7 +74,7 @@ fn a_pool_that_cannot_connect_is_reported_with_its_cause_once() {
     let result = retrier.run(&pool, TxOptions::default(), |conn| {
         diesel::sql_query("SELECT 1").execute(conn)
     });
-    let Err(err @ TxError::Pool(_)) = result else {
+    let Err(err @ TxError::NoConnection(_)) = result else {
         panic!("expected a pool error, got {result:?}");
     };
     let line = format!("{:#}", anyhow::Error::new(err));

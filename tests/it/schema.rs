@@ -24,14 +24,14 @@ fn apply(db: &TestDb, path: Path) {
             // psql is PostgreSQL's client; on CockroachDB the README's
             // `cockroach sql --url ... < dbinit.sql` does the same.
             let status = match db.server {
-                bank::retry::Server::PostgreSql => Command::new("psql")
+                diesel_tx_retry::Server::PostgreSql => Command::new("psql")
                     // Running it a second time only draws an "already exists" NOTICE.
                     .env("PGOPTIONS", "-c client_min_messages=warning")
                     .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
                     .arg(repo_root().join("dbinit.sql"))
                     .arg(db.url_string())
                     .status(),
-                bank::retry::Server::CockroachDb => Command::new("cockroach")
+                diesel_tx_retry::Server::CockroachDb => Command::new("cockroach")
                     .args(["sql", "--url", &db.url_string(), "--file"])
                     .arg(repo_root().join("dbinit.sql"))
                     .status(),

@@ -1,20 +1,17 @@
 //! Real conflicts, deterministically, on any server and with no PL/pgSQL:
-//! write skew forced with a barrier, as cockroach-go's
-//! `ExecuteTxGenericTest` does. Two units each read both accounts of a pair,
+//! write skew forced by the crate's harness (`diesel_tx_retry::testing`),
+//! as cockroach-go's `ExecuteTxGenericTest` does. Two units each read both accounts of a pair,
 //! meet at the barrier on their first attempt (so both have read before
 //! either writes), then each withdraws from its own account if the pair
 //! stays covered. Run side by side without SERIALIZABLE, both would withdraw.
 
-use std::sync::{Condvar, Mutex};
-use std::thread;
-use std::time::Duration;
-
 use bank::bank::insert_accounts;
 use bank::models::Account;
-use bank::retry::{Committed, Protocol, Retrier, RetryPolicy, TxError, TxOptions};
 use bank::schema::accounts;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_tx_retry::testing::{self, Meet};
+use diesel_tx_retry::{Protocol, Retrier, RetryPolicy, TxError, TxOptions};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -24,54 +21,20 @@ const WITHDRAWAL: i64 = 100;
 /// What the pair must keep in total: one withdrawal fits, two do not.
 const FLOOR: i64 = 100;
 
-/// A barrier whose wait gives up after a while instead of hanging the suite.
-struct Barrier {
-    arrived: Mutex<usize>,
-    all_here: Condvar,
-    parties: usize,
-}
-
-impl Barrier {
-    fn new(parties: usize) -> Self {
-        Self {
-            arrived: Mutex::new(0),
-            all_here: Condvar::new(),
-            parties,
-        }
-    }
-
-    fn wait(&self) {
-        let mut arrived = self.arrived.lock().unwrap();
-        *arrived += 1;
-        self.all_here.notify_all();
-        let (arrived, timeout) = self
-            .all_here
-            .wait_timeout_while(arrived, Duration::from_secs(30), |n| *n < self.parties)
-            .unwrap();
-        assert!(
-            !timeout.timed_out(),
-            "only {} of {} units reached the barrier",
-            *arrived,
-            self.parties
-        );
-    }
-}
-
 /// Withdraws from `own` if the pair stays at or above the floor; returns
-/// whether it did.
+/// whether it did. It reads what its write depends on, then meets the
+/// other unit (on the first attempt), then writes.
 fn withdraw_if_covered(
     conn: &mut PgConnection,
     pair: [Uuid; 2],
     own: Uuid,
-    barrier: Option<&Barrier>,
+    meet: &Meet<'_>,
 ) -> QueryResult<bool> {
     let balances: Vec<i64> = accounts::table
         .filter(accounts::id.eq_any(pair))
         .select(accounts::balance)
         .load(conn)?;
-    if let Some(barrier) = barrier {
-        barrier.wait();
-    }
+    meet.here();
     if balances.iter().sum::<i64>() - WITHDRAWAL < FLOOR {
         return Ok(false);
     }
@@ -81,34 +44,19 @@ fn withdraw_if_covered(
     Ok(true)
 }
 
-type Outcome = Result<Committed<bool>, TxError<DieselError>>;
-
-/// Both units, each on its own thread and connection, through `retrier`.
-fn race(db: &TestDb, retrier: &Retrier) -> [Outcome; 2] {
+/// A fresh pair of accounts, each holding the opening balance.
+fn pair(db: &TestDb) -> [Uuid; 2] {
     let pair = [Uuid::new_v4(), Uuid::new_v4()];
     let rows = pair.map(|id| Account {
         id,
         balance: OPENING,
     });
     insert_accounts(&mut db.conn(), &rows, 2).unwrap();
-    let pool = db.pool(2);
-    let barrier = Barrier::new(2);
-    let outcomes = thread::scope(|scope| {
-        pair.map(|own| {
-            let (pool, barrier) = (&pool, &barrier);
-            scope.spawn(move || {
-                let mut first = true;
-                retrier.run(pool, TxOptions::default(), |conn| {
-                    let meet = std::mem::take(&mut first).then_some(barrier);
-                    withdraw_if_covered(conn, pair, own, meet)
-                })
-            })
-        })
-        .map(|worker| worker.join().expect("a unit panicked"))
-    });
-    let total: i64 = db.accounts().iter().map(|(_, balance)| balance).sum();
-    eprintln!("write skew: {outcomes:?}; the pair holds {total}");
-    outcomes
+    pair
+}
+
+fn total(db: &TestDb) -> i64 {
+    db.accounts().iter().map(|(_, balance)| balance).sum()
 }
 
 fn retrier(db: &TestDb, protocol: Protocol, max_attempts: u32) -> Retrier {
@@ -124,7 +72,18 @@ fn retrier(db: &TestDb, protocol: Protocol, max_attempts: u32) -> Retrier {
 
 fn without_retries_one_unit_meets_a_genuine_40001(protocol: Protocol) {
     let db = TestDb::migrated();
-    let outcomes = race(&db, &retrier(&db, protocol, 1));
+    let [a, b] = pair(&db);
+    let outcomes = testing::race(
+        &retrier(&db, protocol, 1),
+        &db.pool(2),
+        TxOptions::default(),
+        |conn, meet| withdraw_if_covered(conn, [a, b], a, meet),
+        |conn, meet| withdraw_if_covered(conn, [a, b], b, meet),
+    );
+    eprintln!(
+        "write skew without retries: {outcomes:?}; the pair holds {}",
+        total(&db)
+    );
     let conflicts = outcomes
         .iter()
         .filter(|outcome| {
@@ -143,23 +102,60 @@ fn without_retries_one_unit_meets_a_genuine_40001(protocol: Protocol) {
         outcomes.iter().any(|o| matches!(o, Ok(c) if c.value)),
         "{outcomes:?}"
     );
-    let total: i64 = db.accounts().iter().map(|(_, b)| b).sum();
-    assert_eq!(total, 2 * OPENING - WITHDRAWAL);
+    assert_eq!(total(&db), 2 * OPENING - WITHDRAWAL);
 }
 
 fn with_retries_both_commit_and_the_skew_is_prevented(protocol: Protocol) {
     let db = TestDb::migrated();
-    let outcomes = race(&db, &retrier(&db, protocol, 5));
-    let committed: Vec<&Committed<bool>> = outcomes
-        .iter()
-        .map(|outcome| outcome.as_ref().expect("both units commit"))
-        .collect();
-    let retries: u32 = committed.iter().map(|c| c.retries()).sum();
-    assert!(retries >= 1, "the conflict was retried: {committed:?}");
+    let [a, b] = pair(&db);
+    // The harness checks that both committed and at least one retried;
+    // the invariant is the pair staying covered.
+    let committed = testing::check(
+        &retrier(&db, protocol, 5),
+        &db.pool(2),
+        TxOptions::default(),
+        |conn, meet| withdraw_if_covered(conn, [a, b], a, meet),
+        |conn, meet| withdraw_if_covered(conn, [a, b], b, meet),
+        |_| total(&db) >= FLOOR,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    eprintln!(
+        "write skew with retries: {committed:?}; the pair holds {}",
+        total(&db)
+    );
     let withdrawals = committed.iter().filter(|c| c.value).count();
     assert_eq!(withdrawals, 1, "exactly one withdrawal: {committed:?}");
-    let total: i64 = db.accounts().iter().map(|(_, b)| b).sum();
-    assert_eq!(total, 2 * OPENING - WITHDRAWAL, "the pair stays covered");
+    assert_eq!(
+        total(&db),
+        2 * OPENING - WITHDRAWAL,
+        "the pair stays covered"
+    );
+}
+
+#[test]
+fn the_harness_says_so_when_the_units_never_conflict() {
+    // Two units that read nothing their writes depend on do not conflict:
+    // the harness must not call that a pass.
+    let db = TestDb::migrated();
+    let [a, b] = pair(&db);
+    let deposit = |own: Uuid| {
+        move |conn: &mut PgConnection, meet: &Meet<'_>| -> QueryResult<usize> {
+            meet.here();
+            diesel::update(accounts::table.find(own))
+                .set(accounts::balance.eq(accounts::balance + 1))
+                .execute(conn)
+        }
+    };
+    let err = testing::check(
+        &retrier(&db, Protocol::Restart, 5),
+        &db.pool(2),
+        TxOptions::default(),
+        deposit(a),
+        deposit(b),
+        |_| true,
+    )
+    .unwrap_err();
+    assert!(err.starts_with("neither unit retried"), "{err}");
 }
 
 for_each_protocol!(

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::db;
 use bank::models::Account;
-use bank::retry::{Retrier, RetryPolicy, Server, TxError, TxOptions};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool};
 use diesel::sql_types::{Integer, Text};
+use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxError, TxOptions};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use uuid::Uuid;
@@ -94,7 +94,7 @@ fn kind(err: &TxError<BankError>) -> String {
         TxError::Failed(BankError::InsufficientFunds { .. }) => "insufficient funds".to_owned(),
         TxError::Failed(other) => format!("failed: {other}"),
         TxError::GaveUp { .. } => "gave up".to_owned(),
-        TxError::Pool(_) => "no connection".to_owned(),
+        TxError::NoConnection(_) => "no connection".to_owned(),
         other => other.to_string(),
     }
 }

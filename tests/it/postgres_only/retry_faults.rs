@@ -5,12 +5,12 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bank::retry::{
-    Backoff, Budget, Clock, Committed, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
-};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Text};
+use diesel_tx_retry::{
+    Backoff, Budget, Clock, Committed, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
+};
 
 use crate::helpers::*;
 
@@ -209,10 +209,7 @@ fn serializable_and_read_only_hold_on_every_attempt(protocol: Protocol) {
     let db = TestDb::with_faults();
     let (retrier, _) = retrier(10, protocol);
     let mut seen = Vec::new();
-    let opts = TxOptions {
-        read_only: true,
-        idempotent: false,
-    };
+    let opts = TxOptions::default().read_only();
     retrier
         .run(&db.pool(1), opts, |conn| {
             seen.push((
@@ -352,10 +349,7 @@ fn a_40003_at_commit_is_ambiguous_unless_the_unit_is_idempotent(protocol: Protoc
     assert!(message.contains("ambiguous"), "{message}");
     assert!(message.contains("injected commit fault"), "{message}");
 
-    let idempotent = TxOptions {
-        read_only: false,
-        idempotent: true,
-    };
+    let idempotent = TxOptions::default().idempotent();
     db.exec("ALTER SEQUENCE commit_faults RESTART");
     let committed = retrier
         .run(&db.pool(1), idempotent, |conn| mark(conn, "y"))

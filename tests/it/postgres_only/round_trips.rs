@@ -11,7 +11,7 @@ use diesel::sql_types::Text;
 
 use bank::job;
 use bank::plan::{Batches, Plan};
-use bank::retry::{Protocol, Retrier, RetryPolicy};
+use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
 
 use crate::helpers::*;
 use crate::proxy::{per_phase, Proxy, RoundTrip};
@@ -81,7 +81,14 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
     let plan = Plan::new(100, 5, Batches::default()).unwrap();
-    job::run(&pool, &retrier, plan, &mut Vec::new()).unwrap();
+    job::run(
+        &pool,
+        &retrier,
+        &bank::watchdog::Watchdog::off(),
+        plan,
+        &mut Vec::new(),
+    )
+    .unwrap();
     drop(pool);
     let round_trips = proxy.round_trips();
     let mut counts = per_phase(&round_trips);

@@ -1,0 +1,24 @@
+//! Time as the helper sees it: the real clock, or a test's.
+
+use std::time::{Duration, Instant};
+
+/// Time as the helper sees it; tests swap in a clock that does not sleep.
+pub trait Clock: Send + Sync {
+    /// The current instant.
+    fn now(&self) -> Instant;
+    /// Wait for `duration`.
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}

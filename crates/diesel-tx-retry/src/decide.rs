@@ -1,0 +1,424 @@
+//! The decision table: from where an error came, what it means, the server,
+//! the protocol and the unit's options, the next step. Pure, and tested row
+//! by row.
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+
+use crate::{Protocol, Server};
+
+/// Where in an attempt an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// `BEGIN` (and `SAVEPOINT cockroach_restart`), or getting a connection.
+    Begin,
+    /// The unit of work.
+    Statement,
+    /// `RELEASE SAVEPOINT cockroach_restart`.
+    Release,
+    /// `COMMIT`.
+    Commit,
+}
+
+/// What an error means for a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// SQLSTATE 40001: the transaction did not commit; run it again.
+    Conflict,
+    /// The connection is gone.
+    ConnectionLost,
+    /// The server refused the data (constraint, read-only): running the same
+    /// unit again would fail the same way.
+    Definite,
+    /// Anything else, 40003 ("result is ambiguous") among them: Diesel has no
+    /// kind for it.
+    Other,
+}
+
+/// Classifies by Diesel's `DatabaseErrorKind`, which Diesel derives from the
+/// SQLSTATE, never by message text.
+pub fn classify(err: &DieselError) -> Class {
+    match err {
+        DieselError::DatabaseError(kind, _) => match kind {
+            DatabaseErrorKind::SerializationFailure => Class::Conflict,
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                Class::ConnectionLost
+            }
+            DatabaseErrorKind::UniqueViolation
+            | DatabaseErrorKind::ForeignKeyViolation
+            | DatabaseErrorKind::NotNullViolation
+            | DatabaseErrorKind::CheckViolation
+            | DatabaseErrorKind::RestrictViolation
+            | DatabaseErrorKind::ExclusionViolation
+            | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
+            _ => Class::Other,
+        },
+        // Diesel's word for "this connection's state is lost": only a new
+        // connection helps.
+        DieselError::BrokenTransactionManager => Class::ConnectionLost,
+        // A failed COMMIT that Diesel could not roll back either: the COMMIT's
+        // own error says what happened to the transaction.
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => classify(commit_error),
+        _ => Class::Other,
+    }
+}
+
+/// What the helper does after a failure; the module docs describe each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Roll back to the restart savepoint and run the unit again at once.
+    Rewind,
+    /// Roll the transaction back, wait, begin again.
+    Restart,
+    /// Drop the connection, wait, run again on a fresh one.
+    Reconnect,
+    /// The transaction committed; return the unit's value.
+    Committed,
+    /// Report [`TxError::AmbiguousCommit`].
+    Ambiguous,
+    /// Roll back and return the error.
+    Fail,
+}
+
+/// Everything the next step depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Situation {
+    /// Where the error came from.
+    pub stage: Stage,
+    /// What the error means.
+    pub class: Class,
+    /// The server.
+    pub server: Server,
+    /// The protocol the transaction uses.
+    pub protocol: Protocol,
+    /// Whether the unit may be applied twice.
+    pub idempotent: bool,
+    /// Whether the next retry waits first (its backoff delay is not zero).
+    pub waits: bool,
+    /// Whether another connection can be had (a pool, not the caller's own).
+    pub replaceable: bool,
+}
+
+/// The decision table of the module docs, as code.
+pub fn decide(s: &Situation) -> Step {
+    let cockroach = s.server == Server::CockroachDb;
+    let savepoint = s.protocol == Protocol::Savepoint;
+    // Where the commit happens: the RELEASE on CockroachDB with the
+    // savepoint protocol, the COMMIT everywhere else.
+    let commit_stage = if cockroach && savepoint {
+        Stage::Release
+    } else {
+        Stage::Commit
+    };
+    if cockroach && savepoint && s.stage == Stage::Commit {
+        return Step::Committed;
+    }
+    let reconnect_or = |otherwise| {
+        if s.replaceable {
+            Step::Reconnect
+        } else {
+            otherwise
+        }
+    };
+    match s.class {
+        Class::Definite => Step::Fail,
+        Class::Conflict => {
+            let can_rewind =
+                cockroach && savepoint && matches!(s.stage, Stage::Statement | Stage::Release);
+            if can_rewind && !s.waits {
+                Step::Rewind
+            } else {
+                Step::Restart
+            }
+        }
+        // The commit was sent and no verdict came back. With the savepoint
+        // protocol the COMMIT travels with the RELEASE, so a connection lost
+        // there is in doubt on PostgreSQL too.
+        Class::ConnectionLost | Class::Other
+            if s.stage == commit_stage
+                || (s.stage == Stage::Release && s.class == Class::ConnectionLost) =>
+        {
+            match (s.idempotent, s.class) {
+                (false, _) => Step::Ambiguous,
+                (true, Class::ConnectionLost) => reconnect_or(Step::Ambiguous),
+                (true, _) => Step::Restart,
+            }
+        }
+        // Nothing was committed: the server drops a dead connection's
+        // transaction.
+        Class::ConnectionLost => reconnect_or(Step::Fail),
+        Class::Other => Step::Fail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Protocol, Server};
+
+    #[test]
+    fn serialization_failures_are_conflicts_and_constraints_are_definite() {
+        let err = |kind| DieselError::DatabaseError(kind, Box::new(String::from("x")));
+        assert_eq!(
+            classify(&err(DatabaseErrorKind::SerializationFailure)),
+            Class::Conflict
+        );
+        assert_eq!(
+            classify(&err(DatabaseErrorKind::ClosedConnection)),
+            Class::ConnectionLost
+        );
+        assert_eq!(
+            classify(&DieselError::BrokenTransactionManager),
+            Class::ConnectionLost
+        );
+        assert_eq!(
+            classify(&err(DatabaseErrorKind::CheckViolation)),
+            Class::Definite
+        );
+        assert_eq!(
+            classify(&err(DatabaseErrorKind::ReadOnlyTransaction)),
+            Class::Definite
+        );
+        assert_eq!(classify(&err(DatabaseErrorKind::Unknown)), Class::Other);
+        assert_eq!(classify(&DieselError::NotFound), Class::Other);
+    }
+
+    // The decision table, row by row. Each row is checked for every
+    // combination of the inputs it leaves open.
+
+    const STAGES: [Stage; 4] = [
+        Stage::Begin,
+        Stage::Statement,
+        Stage::Release,
+        Stage::Commit,
+    ];
+    const CLASSES: [Class; 4] = [
+        Class::Conflict,
+        Class::ConnectionLost,
+        Class::Definite,
+        Class::Other,
+    ];
+    const CRDB: (Server, Protocol) = (Server::CockroachDb, Protocol::Savepoint);
+    const CRDB_RESTART: (Server, Protocol) = (Server::CockroachDb, Protocol::Restart);
+    const PG: (Server, Protocol) = (Server::PostgreSql, Protocol::Restart);
+    const PG_SAVEPOINT: (Server, Protocol) = (Server::PostgreSql, Protocol::Savepoint);
+    const SETUPS: [(Server, Protocol); 4] = [CRDB, CRDB_RESTART, PG, PG_SAVEPOINT];
+
+    /// Every situation with these stages, classes and setups, in every
+    /// combination of the three flags.
+    fn situations(
+        stages: &[Stage],
+        classes: &[Class],
+        setups: &[(Server, Protocol)],
+    ) -> Vec<Situation> {
+        let mut all = Vec::new();
+        for &stage in stages {
+            for &class in classes {
+                for &(server, protocol) in setups {
+                    for flags in 0..8u8 {
+                        all.push(Situation {
+                            stage,
+                            class,
+                            server,
+                            protocol,
+                            idempotent: flags & 1 != 0,
+                            waits: flags & 2 != 0,
+                            replaceable: flags & 4 != 0,
+                        });
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    fn reconnect_or_fail(s: &Situation) -> Step {
+        if s.replaceable {
+            Step::Reconnect
+        } else {
+            Step::Fail
+        }
+    }
+
+    fn rewind_unless_waiting(s: &Situation) -> Step {
+        if s.waits {
+            Step::Restart
+        } else {
+            Step::Rewind
+        }
+    }
+
+    fn ambiguous_unless_idempotent(s: &Situation) -> Step {
+        match (s.idempotent, s.class, s.replaceable) {
+            (false, _, _) => Step::Ambiguous,
+            (true, Class::ConnectionLost, true) => Step::Reconnect,
+            (true, Class::ConnectionLost, false) => Step::Ambiguous,
+            (true, _, _) => Step::Restart,
+        }
+    }
+
+    struct Row {
+        stages: &'static [Stage],
+        classes: &'static [Class],
+        setups: &'static [(Server, Protocol)],
+        expect: fn(&Situation) -> Step,
+    }
+
+    /// The module docs' table in the same order, one entry a row; the first
+    /// row is split in two to leave out a commit on CockroachDB, which the
+    /// "committed" row covers.
+    const ROWS: [Row; 15] = [
+        Row {
+            stages: &STAGES,
+            classes: &[Class::Definite],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Fail,
+        },
+        // (the same row on CockroachDB, where the RELEASE was the commit)
+        Row {
+            stages: &[Stage::Begin, Stage::Statement, Stage::Release],
+            classes: &[Class::Definite],
+            setups: &[CRDB],
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Begin],
+            classes: &[Class::Conflict],
+            setups: &SETUPS,
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Begin, Stage::Statement],
+            classes: &[Class::ConnectionLost],
+            setups: &SETUPS,
+            expect: reconnect_or_fail,
+        },
+        Row {
+            stages: &[Stage::Begin, Stage::Statement],
+            classes: &[Class::Other],
+            setups: &SETUPS,
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Statement],
+            classes: &[Class::Conflict],
+            setups: &[CRDB],
+            expect: rewind_unless_waiting,
+        },
+        Row {
+            stages: &[Stage::Statement],
+            classes: &[Class::Conflict],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Conflict],
+            setups: &[CRDB],
+            expect: rewind_unless_waiting,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Conflict],
+            setups: &[PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::ConnectionLost],
+            setups: &[CRDB, PG_SAVEPOINT],
+            expect: ambiguous_unless_idempotent,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Other],
+            setups: &[PG_SAVEPOINT],
+            expect: |_| Step::Fail,
+        },
+        Row {
+            stages: &[Stage::Release],
+            classes: &[Class::Other],
+            setups: &[CRDB],
+            expect: ambiguous_unless_idempotent,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &CLASSES,
+            setups: &[CRDB],
+            expect: |_| Step::Committed,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &[Class::Conflict],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        Row {
+            stages: &[Stage::Commit],
+            classes: &[Class::ConnectionLost, Class::Other],
+            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: ambiguous_unless_idempotent,
+        },
+    ];
+
+    /// A RELEASE is only sent with the savepoint protocol.
+    fn possible(s: &Situation) -> bool {
+        s.stage != Stage::Release || s.protocol == Protocol::Savepoint
+    }
+
+    fn all_rows() -> impl Iterator<Item = (usize, &'static Row)> {
+        ROWS.iter().enumerate()
+    }
+
+    #[test]
+    fn every_row_of_the_table_holds_for_every_situation_it_covers() {
+        for (number, row) in all_rows() {
+            let covered: Vec<Situation> = situations(row.stages, row.classes, row.setups)
+                .into_iter()
+                .filter(possible)
+                .collect();
+            assert!(!covered.is_empty(), "row {} covers nothing", number + 1);
+            for s in covered {
+                assert_eq!(decide(&s), (row.expect)(&s), "row {}: {s:?}", number + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_rows_cover_every_situation_exactly_once() {
+        for s in situations(&STAGES, &CLASSES, &SETUPS)
+            .into_iter()
+            .filter(possible)
+        {
+            let rows: Vec<usize> = all_rows()
+                .filter(|(_, row)| {
+                    row.stages.contains(&s.stage)
+                        && row.classes.contains(&s.class)
+                        && row.setups.contains(&(s.server, s.protocol))
+                })
+                .map(|(number, _)| number + 1)
+                .collect();
+            assert_eq!(rows.len(), 1, "{s:?} is covered by rows {rows:?}");
+        }
+    }
+
+    #[test]
+    fn no_step_breaks_the_rules_behind_the_table() {
+        for s in situations(&STAGES, &CLASSES, &SETUPS) {
+            let step = decide(&s);
+            if step == Step::Rewind {
+                assert!((s.server, s.protocol) == CRDB && !s.waits, "{s:?}");
+            }
+            if step == Step::Reconnect {
+                assert!(s.replaceable, "{s:?}");
+            }
+            if step == Step::Committed {
+                assert!(s.stage == Stage::Commit && (s.server, s.protocol) == CRDB);
+            }
+            if step == Step::Ambiguous {
+                // Only where the commit was sent: the COMMIT, or the
+                // RELEASE that carries it.
+                assert!(matches!(s.stage, Stage::Release | Stage::Commit), "{s:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Retrying transactions for Diesel on CockroachDB and PostgreSQL: the
+//! counterpart of cockroach-go's `crdb.ExecuteTx` and
+//! sqlalchemy-cockroachdb's `run_transaction`.
+//!
+//! What it promises:
+//! - a unit of work runs in a SERIALIZABLE transaction, again after each
+//!   serialization failure (SQLSTATE 40001), within a bound on attempts and
+//!   on time ([`RetryPolicy`]), with capped, jittered backoff, never
+//!   sleeping inside a transaction;
+//! - only the value of the attempt that committed is returned
+//!   ([`Committed`]); every failure is one [`TxError`];
+//! - a commit whose outcome is unknown (the connection lost during COMMIT,
+//!   or 40003) is reported as [`TxError::AmbiguousCommit`], never retried
+//!   behind the caller's back, unless the unit is declared idempotent
+//!   ([`TxOptions::idempotent`]);
+//! - every statement of an attempt is bounded by the time left before the
+//!   deadline (`SET LOCAL statement_timeout`, in the `BEGIN` message);
+//! - on CockroachDB, its savepoint protocol (`SAVEPOINT cockroach_restart`),
+//!   whose `RELEASE` is the commit; on PostgreSQL, `BEGIN` ... `COMMIT`.
+//!
+//! Add it with one line (`r2d2` pools are a default feature):
+//!
+//! ```toml
+//! [dependencies]
+//! diesel-tx-retry = { git = "https://github.com/cockroachdb/example-app-rust-diesel" }
+//! ```
+//!
+//! A transfer between two accounts, on a connection from an r2d2 pool:
+//!
+//! ```no_run
+//! use diesel::prelude::*;
+//! use diesel::r2d2::{ConnectionManager, Pool};
+//! use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxOptions};
+//!
+//! diesel::table! { accounts (id) { id -> Int8, balance -> Int8 } }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::new(ConnectionManager::<PgConnection>::new(std::env::var("DATABASE_URL")?))?;
+//! let server = Server::detect(&mut pool.get()?)?;
+//! let retrier = Retrier::new(RetryPolicy::default(), server);
+//! let done = retrier.run(&pool, TxOptions::default(), |conn| {
+//!     diesel::update(accounts::table.find(1))
+//!         .set(accounts::balance.eq(accounts::balance - 10))
+//!         .execute(conn)?;
+//!     diesel::update(accounts::table.find(2))
+//!         .set(accounts::balance.eq(accounts::balance + 10))
+//!         .execute(conn)
+//! })?;
+//! println!("moved 10 in {} attempt(s)", done.attempts);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/transfer.rs` runs a whole transfer against `DATABASE_URL`.
+//!
+//! # The decision table
+//!
+//! When an attempt fails, one pure function, [`decide`], picks the next
+//! [`Step`] from where the error came ([`Stage`]), what it means
+//! ([`Class`], from the SQLSTATE by [`classify`]), the server, the protocol
+//! and the unit's options. This table is that function; its unit tests
+//! check it row by row:
+//!
+//! | stage      | class           | server, protocol          | next step |
+//! |------------|-----------------|---------------------------|-----------|
+//! | any (but a commit on CockroachDB, below) | definite | any | fail |
+//! | begin      | conflict        | any                       | restart |
+//! | begin, statement | lost      | any                       | reconnect; fail if the connection is the caller's |
+//! | begin, statement | other     | any                       | fail |
+//! | statement  | conflict        | CockroachDB, savepoint    | rewind if the retry would not wait, else restart |
+//! | statement  | conflict        | otherwise                 | restart |
+//! | release    | conflict        | CockroachDB               | rewind if the retry would not wait, else restart |
+//! | release    | conflict        | PostgreSQL                | restart |
+//! | release    | lost            | any                       | ambiguous; if idempotent: reconnect |
+//! | release    | other           | PostgreSQL                | fail |
+//! | release    | other           | CockroachDB               | ambiguous; if idempotent: restart |
+//! | commit     | any             | CockroachDB, savepoint    | committed |
+//! | commit     | conflict        | otherwise                 | restart |
+//! | commit     | lost, other     | otherwise                 | ambiguous; if idempotent: reconnect (lost) or restart (other) |
+//!
+//! The steps: **rewind** is `ROLLBACK TO SAVEPOINT cockroach_restart` and an
+//! immediate retry inside the same transaction, which keeps its place in line
+//! (the savepoint protocol's one advantage); **restart** rolls the whole
+//! transaction back, waits the backoff, and begins again; **reconnect** drops
+//! the connection (the server rolls back whatever it had open), waits, and
+//! retries on a fresh one; **ambiguous** reports [`TxError::AmbiguousCommit`];
+//! **fail** rolls back and returns the error; **committed** returns the value.
+//! Any retry first checks the budgets ([`RetryPolicy`]) and gives up with
+//! [`TxError::GaveUp`] when one ran out.
+//!
+//! The rules behind the rows:
+//! - The helper never sleeps inside a transaction: a transaction left open
+//!   during the wait would keep blocking the very transactions it conflicted
+//!   with. Only an immediate retry rewinds.
+//! - On CockroachDB a successful `RELEASE SAVEPOINT cockroach_restart` *is*
+//!   the commit; the `COMMIT` after it only readies the session, so its error
+//!   changes nothing (cockroach-go ignores it too). An error *at* that
+//!   RELEASE, other than a conflict or a refusal, leaves the outcome unknown.
+//!   <https://www.cockroachlabs.com/docs/stable/advanced-client-side-transaction-retries>
+//! - On PostgreSQL a RELEASE commits nothing, and rolling back to a savepoint
+//!   keeps the transaction's snapshot, which cannot clear a real
+//!   serialization failure: there every conflict restarts. These rules follow
+//!   the server, not the protocol, so that tests may force the savepoint
+//!   protocol on PostgreSQL.
+//! - A lost connection before the commit was sent is safe to retry: the
+//!   server rolls back a transaction whose connection died. The savepoint
+//!   protocol sends `RELEASE SAVEPOINT cockroach_restart; COMMIT` as one
+//!   message (one round trip), so a connection lost there may have taken the
+//!   COMMIT with it: ambiguous on either server.
+//! - A panic in the unit rolls back, returns the connection idle, and goes on.
+//!
+//! # Watching it
+//!
+//! An [`Observer`] given to [`Retrier::with_observer`] is told of every
+//! attempt ([`Attempt`]): how it ended, why, and the backoff that follows.
+//! Each attempt is also a `tracing` span (`tx_attempt`) with debug events.
+//!
+//! # Features
+//! - `r2d2` (default): [`Retrier::run`] on an r2d2 pool, which replaces a
+//!   connection lost before the commit.
+//! - `testing`: [`testing::race`] and [`testing::check`], which force a
+//!   genuine conflict between two units of yours; and, for the helper's own
+//!   tests, `Retrier::with_protocol`, `with_clock` and `with_jitter`.
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+// Public only with `testing`; the helper uses it either way.
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+mod clock;
+mod decide;
+mod error;
+mod observe;
+mod policy;
+mod retrier;
+mod server;
+mod session;
+#[cfg(all(feature = "testing", feature = "r2d2"))]
+pub mod testing;
+
+#[cfg(feature = "testing")]
+pub use clock::{Clock, SystemClock};
+pub use decide::{classify, decide, Class, Situation, Stage, Step};
+pub use error::{AsDieselError, Budget, Committed, TxError};
+pub use observe::{Attempt, Observer, Outcome};
+pub use policy::{Backoff, RetryPolicy, TxOptions};
+pub use retrier::Retrier;
+pub use server::{Protocol, Server};

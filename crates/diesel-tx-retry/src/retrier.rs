@@ -1,0 +1,370 @@
+//! [`Retrier`]: the retry loop that runs a unit of work in transactions
+//! until one commits, a budget runs out, or the decision table says stop.
+
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::PgConnection;
+use tracing::{debug, debug_span};
+
+use crate::clock::{Clock, SystemClock};
+use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
+use crate::{
+    classify, decide, AsDieselError, Attempt, Budget, Class, Committed, Observer, Outcome,
+    Protocol, RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
+};
+
+/// Runs units of work in retried transactions. Cheap to clone and share
+/// between threads.
+#[derive(Clone)]
+pub struct Retrier {
+    policy: RetryPolicy,
+    server: Server,
+    protocol: Protocol,
+    observer: Option<Arc<dyn Observer>>,
+    clock: Arc<dyn Clock>,
+    jitter: Arc<dyn Fn() -> f64 + Send + Sync>,
+}
+
+impl fmt::Debug for Retrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retrier")
+            .field("policy", &self.policy)
+            .field("server", &self.server)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Retrier {
+    /// A helper for `server` (see [`Server::detect`]), with that server's
+    /// protocol, the real clock and random jitter.
+    pub fn new(policy: RetryPolicy, server: Server) -> Self {
+        Self {
+            policy: RetryPolicy {
+                max_attempts: policy.max_attempts.max(1),
+                ..policy
+            },
+            server,
+            protocol: server.retry_protocol(),
+            observer: None,
+            clock: Arc::new(SystemClock),
+            jitter: Arc::new(rand::random::<f64>),
+        }
+    }
+
+    /// Frames transactions with `BEGIN` ... `COMMIT` and restarts them on a
+    /// conflict, on CockroachDB too (where the savepoint protocol is the
+    /// default). The retry rules still follow the server.
+    #[must_use]
+    pub fn with_restart_protocol(mut self) -> Self {
+        self.protocol = Protocol::Restart;
+        self
+    }
+
+    /// Tells `observer` of every attempt (see [`Observer`]).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    /// The protocol in use.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Runs `unit` in a transaction on a connection from `pool`, retrying as
+    /// the crate documentation describes; a connection lost before the
+    /// commit is replaced by a new one from the pool. `unit` may run several
+    /// times: it must have no side effects outside the database and must not
+    /// commit or roll back itself.
+    ///
+    /// # Errors
+    /// See [`TxError`]; only the committed attempt's value is ever returned.
+    #[cfg(feature = "r2d2")]
+    pub fn run<T, E, F, M>(
+        &self,
+        pool: &r2d2::Pool<M>,
+        opts: TxOptions,
+        unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        M: r2d2::ManageConnection<Connection = PgConnection>,
+    {
+        self.run_in(Session::pooled(pool), opts, unit)
+    }
+
+    /// Like [`Retrier::run`], on one connection the caller owns. A lost
+    /// connection cannot be replaced here, so it ends the call with its error.
+    ///
+    /// # Errors
+    /// See [`TxError`]; [`TxError::AlreadyInTransaction`] when `conn` is
+    /// inside a transaction already.
+    pub fn run_on<T, E, F>(
+        &self,
+        conn: &mut PgConnection,
+        opts: TxOptions,
+        unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+    {
+        // Refused before the session exists: its cleanup would roll back
+        // the caller's own transaction.
+        if open_transaction(conn) == Some(true) {
+            return Err(TxError::AlreadyInTransaction);
+        }
+        self.run_in(Session::<Nowhere>::borrowed(conn), opts, unit)
+    }
+
+    /// The retry loop: one attempt, then the step [`decide`] picks. Every
+    /// return drops the session, which rolls back whatever is still open.
+    fn run_in<T, E, F, S>(
+        &self,
+        mut session: Session<'_, S>,
+        opts: TxOptions,
+        mut unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        S: Source,
+    {
+        let start = self.clock.now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let span = debug_span!("tx_attempt", attempt = attempts, protocol = ?self.protocol,
+                retry_cause = tracing::field::Empty);
+            let _entered = span.enter();
+            let tell = |stage, cause, outcome| self.tell(attempts, start, stage, cause, outcome);
+            let (stage, error, value) = match self.attempt(&mut session, opts, start, &mut unit) {
+                Ok(value) => {
+                    tell(None, None, Outcome::Committed);
+                    return Ok(Committed { value, attempts });
+                }
+                Err(Failure::At(stage, error, value)) => (stage, error, value),
+                Err(Failure::NoConnection(err)) => {
+                    tell(Some(Stage::Begin), None, Outcome::NoConnection);
+                    return Err(S::no_connection(err));
+                }
+                Err(Failure::Panicked(payload)) => {
+                    tell(None, None, Outcome::Panicked);
+                    drop(session); // rolls back, hands the connection back idle
+                    panic::resume_unwind(payload);
+                }
+            };
+            let class = error.as_diesel().map_or(Class::Other, classify);
+            let (stage_, class_) = (Some(stage), Some(class));
+            // The wait before the next attempt, should there be one.
+            let delay = self.policy.backoff.delay(attempts, (self.jitter)());
+            let step = decide(&Situation {
+                stage,
+                class,
+                server: self.server,
+                protocol: self.protocol,
+                idempotent: opts.is_idempotent(),
+                waits: !delay.is_zero(),
+                replaceable: session.replaceable(),
+            });
+            span.record("retry_cause", tracing::field::display(Cause(&error)));
+            match (step, value) {
+                (Step::Committed, Some(value)) => {
+                    tell(stage_, class_, Outcome::Committed);
+                    return Ok(Committed { value, attempts });
+                }
+                (Step::Ambiguous, _) => {
+                    debug!(attempts, ?stage, "commit outcome unknown");
+                    tell(stage_, class_, Outcome::Ambiguous);
+                    return Err(TxError::AmbiguousCommit {
+                        attempts,
+                        cause: error,
+                    });
+                }
+                // `Committed` comes only after a COMMIT, which only a
+                // finished unit reaches; without a value, fail safe.
+                (Step::Fail | Step::Committed, _) => {
+                    tell(stage_, class_, Outcome::Failed);
+                    return Err(TxError::Failed(error));
+                }
+                (Step::Rewind | Step::Restart | Step::Reconnect, _) => {}
+            }
+            let elapsed = self.clock.now().saturating_duration_since(start);
+            if let Some(budget) = self.spent(attempts, elapsed + delay) {
+                debug!(attempts, ?budget, "giving up");
+                tell(stage_, class_, Outcome::GaveUp(budget));
+                return Err(TxError::GaveUp {
+                    attempts,
+                    elapsed,
+                    budget,
+                    last: error,
+                });
+            }
+            debug!(
+                ?stage,
+                ?step,
+                sleep_ms = delay.as_secs_f64() * 1e3,
+                "retrying transaction"
+            );
+            tell(stage_, class_, Outcome::Retry { step, delay });
+            match step {
+                Step::Rewind => session.rewind(),
+                Step::Reconnect => session.discard(),
+                _ => session.rollback(),
+            }
+            // Never reached with a transaction open: a rewind does not wait,
+            // and the other steps closed it just above.
+            if !delay.is_zero() {
+                self.clock.sleep(delay);
+            }
+        }
+    }
+
+    /// The budget that forbids a retry that would begin `at` after the
+    /// first attempt began, having made `attempts` already.
+    fn spent(&self, attempts: u32, at: Duration) -> Option<Budget> {
+        if attempts >= self.policy.max_attempts {
+            Some(Budget::Attempts)
+        } else if self.policy.deadline.is_some_and(|deadline| at >= deadline) {
+            Some(Budget::Deadline)
+        } else {
+            None
+        }
+    }
+
+    /// Tells the observer, if any, how attempt `number` ended.
+    fn tell(
+        &self,
+        number: u32,
+        start: Instant,
+        stage: Option<Stage>,
+        cause: Option<Class>,
+        outcome: Outcome,
+    ) {
+        if let Some(observer) = &self.observer {
+            observer.attempt(&Attempt {
+                number,
+                elapsed: self.clock.now().saturating_duration_since(start),
+                stage,
+                cause,
+                outcome,
+            });
+        }
+    }
+
+    /// The statements that begin an attempt, sent as one message (one round
+    /// trip): SERIALIZABLE, which is CockroachDB's default and what makes
+    /// PostgreSQL detect the anomalies a bank must not have, said explicitly
+    /// so that a server configured otherwise cannot weaken it; a statement
+    /// timeout no longer than the time left before the deadline, so that no
+    /// blocked statement outlives it by more than its own wait; and, with
+    /// the savepoint protocol, the restart savepoint, after the timeout so
+    /// that a rewind keeps it.
+    fn begin_sql(&self, opts: TxOptions, start: Instant) -> String {
+        let mut sql = String::from("BEGIN ISOLATION LEVEL SERIALIZABLE");
+        if opts.is_read_only() {
+            sql.push_str(", READ ONLY");
+        }
+        let left = self.policy.deadline.map(|deadline| {
+            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
+        });
+        let limit = match (self.policy.statement_timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(limit) = limit {
+            // 0 would mean no limit at all.
+            let ms = limit.as_millis().max(1);
+            sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
+        }
+        if self.protocol == Protocol::Savepoint {
+            sql.push_str("; SAVEPOINT cockroach_restart");
+        }
+        sql
+    }
+
+    /// One attempt: begin (unless a rewound transaction is still open), run
+    /// the unit, commit.
+    fn attempt<T, E, F, S>(
+        &self,
+        session: &mut Session<'_, S>,
+        opts: TxOptions,
+        start: Instant,
+        unit: &mut F,
+    ) -> Result<T, Failure<T, E, S::Error>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        S: Source,
+    {
+        let begin = self.begin_sql(opts, start);
+        let conn = session.open(&begin).map_err(|err| match err {
+            OpenError::NoConnection(err) => Failure::NoConnection(err),
+            OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
+        })?;
+        let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn))) {
+            Ok(Ok(value)) => value,
+            Ok(Err(err)) => return Err(Failure::At(Stage::Statement, err, None)),
+            Err(payload) => return Err(Failure::Panicked(payload)),
+        };
+        if self.protocol == Protocol::Savepoint {
+            // One message, one round trip. The server stops at the first
+            // statement that fails: if the transaction is still open, that
+            // was the RELEASE; if it is closed, the COMMIT; if the
+            // connection is gone, nobody knows, and the commit was sent:
+            // that counts as the RELEASE, which the table makes ambiguous.
+            return match conn.batch_execute("RELEASE SAVEPOINT cockroach_restart; COMMIT") {
+                Ok(()) => Ok(value),
+                Err(err) => {
+                    let stage = match open_transaction(conn) {
+                        Some(false) => Stage::Commit,
+                        Some(true) | None => Stage::Release,
+                    };
+                    Err(Failure::At(stage, E::from(err), Some(value)))
+                }
+            };
+        }
+        match AnsiTransactionManager::commit_transaction(conn) {
+            Ok(()) => Ok(value),
+            Err(err) => Err(Failure::At(Stage::Commit, E::from(err), Some(value))),
+        }
+    }
+}
+
+#[cfg(feature = "testing")]
+impl Retrier {
+    /// Frames transactions with `protocol` whatever the server; the retry
+    /// rules still follow the server. For tests that play CockroachDB's
+    /// savepoint protocol on PostgreSQL, where it only adds round trips.
+    #[must_use]
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Replaces the clock (tests use one that records sleeps instead).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Replaces the jitter source, which must return values in `[0, 1)`.
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: Arc<dyn Fn() -> f64 + Send + Sync>) -> Self {
+        self.jitter = jitter;
+        self
+    }
+}

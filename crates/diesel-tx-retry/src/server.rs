@@ -1,0 +1,55 @@
+//! Which server answers, and the retry protocol that works on it.
+
+use diesel::dsl::sql;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+
+/// Which server answered: the retry rules differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// CockroachDB.
+    CockroachDb,
+    /// PostgreSQL, or anything else speaking its protocol.
+    PostgreSql,
+}
+
+impl Server {
+    /// Detects the server from `SELECT version()`.
+    ///
+    /// # Errors
+    /// The query's error.
+    pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
+        let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
+        Ok(Self::from_version(&version))
+    }
+
+    /// The server that answers `SELECT version()` with `version`.
+    pub fn from_version(version: &str) -> Self {
+        if version.contains("CockroachDB") {
+            Server::CockroachDb
+        } else {
+            Server::PostgreSql
+        }
+    }
+
+    /// The retry protocol that works on this server.
+    pub fn retry_protocol(self) -> Protocol {
+        match self {
+            Server::CockroachDb => Protocol::Savepoint,
+            Server::PostgreSql => Protocol::Restart,
+        }
+    }
+}
+
+/// How a transaction is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `BEGIN` ... `COMMIT`; every retry is a new transaction.
+    Restart,
+    /// CockroachDB's client-side retry protocol: `SAVEPOINT cockroach_restart`
+    /// after `BEGIN`, `ROLLBACK TO SAVEPOINT cockroach_restart` to retry at
+    /// once in the same transaction, `RELEASE SAVEPOINT cockroach_restart` to
+    /// commit. The transaction keeps its priority across rewinds, so it is
+    /// not starved under contention.
+    Savepoint,
+}

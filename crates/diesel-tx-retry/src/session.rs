@@ -1,0 +1,192 @@
+//! The connection attempts run on, and what Diesel knows of its
+//! transaction.
+
+use std::fmt;
+use std::ops::DerefMut;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::result::Error as DieselError;
+use diesel::PgConnection;
+use tracing::debug;
+
+use crate::{AsDieselError, Stage, TxError};
+
+/// How an attempt ended when it did not commit.
+pub(crate) enum Failure<T, E, N> {
+    /// An error at a stage, with the unit's value if the unit had finished.
+    At(Stage, E, Option<T>),
+    /// No connection could be had.
+    NoConnection(N),
+    /// The unit panicked.
+    Panicked(Box<dyn std::any::Any + Send + 'static>),
+}
+
+pub(crate) enum OpenError<N> {
+    NoConnection(N),
+    Database(DieselError),
+}
+
+/// Where a session gets a new connection: a pool, or nowhere (the
+/// caller's own connection, which cannot be replaced).
+pub(crate) trait Source {
+    /// A connection checked out.
+    type Conn: DerefMut<Target = PgConnection>;
+    /// Why none could be had.
+    type Error;
+    fn checkout(&self) -> Result<Self::Conn, Self::Error>;
+    /// The helper's error for a failed checkout.
+    fn no_connection<E>(err: Self::Error) -> TxError<E>;
+}
+
+#[cfg(feature = "r2d2")]
+impl<M: r2d2::ManageConnection<Connection = PgConnection>> Source for r2d2::Pool<M> {
+    type Conn = r2d2::PooledConnection<M>;
+    type Error = r2d2::Error;
+    fn checkout(&self) -> Result<Self::Conn, r2d2::Error> {
+        self.get()
+    }
+    fn no_connection<E>(err: r2d2::Error) -> TxError<E> {
+        TxError::NoConnection(err)
+    }
+}
+
+/// No source of connections: the caller's own one.
+pub(crate) enum Nowhere {}
+
+impl Source for Nowhere {
+    type Conn = Box<PgConnection>;
+    type Error = std::convert::Infallible;
+    fn checkout(&self) -> Result<Self::Conn, Self::Error> {
+        match *self {}
+    }
+    fn no_connection<E>(err: Self::Error) -> TxError<E> {
+        match err {}
+    }
+}
+
+/// The connection attempts run on. Whether a transaction is open on it is
+/// read from Diesel's own transaction manager, which lives inside the
+/// connection, so the two cannot disagree; and the connection is only ever
+/// replaced with no transaction open.
+pub(crate) struct Session<'a, S: Source> {
+    pool: Option<&'a S>,
+    conn: Option<Handle<'a, S>>,
+}
+
+enum Handle<'a, S: Source> {
+    Pooled(S::Conn),
+    Borrowed(&'a mut PgConnection),
+}
+
+impl<S: Source> Handle<'_, S> {
+    fn get(&mut self) -> &mut PgConnection {
+        match self {
+            Handle::Pooled(conn) => conn,
+            Handle::Borrowed(conn) => conn,
+        }
+    }
+}
+
+/// What Diesel knows of the connection's transaction: `Some(true)` when one
+/// is open, `None` when Diesel gave up on the connection's state.
+pub(crate) fn open_transaction(conn: &mut PgConnection) -> Option<bool> {
+    AnsiTransactionManager::transaction_manager_status_mut(conn)
+        .transaction_depth()
+        .ok()
+        .map(|depth| depth.is_some())
+}
+
+impl<'a, S: Source> Session<'a, S> {
+    #[cfg(feature = "r2d2")]
+    pub(crate) fn pooled(pool: &'a S) -> Self {
+        Self {
+            pool: Some(pool),
+            conn: None,
+        }
+    }
+
+    pub(crate) fn borrowed(conn: &'a mut PgConnection) -> Self {
+        Self {
+            pool: None,
+            conn: Some(Handle::Borrowed(conn)),
+        }
+    }
+
+    pub(crate) fn replaceable(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// The connection with a transaction open on it: the one a rewind left
+    /// open, or a new one begun here (on a fresh connection if needed).
+    pub(crate) fn open(&mut self, begin: &str) -> Result<&mut PgConnection, OpenError<S::Error>> {
+        let handle = match (self.conn.take(), self.pool) {
+            (Some(handle), _) => handle,
+            (None, Some(pool)) => Handle::Pooled(pool.checkout().map_err(OpenError::NoConnection)?),
+            // The caller's connection was lost earlier.
+            (None, None) => return Err(OpenError::Database(DieselError::BrokenTransactionManager)),
+        };
+        let conn = self.conn.insert(handle).get();
+        if open_transaction(conn) == Some(true) {
+            return Ok(conn);
+        }
+        AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(OpenError::Database)?;
+        Ok(conn)
+    }
+
+    /// `ROLLBACK TO SAVEPOINT cockroach_restart`, or a full rollback if that
+    /// fails.
+    pub(crate) fn rewind(&mut self) {
+        let rewound = self.conn.as_mut().is_some_and(|handle| {
+            handle
+                .get()
+                .batch_execute("ROLLBACK TO SAVEPOINT cockroach_restart")
+                .is_ok()
+        });
+        if !rewound {
+            self.rollback();
+        }
+    }
+
+    /// Rolls back whatever Diesel knows to be open. A connection that cannot
+    /// roll back, or whose state Diesel lost, is discarded.
+    pub(crate) fn rollback(&mut self) {
+        let Some(handle) = self.conn.as_mut() else {
+            return;
+        };
+        let conn = handle.get();
+        let healthy = match open_transaction(conn) {
+            Some(true) => AnsiTransactionManager::rollback_transaction(conn)
+                .map_err(|err| debug!(error = %err, "rollback failed"))
+                .is_ok(),
+            Some(false) => true,
+            None => false,
+        };
+        if !healthy {
+            self.discard();
+        }
+    }
+
+    /// Forgets the connection. Diesel marks a connection whose socket died
+    /// as broken, and r2d2 closes broken connections instead of pooling them.
+    pub(crate) fn discard(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl<S: Source> Drop for Session<'_, S> {
+    /// No connection leaves the helper inside a transaction.
+    fn drop(&mut self) {
+        self.rollback();
+    }
+}
+
+pub(crate) struct Cause<'a, E>(pub(crate) &'a E);
+
+impl<E: AsDieselError> fmt::Display for Cause<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_diesel() {
+            Some(err) => write!(f, "{err}"),
+            None => f.write_str("(not a database error)"),
+        }
+    }
+}
