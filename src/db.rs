@@ -313,7 +313,7 @@ const MIGRATION_ATTEMPTS: u32 = 8;
 /// `pg_type`; on CockroachDB, a retry error or "already exists"), and the
 /// migration's version row is unique, so one process wins. The others
 /// re-read what is still pending: nothing, when the winner applied it all;
-/// otherwise they try again, up to [`MIGRATION_ATTEMPTS`] times. A lock
+/// otherwise they try again, up to `MIGRATION_ATTEMPTS` (8) times. A lock
 /// would avoid the collision on PostgreSQL, but CockroachDB has no advisory
 /// locks and diesel CLI would not take ours anyway.
 ///

@@ -19,7 +19,7 @@ use crate::db::PgPool;
 use crate::job;
 use crate::plan::{Batches, Length, Settings};
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Retrier, TxError, TxOptions};
+use diesel_tx_retry::{Attempt, Class, Observer, Outcome, Retrier, TxError, TxOptions};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -36,8 +36,13 @@ pub struct Report {
     pub committed: u64,
     /// Transfers refused for insufficient funds (nothing to retry).
     pub rejected: u64,
-    /// Retries across all transfers.
+    /// Retries across all transfers (as the helper's observer saw them).
     pub retries: u64,
+    /// The retries by what caused them.
+    pub retries_by_cause: RetriesByCause,
+    /// Time spent backing off between attempts, in milliseconds, across all
+    /// workers.
+    pub backoff_ms: f64,
     /// Transfers that used up their retry budget.
     pub gave_up: u64,
     /// Transfers whose commit outcome is unknown (in doubt), including any
@@ -77,6 +82,52 @@ pub struct Finished {
     pub error: Option<anyhow::Error>,
 }
 
+/// Retries by their cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RetriesByCause {
+    /// Serialization failures (40001).
+    pub conflict: u64,
+    /// Connections lost before the commit, retried on a new one.
+    pub connection_lost: u64,
+    /// Anything else the helper retried (an idempotent commit in doubt).
+    pub other: u64,
+}
+
+/// Counts the retries and the backoff of every attempt, as the retry
+/// helper's observer: shared by the workers, one atomic add per retry.
+#[derive(Debug, Default)]
+struct Attempts {
+    conflict: AtomicU64,
+    connection_lost: AtomicU64,
+    other: AtomicU64,
+    backoff_us: AtomicU64,
+}
+
+impl Observer for Attempts {
+    fn attempt(&self, attempt: &Attempt) {
+        if let Outcome::Retry { delay, .. } = attempt.outcome {
+            let counter = match attempt.cause {
+                Some(Class::Conflict) => &self.conflict,
+                Some(Class::ConnectionLost) => &self.connection_lost,
+                _ => &self.other,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+            self.backoff_us.fetch_add(micros, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Attempts {
+    fn by_cause(&self) -> RetriesByCause {
+        RetriesByCause {
+            conflict: self.conflict.load(Ordering::Relaxed),
+            connection_lost: self.connection_lost.load(Ordering::Relaxed),
+            other: self.other.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
@@ -97,7 +148,7 @@ pub struct Latency {
 /// says why it stopped.
 ///
 /// If the server stops answering altogether (a frozen process; see
-/// [`watchdog`]), the watchdog ends the run: `last_words` then gets the
+/// [`crate::watchdog`]), the watchdog ends the run: `last_words` then gets the
 /// report so far, with the stall as its error, the transfers still waiting
 /// counted as in doubt, and the balances unread.
 ///
@@ -110,6 +161,8 @@ pub fn run(
     settings: Settings,
     last_words: impl Fn(&Report) + Send + Sync + 'static,
 ) -> anyhow::Result<Finished> {
+    let attempts = Arc::new(Attempts::default());
+    let retrier = &retrier.clone().with_observer(attempts.clone());
     let mut rng = seeded(settings.seed(), 0);
     let total = settings.accounts();
     let created = job::create_accounts(
@@ -157,10 +210,12 @@ pub fn run(
     let total_before = created.total_balance;
     let _last_words = watchdog.last_words({
         let (tallies, in_flight) = (Arc::clone(&tallies), Arc::clone(&in_flight));
+        let attempts = Arc::clone(&attempts);
         move |line| {
             let mut report = Report::new(
                 &settings,
                 &merged(&tallies).with_unconnected(settings.workers() - connected),
+                &attempts,
                 start.elapsed(),
                 total_before,
                 None,
@@ -232,7 +287,14 @@ pub fn run(
             None
         }
     };
-    let mut report = Report::new(&settings, &tally, elapsed, total_before, balances);
+    let mut report = Report::new(
+        &settings,
+        &tally,
+        &attempts,
+        elapsed,
+        total_before,
+        balances,
+    );
     report.error = error.as_ref().map(|err| format!("{err:#}"));
     Ok(Finished { report, error })
 }
@@ -252,18 +314,22 @@ impl Report {
     fn new(
         settings: &Settings,
         tally: &Tally,
+        attempts: &Attempts,
         elapsed: std::time::Duration,
         total_before: i64,
         balances: Option<(i64, i64)>,
     ) -> Self {
         let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
         let elapsed_s = elapsed.as_secs_f64();
+        let by_cause = attempts.by_cause();
         Report {
             workers: settings.workers(),
             accounts: settings.accounts() as u64,
             committed: tally.committed,
             rejected: tally.rejected,
-            retries: tally.retries,
+            retries: by_cause.conflict + by_cause.connection_lost + by_cause.other,
+            retries_by_cause: by_cause,
+            backoff_ms: attempts.backoff_us.load(Ordering::Relaxed) as f64 / 1_000.0,
             gave_up: tally.gave_up,
             ambiguous: tally.ambiguous,
             failed: tally.failed,
@@ -297,7 +363,8 @@ impl Report {
         let mut text = format!(
             "Ran transfers between {accounts} accounts from {workers} workers for {elapsed:.2} s.\n\
              committed: {committed} ({tps:.1} transfers/s), rejected (insufficient funds): {rejected}\n\
-             retries: {retries}, gave up: {gave_up}, ambiguous commits (in doubt): {ambiguous}, failed: {failed}\n\
+             retries: {retries} ({conflict} conflicts, {lost} lost connections, {other} other; \
+             {backoff:.1} ms backing off), gave up: {gave_up}, ambiguous commits (in doubt): {ambiguous}, failed: {failed}\n\
              latency ms: p50 {p50:.3}, p95 {p95:.3}, p99 {p99:.3}, max {max:.3}\n\
              invariant: {invariant}",
             accounts = self.accounts,
@@ -307,6 +374,10 @@ impl Report {
             tps = self.transfers_per_s,
             rejected = self.rejected,
             retries = self.retries,
+            conflict = self.retries_by_cause.conflict,
+            lost = self.retries_by_cause.connection_lost,
+            other = self.retries_by_cause.other,
+            backoff = self.backoff_ms,
             gave_up = self.gave_up,
             ambiguous = self.ambiguous,
             failed = self.failed,
@@ -329,7 +400,6 @@ impl Report {
 struct Tally {
     committed: u64,
     rejected: u64,
-    retries: u64,
     gave_up: u64,
     ambiguous: u64,
     failed: u64,
@@ -342,7 +412,6 @@ impl Tally {
         Self {
             committed: 0,
             rejected: 0,
-            retries: 0,
             gave_up: 0,
             ambiguous: 0,
             failed: 0,
@@ -361,7 +430,6 @@ impl Tally {
     fn merge(&mut self, other: &Tally) {
         self.committed += other.committed;
         self.rejected += other.rejected;
-        self.retries += other.retries;
         self.gave_up += other.gave_up;
         self.ambiguous += other.ambiguous;
         self.failed += other.failed;
@@ -426,19 +494,15 @@ fn transfer_loop(
         });
         in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
-            Ok(done) => count(&|t| {
+            Ok(_) => count(&|t| {
                 t.committed += 1;
-                t.retries += u64::from(done.retries());
                 let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
                 t.latency_us.saturating_record(micros.max(1));
             }),
             Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {
                 count(&|t| t.rejected += 1)
             }
-            Err(TxError::GaveUp { attempts, .. }) => count(&|t| {
-                t.gave_up += 1;
-                t.retries += u64::from(attempts - 1);
-            }),
+            Err(TxError::GaveUp { .. }) => count(&|t| t.gave_up += 1),
             Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.ambiguous += 1),
             // This worker has no connection to work with; the others go on.
             Err(TxError::NoConnection(err)) => {
@@ -475,6 +539,7 @@ mod tests {
         let report = Report::new(
             &settings,
             &tally,
+            &Attempts::default(),
             std::time::Duration::from_secs(1),
             100,
             None,
@@ -491,11 +556,69 @@ mod tests {
         let report = Report::new(
             &settings,
             &Tally::new(),
+            &Attempts::default(),
             std::time::Duration::from_secs(1),
             100,
             Some((100, 0)),
         );
         assert_eq!(report.invariant_ok, Some(true));
         assert!(!report.to_text().contains("could not connect"));
+    }
+
+    #[test]
+    fn the_observer_counts_retries_by_cause_and_their_backoff() {
+        let attempts = Attempts::default();
+        let ms = std::time::Duration::from_millis;
+        for (cause, outcome) in [
+            (
+                Class::Conflict,
+                Outcome::Retry {
+                    step: diesel_tx_retry::Step::Restart,
+                    delay: ms(2),
+                },
+            ),
+            (
+                Class::Conflict,
+                Outcome::Retry {
+                    step: diesel_tx_retry::Step::Restart,
+                    delay: ms(0),
+                },
+            ),
+            (
+                Class::ConnectionLost,
+                Outcome::Retry {
+                    step: diesel_tx_retry::Step::Reconnect,
+                    delay: ms(3),
+                },
+            ),
+            (
+                Class::Conflict,
+                Outcome::GaveUp(diesel_tx_retry::Budget::Attempts),
+            ),
+        ] {
+            attempts.attempt(&attempt(cause, outcome));
+        }
+        assert_eq!(
+            attempts.by_cause(),
+            RetriesByCause {
+                conflict: 2,
+                connection_lost: 1,
+                other: 0
+            }
+        );
+        let settings = Settings::new(1, 2, Length::Transfers(1), None).unwrap();
+        let report = Report::new(&settings, &Tally::new(), &attempts, ms(10), 0, None);
+        assert_eq!((report.retries, report.backoff_ms), (3, 5.0));
+    }
+
+    /// An attempt as the helper would report it.
+    fn attempt(cause: Class, outcome: Outcome) -> Attempt {
+        Attempt::new(
+            2,
+            std::time::Duration::ZERO,
+            Some(diesel_tx_retry::Stage::Statement),
+            Some(cause),
+            outcome,
+        )
     }
 }

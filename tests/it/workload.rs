@@ -26,6 +26,15 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
         "{report}"
     );
     assert_eq!(n("gave_up") + n("ambiguous"), 0, "{report}");
+    // The retries come from the helper's observer, by cause.
+    let by_cause = &report["retries_by_cause"];
+    let cause = |key: &str| by_cause[key].as_u64().unwrap();
+    assert_eq!(
+        cause("conflict") + cause("connection_lost") + cause("other"),
+        n("retries"),
+        "{report}"
+    );
+    assert!(report["backoff_ms"].as_f64().unwrap() >= 0.0, "{report}");
     assert_eq!(report["invariant_ok"], true);
     for key in ["elapsed_s", "transfers_per_s"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}");

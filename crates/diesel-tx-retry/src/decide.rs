@@ -73,7 +73,7 @@ pub enum Step {
     Reconnect,
     /// The transaction committed; return the unit's value.
     Committed,
-    /// Report [`TxError::AmbiguousCommit`].
+    /// Report [`TxError::AmbiguousCommit`](crate::TxError::AmbiguousCommit).
     Ambiguous,
     /// Roll back and return the error.
     Fail,

@@ -36,7 +36,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = Pool::new(ConnectionManager::<PgConnection>::new(std::env::var("DATABASE_URL")?))?;
-//! let server = Server::detect(&mut pool.get()?)?;
+//! let server = Server::detect(&mut *pool.get()?)?;
 //! let retrier = Retrier::new(RetryPolicy::default(), server);
 //! let done = retrier.run(&pool, TxOptions::default(), |conn| {
 //!     diesel::update(accounts::table.find(1))

@@ -21,6 +21,25 @@ pub struct Attempt {
     pub outcome: Outcome,
 }
 
+impl Attempt {
+    /// An attempt as the helper reports it, for tests of an [`Observer`].
+    pub fn new(
+        number: u32,
+        elapsed: Duration,
+        stage: Option<Stage>,
+        cause: Option<Class>,
+        outcome: Outcome,
+    ) -> Self {
+        Self {
+            number,
+            elapsed,
+            stage,
+            cause,
+            outcome,
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
