@@ -405,19 +405,30 @@ fn parse_retries(text: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("must be between 0 and {}", u32::MAX - 1))
 }
 
+/// A duration written the way people write one (`500ms`, `30s`, `1m 30s`,
+/// parsed by humantime), or a plain number of `unit`s, as before.
+fn parse_duration(text: &str, unit: Duration) -> Option<Duration> {
+    let text = text.trim();
+    match text.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 => Some(unit.mul_f64(n)),
+        Ok(_) => None,
+        Err(_) => humantime::parse_duration(text).ok(),
+    }
+}
+
 fn parse_millis(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<f64>() {
-        Ok(ms) if ms.is_finite() && (0.0..=60_000.0).contains(&ms) => {
-            Ok(Duration::from_secs_f64(ms / 1e3))
-        }
-        _ => Err("must be between 0 and 60000 milliseconds, like 2 or 0.5".into()),
+    match parse_duration(text, Duration::from_millis(1)) {
+        Some(d) if d <= Duration::from_secs(60) => Ok(d),
+        _ => Err("must be between 0 and 60000 milliseconds, like 2, 0.5 or 2ms".into()),
     }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err("must be more than 0 and at most 86400 seconds, like 30 or 0.5".into()),
+    match parse_duration(text, Duration::from_secs(1)) {
+        Some(d) if !d.is_zero() && d <= Duration::from_secs(86_400) => Ok(d),
+        _ => {
+            Err("must be more than 0 and at most 86400 seconds, like 30, 0.5, 30s or 500ms".into())
+        }
     }
 }
 
@@ -664,5 +675,33 @@ mod tests {
         assert_eq!(Plan::try_from(&cli.job), Err(PlanError::Accounts(-3)));
         let err = Cli::try_parse_from(["bank", "--tx-deadline", "-5"]).unwrap_err();
         assert!(err.to_string().contains("must be more than 0"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_plain_numbers_of_their_unit_or_human_ones() {
+        let secs = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(parse_seconds("30"), Ok(secs(30)));
+        assert_eq!(parse_seconds("0.5"), Ok(ms(500)));
+        assert_eq!(parse_seconds("30s"), Ok(secs(30)));
+        assert_eq!(parse_seconds("500ms"), Ok(ms(500)));
+        assert_eq!(parse_seconds("1m 30s"), Ok(secs(90)));
+        assert_eq!(parse_millis("2"), Ok(ms(2)));
+        assert_eq!(parse_millis("2ms"), Ok(ms(2)));
+        assert_eq!(parse_millis("1s"), Ok(secs(1)));
+        for bad in ["0", "0s", "-1", "2 days", "soon", "NaN", "inf"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert!(parse_millis("61s").is_err());
+        let cli = Cli::try_parse_from([
+            "bank",
+            "--tx-deadline",
+            "45s",
+            "--statement-timeout",
+            "1500ms",
+        ])
+        .unwrap();
+        assert_eq!(cli.retry.tx_deadline, secs(45));
+        assert_eq!(cli.retry.statement_timeout, ms(1500));
     }
 }

@@ -144,7 +144,7 @@ fn impossible_counts_are_refused_before_anything_is_written() {
         (
             &["--tx-deadline", "-5"],
             "bank: invalid value '-5' for '--tx-deadline <SECONDS>': must be more than 0 and at \
-             most 86400 seconds, like 30 or 0.5 (see bank --help)"
+             most 86400 seconds, like 30, 0.5, 30s or 500ms (see bank --help)"
                 .to_owned(),
         ),
         (
