@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
 
-use crate::config::{Cli, Command, DbUrl, ProtocolChoice, WorkloadArgs};
+use crate::config::{Cli, Command, ProtocolChoice, WorkloadArgs};
+use crate::db::DbUrl;
 use crate::db::{self, AccountsTable, PgPool};
 use crate::job;
 use crate::plan::{Plan, Settings};

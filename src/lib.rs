@@ -12,7 +12,6 @@
 pub mod app;
 pub mod bank;
 pub mod config;
-pub mod conninfo;
 pub mod db;
 pub mod job;
 pub mod models;

@@ -46,8 +46,7 @@ fn a_refused_connection_is_one_line_without_the_password() {
 #[test]
 fn a_connection_error_keeps_the_drivers_error_as_its_source() {
     let (_reserved, port) = refusing_port();
-    let url =
-        bank::config::DbUrl::parse(&format!("postgresql://app@127.0.0.1:{port}/bank")).unwrap();
+    let url = bank::db::DbUrl::parse(&format!("postgresql://app@127.0.0.1:{port}/bank")).unwrap();
     let Err(err) = bank::db::establish(&url) else {
         panic!("connected to a refusing port");
     };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
-use bank::config::DbUrl;
+use bank::db::DbUrl;
 use bank::db::{self, PgPool};
 use diesel::dsl::sql;
 use diesel::expression::SqlLiteral;

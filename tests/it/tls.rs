@@ -298,7 +298,7 @@ fn the_application_user_runs_the_job_but_may_not_change_the_schema() {
     // DDL is refused to it: migrations cannot create their bookkeeping table.
     let out = bank(&["--database-url", &url, "migrate"]);
     assert_one_line_failure(&out, "permission denied");
-    let mut conn = bank::db::establish(&bank::config::DbUrl::parse(&url).unwrap()).unwrap();
+    let mut conn = bank::db::establish(&bank::db::DbUrl::parse(&url).unwrap()).unwrap();
     for ddl in [
         "CREATE TABLE sneaky (id INT8)",
         "DROP TABLE accounts",

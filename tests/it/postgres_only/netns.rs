@@ -11,8 +11,8 @@
 
 use std::process::{Child, Command};
 
-use bank::config::DbUrl;
 use bank::db;
+use bank::db::DbUrl;
 use diesel::connection::SimpleConnection;
 use diesel::PgConnection;
 

@@ -70,7 +70,7 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     // message each.
     let db = TestDb::migrated();
     let proxy = Proxy::start(server_addr(&db), Duration::ZERO).unwrap();
-    let url = bank::config::DbUrl::parse(&format!(
+    let url = bank::db::DbUrl::parse(&format!(
         "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
         proxy.port(),
         db.name

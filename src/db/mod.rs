@@ -1,5 +1,11 @@
 //! The database connection: first contact (with readable errors), the r2d2
-//! pool, the embedded migrations and the schema check.
+//! pool, the embedded migrations and the schema check; the connection
+//! string and its policy in [`url`] and [`conninfo`].
+
+pub mod conninfo;
+mod url;
+
+pub use url::DbUrl;
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,7 +18,6 @@ use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
 use diesel::sql_types::{Bool, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::config::DbUrl;
 use diesel_tx_retry::Server;
 
 /// The r2d2 pool of Diesel connections the app runs its transactions on.
