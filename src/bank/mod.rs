@@ -1,6 +1,8 @@
 //! The bank's operations: pure units of work on a connection that return
 //! what they did and print nothing, so the retry helper can run them again.
 
+pub mod create;
+
 use std::collections::HashSet;
 
 use diesel::pg::Pg;
