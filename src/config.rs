@@ -409,8 +409,8 @@ fn parse_retries(text: &str) -> Result<u32, String> {
 fn parse_duration(text: &str, unit: Duration) -> Option<Duration> {
     let text = text.trim();
     match text.parse::<f64>() {
-        Ok(n) if n.is_finite() && n >= 0.0 => Some(unit.mul_f64(n)),
-        Ok(_) => None,
+        // try_from: a huge number is out of range, not a panic.
+        Ok(n) => Duration::try_from_secs_f64(unit.as_secs_f64() * n).ok(),
         Err(_) => humantime::parse_duration(text).ok(),
     }
 }
@@ -472,7 +472,16 @@ mod tests {
         assert_eq!(parse_millis("2"), Ok(ms(2)));
         assert_eq!(parse_millis("2ms"), Ok(ms(2)));
         assert_eq!(parse_millis("1s"), Ok(secs(1)));
-        for bad in ["0", "0s", "-1", "2 days", "soon", "NaN", "inf"] {
+        for bad in [
+            "0",
+            "0s",
+            "-1",
+            "2 days",
+            "soon",
+            "NaN",
+            "inf",
+            "18446744073709551616",
+        ] {
             assert!(parse_seconds(bad).is_err(), "{bad}");
         }
         assert!(parse_millis("61s").is_err());
