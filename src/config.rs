@@ -1,6 +1,7 @@
 //! Configuration: the command line (low-level arguments, turned into
 //! [`crate::plan`] types by `TryFrom`) and `.env`.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use std::ffi::OsString;
@@ -219,16 +220,16 @@ pub enum Command {
 #[command(group(clap::ArgGroup::new("length").required(true).args(["transfers", "duration"])))]
 pub struct WorkloadArgs {
     /// Threads running transfers, each with its own pooled connection (1 to 1024).
-    #[arg(long, value_name = "W", default_value = "4", value_parser = parse_whole, allow_negative_numbers = true)]
-    pub workers: i128,
+    #[arg(long, value_name = "W", default_value = "4", value_parser = in_range(crate::plan::WORKERS), allow_negative_numbers = true)]
+    pub workers: u64,
 
     /// Accounts to create and transfer between (2 to 100000000).
-    #[arg(long, value_name = "A", default_value = "100", value_parser = parse_whole, allow_negative_numbers = true)]
-    pub accounts: i128,
+    #[arg(long, value_name = "A", default_value = "100", value_parser = in_range(crate::plan::ACCOUNTS), allow_negative_numbers = true)]
+    pub accounts: u64,
 
-    /// Stop after this many transfers in all.
-    #[arg(long, value_name = "T", value_parser = parse_whole, allow_negative_numbers = true)]
-    pub transfers: Option<i128>,
+    /// Stop after this many transfers in all (at least 1).
+    #[arg(long, value_name = "T", value_parser = in_range(1..=u64::MAX), allow_negative_numbers = true)]
+    pub transfers: Option<u64>,
 
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_negative_numbers = true)]
@@ -249,10 +250,15 @@ impl TryFrom<&WorkloadArgs> for Settings {
     fn try_from(args: &WorkloadArgs) -> Result<Self, PlanError> {
         // clap requires exactly one of the two.
         let length = match (args.transfers, args.duration) {
-            (Some(transfers), _) => Length::transfers(transfers)?,
+            (Some(transfers), _) => Length::transfers(i128::from(transfers))?,
             (None, duration) => Length::Duration(duration.unwrap_or_default()),
         };
-        Settings::new(args.workers, args.accounts, length, args.seed)
+        Settings::new(
+            i128::from(args.workers),
+            i128::from(args.accounts),
+            length,
+            args.seed,
+        )
     }
 }
 
@@ -260,13 +266,13 @@ impl TryFrom<&WorkloadArgs> for Settings {
 /// [`Plan`].
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
-    /// How many accounts to create (2 to 100000000).
-    #[arg(long, value_name = "N", default_value = "100", value_parser = parse_whole, allow_negative_numbers = true)]
-    pub accounts: i128,
+    /// How many accounts to create (2, for the transfer, to 100000000: every id is kept in memory).
+    #[arg(long, value_name = "N", default_value = "100", value_parser = in_range(crate::plan::ACCOUNTS), allow_negative_numbers = true)]
+    pub accounts: u64,
 
-    /// How many of the new accounts to delete at the end.
-    #[arg(long, value_name = "N", default_value = "5", value_parser = parse_whole, allow_negative_numbers = true)]
-    pub delete: i128,
+    /// How many of the new accounts to delete at the end (1 to --accounts).
+    #[arg(long, value_name = "N", default_value = "5", value_parser = in_range(1..=*crate::plan::ACCOUNTS.end()), allow_negative_numbers = true)]
+    pub delete: u64,
 
     /// Seed the random generator: the same seed gives the same ids, balances and choices.
     #[arg(long, value_name = "N")]
@@ -276,13 +282,13 @@ pub struct JobArgs {
     #[arg(short, long)]
     pub quiet: bool,
 
-    /// Rows per multi-row INSERT when creating accounts (at most 32767).
-    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT as i128, value_parser = parse_whole, allow_negative_numbers = true)]
-    pub rows_per_insert: i128,
+    /// Rows per multi-row INSERT when creating accounts (1 to 32767: each row binds 2 of a statement's 65535 parameters).
+    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT as u64, value_parser = in_range(1..=crate::bank::MAX_ROWS_PER_INSERT as u64), allow_negative_numbers = true)]
+    pub rows_per_insert: u64,
 
-    /// Accounts created per transaction (at most 1000000).
-    #[arg(long, value_name = "N", default_value_t = crate::plan::ROWS_PER_TRANSACTION as i128, value_parser = parse_whole, allow_negative_numbers = true)]
-    pub rows_per_transaction: i128,
+    /// Accounts created per transaction (1 to 1000000: a batch is built in memory).
+    #[arg(long, value_name = "N", default_value_t = crate::plan::ROWS_PER_TRANSACTION as u64, value_parser = in_range(1..=crate::plan::MAX_ROWS_PER_TRANSACTION as u64), allow_negative_numbers = true)]
+    pub rows_per_transaction: u64,
 }
 
 impl JobArgs {
@@ -301,10 +307,15 @@ impl TryFrom<&JobArgs> for Plan {
     type Error = PlanError;
 
     fn try_from(args: &JobArgs) -> Result<Self, PlanError> {
-        let batches = Batches::new(args.rows_per_insert, args.rows_per_transaction)?;
-        Ok(Plan::new(args.accounts, args.delete, batches)?
-            .seeded(args.seed)
-            .quiet(args.quiet))
+        let batches = Batches::new(
+            i128::from(args.rows_per_insert),
+            i128::from(args.rows_per_transaction),
+        )?;
+        Ok(
+            Plan::new(i128::from(args.accounts), i128::from(args.delete), batches)?
+                .seeded(args.seed)
+                .quiet(args.quiet),
+        )
     }
 }
 
@@ -312,7 +323,7 @@ impl TryFrom<&JobArgs> for Plan {
 #[derive(Debug, Clone, Args)]
 pub struct RetryArgs {
     /// Retries allowed after the first attempt of each transaction.
-    #[arg(long, value_name = "N", global = true, default_value = "10", value_parser = parse_retries, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", global = true, default_value = "10", value_parser = clap::builder::TypedValueParser::map(in_range(0..=u64::from(u32::MAX - 1)), |n| u32::try_from(n).unwrap_or(u32::MAX - 1)), allow_negative_numbers = true)]
     pub max_retries: u32,
 
     /// No statement waits longer than this many seconds (a lock, a slow
@@ -382,26 +393,47 @@ pub enum ProtocolChoice {
     Restart,
 }
 
-/// Any whole number: ranges are checked where the values become a plan
-/// ([`crate::plan`]), so that each is checked once, with one message.
-fn parse_whole(text: &str) -> Result<i128, String> {
-    let text = text.trim();
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    match text.parse::<i128>() {
-        Ok(n) => Ok(n),
-        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
-            Err("is far out of range".into())
-        }
-        Err(_) => Err("must be a whole number, like 100".into()),
-    }
+/// clap's own range check for a whole number within `range` (one of the
+/// plan's ranges, so that the flag and the library agree), after a check
+/// that the text is a whole number that fits: clap's own word for `-5` or
+/// `many` would be Rust's "invalid digit found in string".
+fn in_range(range: RangeInclusive<u64>) -> Whole {
+    let parser = clap::value_parser!(u64).range(*range.start()..=*range.end());
+    Whole { range, parser }
 }
 
-fn parse_retries(text: &str) -> Result<u32, String> {
-    let n = parse_whole(text)?;
-    u32::try_from(n)
-        .ok()
-        .filter(|n| *n < u32::MAX)
-        .ok_or_else(|| format!("must be between 0 and {}", u32::MAX - 1))
+/// See [`in_range`].
+#[derive(Clone)]
+struct Whole {
+    range: RangeInclusive<u64>,
+    parser: clap::builder::RangedU64ValueParser<u64>,
+}
+
+impl clap::builder::TypedValueParser for Whole {
+    type Value = u64;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<u64, clap::Error> {
+        let text = value.to_string_lossy();
+        let whole = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+        if whole && text.parse::<u64>().is_ok() {
+            return self.parser.parse_ref(cmd, arg, value);
+        }
+        let what = match (self.range.start(), self.range.end()) {
+            (start, &u64::MAX) => format!("must be a whole number of at least {start}"),
+            (start, end) => format!("must be a whole number from {start} to {end}"),
+        };
+        let flag = arg.map_or_else(String::new, |arg| format!(" for '{arg}'"));
+        Err(clap::Error::raw(
+            ErrorKind::ValueValidation,
+            format!("invalid value '{text}'{flag}: {what}\n"),
+        )
+        .with_cmd(cmd))
+    }
 }
 
 /// A duration written the way people write one (`500ms`, `30s`, `1m 30s`,
@@ -444,20 +476,41 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_parsed_whole_and_checked_by_the_plan() {
-        assert_eq!(parse_whole("-3"), Ok(-3));
+    fn numbers_are_range_checked_by_clap_and_the_delete_count_by_the_plan() {
+        for (args, expected) in [
+            (
+                &["bank", "--accounts", "1"][..],
+                "1 is not in 2..=100000000",
+            ),
+            (
+                &["bank", "--accounts", "-3"][..],
+                "invalid value '-3' for '--accounts <N>'",
+            ),
+            (
+                &["bank", "--rows-per-insert", "32768"][..],
+                "32768 is not in 1..=32767",
+            ),
+            (
+                &["bank", "workload", "--workers", "0", "--transfers", "1"][..],
+                "0 is not in 1..=1024",
+            ),
+            (
+                &["bank", "--max-retries", "4294967295"][..],
+                "4294967295 is not in 0..=4294967294",
+            ),
+            (&["bank", "--tx-deadline", "-5"][..], "must be more than 0"),
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
+        let cli = Cli::try_parse_from(["bank", "--accounts", "5", "--delete", "6"]).unwrap();
         assert_eq!(
-            parse_whole("ten").unwrap_err(),
-            "must be a whole number, like 100"
+            Plan::try_from(&cli.job),
+            Err(PlanError::Delete {
+                delete: 6,
+                accounts: 5
+            })
         );
-        assert_eq!(
-            parse_whole("999999999999999999999999999999999999999999").unwrap_err(),
-            "is far out of range"
-        );
-        let cli = Cli::try_parse_from(["bank", "--accounts", "-3"]).unwrap();
-        assert_eq!(Plan::try_from(&cli.job), Err(PlanError::Accounts(-3)));
-        let err = Cli::try_parse_from(["bank", "--tx-deadline", "-5"]).unwrap_err();
-        assert!(err.to_string().contains("must be more than 0"), "{err}");
     }
 
     #[test]
