@@ -1,6 +1,6 @@
 //! The database connection: first contact (with readable errors), the r2d2
 //! pool, the embedded migrations and the schema check; the connection
-//! string and its policy in [`url`] and [`conninfo`].
+//! string and its policy in `url.rs` ([`DbUrl`]) and [`conninfo`].
 
 pub mod conninfo;
 mod url;
