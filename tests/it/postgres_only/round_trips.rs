@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use diesel::sql_types::Text;
 
-use bank::job;
 use bank::plan::{Batches, Plan};
 use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
 
@@ -81,14 +80,7 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
     let plan = Plan::new(100, 5, Batches::default()).unwrap();
-    job::run(
-        &pool,
-        &retrier,
-        &bank::watchdog::Watchdog::off(),
-        plan,
-        &mut Vec::new(),
-    )
-    .unwrap();
+    run_job_quietly(&pool, &retrier, plan);
     drop(pool);
     let round_trips = proxy.round_trips();
     let mut counts = per_phase(&round_trips);
