@@ -1,9 +1,10 @@
 //! [`Retrier`]: the retry loop that runs a unit of work in transactions
 //! until one commits, a budget runs out, or the decision table says stop.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -27,7 +28,15 @@ pub struct Retrier {
     observer: Option<Arc<dyn Observer>>,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Fn() -> f64 + Send + Sync>,
+    begin: Arc<BeginCache>,
 }
+
+/// The `BEGIN` messages whose statement bound is the policy's own (the
+/// deadline not yet nearer), built once per configuration instead of once
+/// per attempt: formatting it was the helper's largest cost of its own, about
+/// 1,300 instructions an attempt (bench/NOTES.md). Indexed by read-only.
+#[derive(Default)]
+struct BeginCache([OnceLock<Box<str>>; 2]);
 
 impl fmt::Debug for Retrier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,6 +62,7 @@ impl Retrier {
             observer: None,
             clock: Arc::new(SystemClock),
             jitter: Arc::new(rand::random::<f64>),
+            begin: Arc::default(),
         }
     }
 
@@ -62,6 +72,7 @@ impl Retrier {
     #[must_use]
     pub fn with_restart_protocol(mut self) -> Self {
         self.protocol = Protocol::Restart;
+        self.begin = Arc::default();
         self
     }
 
@@ -272,18 +283,27 @@ impl Retrier {
     /// blocked statement outlives it by more than its own wait; and, with
     /// the savepoint protocol, the restart savepoint, after the timeout so
     /// that a rewind keeps it.
-    fn begin_sql(&self, opts: TxOptions, start: Instant) -> String {
+    fn begin_sql(&self, opts: TxOptions, start: Instant) -> Cow<'_, str> {
+        let left = self.policy.deadline.map(|deadline| {
+            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
+        });
+        let (limit, nearer) = match (self.policy.statement_timeout, left) {
+            (Some(bound), Some(left)) if left < bound => (Some(left), true),
+            (None, Some(left)) => (Some(left), true),
+            (bound, _) => (bound, false),
+        };
+        if nearer {
+            return Cow::Owned(self.format_begin(opts, limit));
+        }
+        let cached = &self.begin.0[usize::from(opts.is_read_only())];
+        Cow::Borrowed(cached.get_or_init(|| self.format_begin(opts, limit).into_boxed_str()))
+    }
+
+    fn format_begin(&self, opts: TxOptions, limit: Option<Duration>) -> String {
         let mut sql = String::from("BEGIN ISOLATION LEVEL SERIALIZABLE");
         if opts.is_read_only() {
             sql.push_str(", READ ONLY");
         }
-        let left = self.policy.deadline.map(|deadline| {
-            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
-        });
-        let limit = match (self.policy.statement_timeout, left) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         if let Some(limit) = limit {
             // 0 would mean no limit at all.
             let ms = limit.as_millis().max(1);
@@ -351,6 +371,7 @@ impl Retrier {
     #[must_use]
     pub fn with_protocol(mut self, protocol: Protocol) -> Self {
         self.protocol = protocol;
+        self.begin = Arc::default();
         self
     }
 
@@ -366,5 +387,112 @@ impl Retrier {
     pub fn with_jitter(mut self, jitter: Arc<dyn Fn() -> f64 + Send + Sync>) -> Self {
         self.jitter = jitter;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A clock that says whatever instant the test sets.
+    struct SetClock(Mutex<Instant>);
+
+    impl Clock for SetClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+        fn sleep(&self, _: Duration) {}
+    }
+
+    fn retrier(deadline: Option<u64>, bound: Option<u64>, clock: Arc<SetClock>) -> Retrier {
+        let mut retrier = Retrier::new(
+            RetryPolicy {
+                deadline: deadline.map(Duration::from_secs),
+                statement_timeout: bound.map(Duration::from_secs),
+                ..RetryPolicy::default()
+            },
+            Server::PostgreSql,
+        );
+        retrier.clock = clock;
+        retrier
+    }
+
+    #[test]
+    fn the_policys_bound_is_built_once_and_reused() {
+        let start = Instant::now();
+        let clock = Arc::new(SetClock(Mutex::new(start)));
+        let r = retrier(Some(30), Some(20), clock.clone());
+        let first = r.begin_sql(TxOptions::default(), start);
+        assert_eq!(
+            first,
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000"
+        );
+        *clock.0.lock().unwrap() = start + Duration::from_secs(10);
+        let again = r.begin_sql(TxOptions::default(), start);
+        assert!(
+            matches!((&first, &again), (Cow::Borrowed(a), Cow::Borrowed(b)) if std::ptr::eq(*a, *b))
+        );
+        assert_eq!(
+            r.begin_sql(TxOptions::default().read_only(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SET LOCAL statement_timeout = 20000"
+        );
+    }
+
+    #[test]
+    fn a_nearer_deadline_bounds_the_statement_instead() {
+        let start = Instant::now();
+        let clock = Arc::new(SetClock(Mutex::new(start + Duration::from_millis(12_500))));
+        let r = retrier(Some(30), Some(20), clock.clone());
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 17500"
+        );
+        // Past the deadline the bound is 1 ms, never 0 (which means none).
+        *clock.0.lock().unwrap() = start + Duration::from_secs(31);
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 1"
+        );
+        // Then the policy's own bound again: the cache did not keep these.
+        *clock.0.lock().unwrap() = start;
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000"
+        );
+    }
+
+    #[test]
+    fn a_deadline_alone_bounds_every_statement_by_the_time_left() {
+        let start = Instant::now();
+        let clock = Arc::new(SetClock(Mutex::new(start + Duration::from_secs(4))));
+        let r = retrier(Some(30), None, clock);
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 26000"
+        );
+        let unbounded = retrier(None, None, Arc::new(SetClock(Mutex::new(start))));
+        assert_eq!(
+            unbounded.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        );
+    }
+
+    #[test]
+    fn changing_the_protocol_rebuilds_the_message() {
+        let start = Instant::now();
+        let clock = Arc::new(SetClock(Mutex::new(start)));
+        let mut r = retrier(None, Some(5), clock);
+        r.protocol = Protocol::Savepoint;
+        r.begin = Arc::default();
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 5000; SAVEPOINT cockroach_restart"
+        );
+        let r = r.with_restart_protocol();
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 5000"
+        );
     }
 }
