@@ -292,7 +292,8 @@ fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {
         (ProtocolChoice::Savepoint, Server::CockroachDb) => Protocol::Savepoint,
         (ProtocolChoice::Restart, _) => Protocol::Restart,
     };
-    let retrier = Retrier::new(cli.retry.policy(), server);
+    let retrier =
+        Retrier::new(cli.retry.policy(), server).with_isolation(cli.retry.isolation.into());
     Ok(match protocol {
         Protocol::Restart => retrier.with_restart_protocol(),
         Protocol::Savepoint => retrier,

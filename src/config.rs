@@ -12,7 +12,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use diesel_tx_retry::{Backoff, RetryPolicy};
+use diesel_tx_retry::{Backoff, Isolation, RetryPolicy};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
 ///
@@ -364,6 +364,17 @@ pub struct RetryArgs {
     /// Retry protocol: savepoint (CockroachDB's), restart (PostgreSQL's), or auto by server.
     #[arg(long, value_name = "PROTOCOL", global = true, default_value = "auto")]
     pub protocol: ProtocolChoice,
+
+    /// Isolation level of every transaction: serializable (CockroachDB's
+    /// default and advice), or read-committed (CockroachDB 24.1+, with its
+    /// transfers' reads locking what they read).
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        global = true,
+        default_value = "serializable"
+    )]
+    pub isolation: IsolationChoice,
 }
 
 impl RetryArgs {
@@ -378,6 +389,24 @@ impl RetryArgs {
                 cap: self.backoff_cap_ms.max(self.backoff_base_ms),
                 first_retry_immediate: !self.delay_first_retry,
             },
+        }
+    }
+}
+
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationChoice {
+    /// SERIALIZABLE.
+    Serializable,
+    /// READ COMMITTED.
+    ReadCommitted,
+}
+
+impl From<IsolationChoice> for Isolation {
+    fn from(choice: IsolationChoice) -> Self {
+        match choice {
+            IsolationChoice::Serializable => Isolation::Serializable,
+            IsolationChoice::ReadCommitted => Isolation::ReadCommitted,
         }
     }
 }

@@ -118,7 +118,7 @@ fn impossible_counts_are_refused_before_anything_is_written() {
              (see bank --help)"
         )
     };
-    let cases: [(&[&str], String); 10] = [
+    let cases: [(&[&str], String); 12] = [
         (&["--accounts", "0"], out_of_range("0")),
         (&["--accounts", "-5"], not_whole("-5")),
         (&["--accounts", "1"], out_of_range("1")),
@@ -146,6 +146,18 @@ fn impossible_counts_are_refused_before_anything_is_written() {
             &["--tx-deadline", "-5"],
             "bank: invalid value '-5' for '--tx-deadline <SECONDS>': must be more than 0 and at \
              most 86400 seconds, like 30, 0.5, 30s or 500ms (see bank --help)"
+                .to_owned(),
+        ),
+        (
+            &["--isolation", "bogus"],
+            "bank: invalid value 'bogus' for '--isolation <LEVEL>' [possible values: \
+             serializable, read-committed] (see bank --help)"
+                .to_owned(),
+        ),
+        (
+            &["workload", "--isolation", "repeatable-read"],
+            "bank: invalid value 'repeatable-read' for '--isolation <LEVEL>' [possible values: \
+             serializable, read-committed] (see bank --help)"
                 .to_owned(),
         ),
         (

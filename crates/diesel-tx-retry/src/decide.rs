@@ -4,7 +4,7 @@
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use crate::{Protocol, Server};
+use crate::{Isolation, Protocol, Server};
 
 /// Where in an attempt an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +88,11 @@ pub struct Situation {
     pub class: Class,
     /// The server.
     pub server: Server,
-    /// The protocol the transaction uses.
+    /// The helper's protocol (what frames the transaction is
+    /// [`framing`] of it and the isolation).
     pub protocol: Protocol,
+    /// The isolation level the transaction asked for.
+    pub isolation: Isolation,
     /// Whether the unit may be applied twice.
     pub idempotent: bool,
     /// Whether the next retry waits first (its backoff delay is not zero).
@@ -98,10 +101,23 @@ pub struct Situation {
     pub replaceable: bool,
 }
 
+/// How a transaction at `isolation` is framed by a helper whose protocol is
+/// `protocol`: the savepoint protocol under SERIALIZABLE only. CockroachDB
+/// documents `SAVEPOINT cockroach_restart` for SERIALIZABLE transactions and
+/// says nothing of it under READ COMMITTED (cockroachdb/cockroach#104233 is
+/// open), where the server retries each statement itself; there every
+/// retry the client makes is a new transaction.
+pub fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
+    match isolation {
+        Isolation::Serializable => protocol,
+        _ => Protocol::Restart,
+    }
+}
+
 /// The decision table of the module docs, as code.
 pub fn decide(s: &Situation) -> Step {
     let cockroach = s.server == Server::CockroachDb;
-    let savepoint = s.protocol == Protocol::Savepoint;
+    let savepoint = framing(s.protocol, s.isolation) == Protocol::Savepoint;
     // Where the commit happens: the RELEASE on CockroachDB with the
     // savepoint protocol, the COMMIT everywhere else.
     let commit_stage = if cockroach && savepoint {
@@ -197,29 +213,57 @@ mod tests {
         Class::Definite,
         Class::Other,
     ];
-    const CRDB: (Server, Protocol) = (Server::CockroachDb, Protocol::Savepoint);
-    const CRDB_RESTART: (Server, Protocol) = (Server::CockroachDb, Protocol::Restart);
-    const PG: (Server, Protocol) = (Server::PostgreSql, Protocol::Restart);
-    const PG_SAVEPOINT: (Server, Protocol) = (Server::PostgreSql, Protocol::Savepoint);
-    const SETUPS: [(Server, Protocol); 4] = [CRDB, CRDB_RESTART, PG, PG_SAVEPOINT];
+    type Setup = (Server, Protocol, Isolation);
+    const SER: Isolation = Isolation::Serializable;
+    const RC: Isolation = Isolation::ReadCommitted;
+    const CRDB: Setup = (Server::CockroachDb, Protocol::Savepoint, SER);
+    const CRDB_RESTART: Setup = (Server::CockroachDb, Protocol::Restart, SER);
+    const PG: Setup = (Server::PostgreSql, Protocol::Restart, SER);
+    const PG_SAVEPOINT: Setup = (Server::PostgreSql, Protocol::Savepoint, SER);
+    /// READ COMMITTED with each helper protocol: the transaction is framed
+    /// with BEGIN ... COMMIT whatever the protocol.
+    const RC_SETUPS: [Setup; 4] = [
+        (Server::CockroachDb, Protocol::Savepoint, RC),
+        (Server::CockroachDb, Protocol::Restart, RC),
+        (Server::PostgreSql, Protocol::Restart, RC),
+        (Server::PostgreSql, Protocol::Savepoint, RC),
+    ];
+    const SETUPS: [Setup; 8] = [
+        CRDB,
+        CRDB_RESTART,
+        PG,
+        PG_SAVEPOINT,
+        RC_SETUPS[0],
+        RC_SETUPS[1],
+        RC_SETUPS[2],
+        RC_SETUPS[3],
+    ];
+    /// Every setup but CockroachDB's savepoint protocol at SERIALIZABLE,
+    /// where the RELEASE is the commit.
+    const NOT_CRDB: [Setup; 7] = [
+        CRDB_RESTART,
+        PG,
+        PG_SAVEPOINT,
+        RC_SETUPS[0],
+        RC_SETUPS[1],
+        RC_SETUPS[2],
+        RC_SETUPS[3],
+    ];
 
     /// Every situation with these stages, classes and setups, in every
     /// combination of the three flags.
-    fn situations(
-        stages: &[Stage],
-        classes: &[Class],
-        setups: &[(Server, Protocol)],
-    ) -> Vec<Situation> {
+    fn situations(stages: &[Stage], classes: &[Class], setups: &[Setup]) -> Vec<Situation> {
         let mut all = Vec::new();
         for &stage in stages {
             for &class in classes {
-                for &(server, protocol) in setups {
+                for &(server, protocol, isolation) in setups {
                     for flags in 0..8u8 {
                         all.push(Situation {
                             stage,
                             class,
                             server,
                             protocol,
+                            isolation,
                             idempotent: flags & 1 != 0,
                             waits: flags & 2 != 0,
                             replaceable: flags & 4 != 0,
@@ -259,18 +303,18 @@ mod tests {
     struct Row {
         stages: &'static [Stage],
         classes: &'static [Class],
-        setups: &'static [(Server, Protocol)],
+        setups: &'static [Setup],
         expect: fn(&Situation) -> Step,
     }
 
     /// The module docs' table in the same order, one entry a row; the first
     /// row is split in two to leave out a commit on CockroachDB, which the
     /// "committed" row covers.
-    const ROWS: [Row; 15] = [
+    const ROWS: [Row; 17] = [
         Row {
             stages: &STAGES,
             classes: &[Class::Definite],
-            setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            setups: &NOT_CRDB,
             expect: |_| Step::Fail,
         },
         // (the same row on CockroachDB, where the RELEASE was the commit)
@@ -308,6 +352,15 @@ mod tests {
             stages: &[Stage::Statement],
             classes: &[Class::Conflict],
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
+            expect: |_| Step::Restart,
+        },
+        // READ COMMITTED: a 40001 that reaches the client (a deadlock broken
+        // by aborting this transaction, the server's own statement retries
+        // exhausted) restarts it, on CockroachDB too: never a rewind.
+        Row {
+            stages: &[Stage::Statement],
+            classes: &[Class::Conflict],
+            setups: &RC_SETUPS,
             expect: |_| Step::Restart,
         },
         Row {
@@ -358,15 +411,39 @@ mod tests {
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
             expect: ambiguous_unless_idempotent,
         },
+        // READ COMMITTED: the COMMIT is the commit, on CockroachDB too (no
+        // RELEASE was sent), so its conflict restarts and its silence is in
+        // doubt, as with the restart protocol.
+        Row {
+            stages: &[Stage::Commit],
+            classes: &[Class::Conflict, Class::ConnectionLost, Class::Other],
+            setups: &RC_SETUPS,
+            expect: |s| match s.class {
+                Class::Conflict => Step::Restart,
+                _ => ambiguous_unless_idempotent(s),
+            },
+        },
     ];
 
-    /// A RELEASE is only sent with the savepoint protocol.
+    /// A RELEASE is only sent when the savepoint protocol frames the
+    /// transaction.
     fn possible(s: &Situation) -> bool {
-        s.stage != Stage::Release || s.protocol == Protocol::Savepoint
+        s.stage != Stage::Release || framing(s.protocol, s.isolation) == Protocol::Savepoint
     }
 
     fn all_rows() -> impl Iterator<Item = (usize, &'static Row)> {
         ROWS.iter().enumerate()
+    }
+
+    #[test]
+    fn read_committed_is_framed_with_begin_and_commit_on_every_server() {
+        for protocol in [Protocol::Savepoint, Protocol::Restart] {
+            assert_eq!(
+                framing(protocol, Isolation::ReadCommitted),
+                Protocol::Restart
+            );
+            assert_eq!(framing(protocol, Isolation::Serializable), protocol);
+        }
     }
 
     #[test]
@@ -393,7 +470,7 @@ mod tests {
                 .filter(|(_, row)| {
                     row.stages.contains(&s.stage)
                         && row.classes.contains(&s.class)
-                        && row.setups.contains(&(s.server, s.protocol))
+                        && row.setups.contains(&(s.server, s.protocol, s.isolation))
                 })
                 .map(|(number, _)| number + 1)
                 .collect();
@@ -406,13 +483,16 @@ mod tests {
         for s in situations(&STAGES, &CLASSES, &SETUPS) {
             let step = decide(&s);
             if step == Step::Rewind {
-                assert!((s.server, s.protocol) == CRDB && !s.waits, "{s:?}");
+                assert!(
+                    (s.server, s.protocol, s.isolation) == CRDB && !s.waits,
+                    "{s:?}"
+                );
             }
             if step == Step::Reconnect {
                 assert!(s.replaceable, "{s:?}");
             }
             if step == Step::Committed {
-                assert!(s.stage == Stage::Commit && (s.server, s.protocol) == CRDB);
+                assert!(s.stage == Stage::Commit && (s.server, s.protocol, s.isolation) == CRDB);
             }
             if step == Step::Ambiguous {
                 // Only where the commit was sent: the COMMIT, or the

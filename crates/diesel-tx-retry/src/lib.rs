@@ -3,7 +3,8 @@
 //! sqlalchemy-cockroachdb's `run_transaction`.
 //!
 //! What it promises:
-//! - a unit of work runs in a SERIALIZABLE transaction, again after each
+//! - a unit of work runs in a SERIALIZABLE transaction (or READ COMMITTED,
+//!   [`Isolation`]), again after each
 //!   serialization failure (SQLSTATE 40001), within a bound on attempts and
 //!   on time ([`RetryPolicy`]), with capped, jittered backoff, never
 //!   sleeping inside a transaction;
@@ -16,7 +17,8 @@
 //! - every statement of an attempt is bounded by the time left before the
 //!   deadline (`SET LOCAL statement_timeout`, in the `BEGIN` message);
 //! - on CockroachDB, its savepoint protocol (`SAVEPOINT cockroach_restart`),
-//!   whose `RELEASE` is the commit; on PostgreSQL, `BEGIN` ... `COMMIT`.
+//!   whose `RELEASE` is the commit; on PostgreSQL, and under READ COMMITTED
+//!   everywhere, `BEGIN` ... `COMMIT`.
 //!
 //! Add it with one line (`r2d2` pools are a default feature):
 //!
@@ -57,9 +59,11 @@
 //!
 //! When an attempt fails, one pure function, [`decide`], picks the next
 //! [`Step`] from where the error came ([`Stage`]), what it means
-//! ([`Class`], from the SQLSTATE by [`classify`]), the server, the protocol
-//! and the unit's options. This table is that function; its unit tests
-//! check it row by row:
+//! ([`Class`], from the SQLSTATE by [`classify`]), the server, the protocol,
+//! the isolation level and the unit's options. This table is that function;
+//! its unit tests check it row by row. "Savepoint" in it means the savepoint
+//! protocol frames the transaction, which it does only under SERIALIZABLE
+//! ([`framing`]); under READ COMMITTED read the rows for "otherwise":
 //!
 //! | stage      | class           | server, protocol          | next step |
 //! |------------|-----------------|---------------------------|-----------|
@@ -68,15 +72,15 @@
 //! | begin, statement | lost      | any                       | reconnect; fail if the connection is the caller's |
 //! | begin, statement | other     | any                       | fail |
 //! | statement  | conflict        | CockroachDB, savepoint    | rewind if the retry would not wait, else restart |
-//! | statement  | conflict        | otherwise                 | restart |
+//! | statement  | conflict        | otherwise (READ COMMITTED included) | restart |
 //! | release    | conflict        | CockroachDB               | rewind if the retry would not wait, else restart |
 //! | release    | conflict        | PostgreSQL                | restart |
 //! | release    | lost            | any                       | ambiguous; if idempotent: reconnect |
 //! | release    | other           | PostgreSQL                | fail |
 //! | release    | other           | CockroachDB               | ambiguous; if idempotent: restart |
 //! | commit     | any             | CockroachDB, savepoint    | committed |
-//! | commit     | conflict        | otherwise                 | restart |
-//! | commit     | lost, other     | otherwise                 | ambiguous; if idempotent: reconnect (lost) or restart (other) |
+//! | commit     | conflict        | otherwise (READ COMMITTED included) | restart |
+//! | commit     | lost, other     | otherwise (READ COMMITTED included) | ambiguous; if idempotent: reconnect (lost) or restart (other) |
 //!
 //! The steps: **rewind** is `ROLLBACK TO SAVEPOINT cockroach_restart` and an
 //! immediate retry inside the same transaction, which keeps its place in line
@@ -108,6 +112,37 @@
 //!   message (one round trip), so a connection lost there may have taken the
 //!   COMMIT with it: ambiguous on either server.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.
+//!
+//! # READ COMMITTED
+//!
+//! [`Retrier::with_isolation`] or [`TxOptions::isolation`] asks for it;
+//! SERIALIZABLE stays the default, as CockroachDB advises for a workload that
+//! runs well under it (<https://www.cockroachlabs.com/docs/stable/read-committed>).
+//! The rules the helper follows there, and where they come from:
+//! - CockroachDB retries each statement of a READ COMMITTED transaction by
+//!   itself (up to the session's `max_retries_for_read_committed`), yet a
+//!   40001 still reaches the client: a deadlock broken by aborting one
+//!   transaction, those statement retries exhausted ("read committed retry
+//!   limit exceeded"), a statement whose results had already streamed
+//!   (<https://www.cockroachlabs.com/docs/stable/transaction-retry-error-reference>).
+//!   The helper restarts the transaction after the backoff, as under
+//!   SERIALIZABLE.
+//! - The transaction is framed with `BEGIN ISOLATION LEVEL READ COMMITTED`
+//!   ... `COMMIT`, never the savepoint protocol: CockroachDB documents
+//!   `cockroach_restart` for SERIALIZABLE only (cockroachdb/cockroach#104233
+//!   is open). So the `COMMIT` is the commit on CockroachDB too.
+//! - A read that a later write depends on must lock what it reads
+//!   (`SELECT ... FOR UPDATE`, rows in key order so that two transactions
+//!   queue instead of deadlocking), as CockroachDB's READ COMMITTED page
+//!   advises; otherwise two transfers that read the same balance both write
+//!   their own result and one update is lost. The unit must do this; the
+//!   helper cannot.
+//! - CockroachDB runs READ COMMITTED as SERIALIZABLE without a word when
+//!   `sql.txn.read_committed_isolation.enabled` is off (and, in v24.1 and
+//!   v24.2, without an enterprise licence). The first READ COMMITTED
+//!   transaction of a helper asks `SHOW transaction_isolation` (one round
+//!   trip, once) and, if the answer is stronger, logs one warning saying how
+//!   to enable it; the run goes on at SERIALIZABLE.
 //!
 //! # Watching it
 //!
@@ -145,9 +180,9 @@ pub mod testing;
 
 #[cfg(feature = "testing")]
 pub use clock::{Clock, SystemClock};
-pub use decide::{classify, decide, Class, Situation, Stage, Step};
+pub use decide::{classify, decide, framing, Class, Situation, Stage, Step};
 pub use error::{AsDieselError, Budget, Committed, TxError};
 pub use observe::{Attempt, Observer, Outcome};
-pub use policy::{Backoff, RetryPolicy, TxOptions};
+pub use policy::{Backoff, Isolation, RetryPolicy, TxOptions};
 pub use retrier::Retrier;
 pub use server::{Protocol, Server};

@@ -81,24 +81,89 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The isolation level a transaction asks for in its `BEGIN`.
+///
+/// SERIALIZABLE is the default and CockroachDB's advice: "if your workload
+/// is already running well under SERIALIZABLE isolation, Cockroach Labs does
+/// not recommend changing to READ COMMITTED isolation unless there is a
+/// specific need" (<https://www.cockroachlabs.com/docs/stable/read-committed>).
+/// Under READ COMMITTED every read that a later write depends on must be a
+/// locking read (`SELECT ... FOR UPDATE`), or concurrent transactions lose
+/// each other's updates; the crate docs say what else changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Isolation {
+    /// `SERIALIZABLE`: no anomalies; conflicts surface as 40001 and are
+    /// retried.
+    #[default]
+    Serializable,
+    /// `READ COMMITTED`: each statement sees what committed before it began
+    /// (CockroachDB 24.1+, PostgreSQL). Fewer retries, more care.
+    ReadCommitted,
+}
+
+impl Isolation {
+    /// The level as SQL says it (`ISOLATION LEVEL ...`).
+    pub fn sql(self) -> &'static str {
+        match self {
+            Isolation::Serializable => "SERIALIZABLE",
+            Isolation::ReadCommitted => "READ COMMITTED",
+        }
+    }
+
+    /// Whether a transaction that asked for this level runs at a stronger
+    /// one, going by `reported`, what `SHOW transaction_isolation` answered
+    /// inside it (`serializable`, `read committed`; case and spacing as the
+    /// server likes). CockroachDB runs READ COMMITTED as SERIALIZABLE without
+    /// a word when `sql.txn.read_committed_isolation.enabled` is off (and, in
+    /// v24.1 and v24.2, without an enterprise licence).
+    pub fn upgraded_to(self, reported: &str) -> Option<Isolation> {
+        let reported = reported
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['_', '-'], " ");
+        match (self, reported.as_str()) {
+            (Isolation::ReadCommitted, "serializable") => Some(Isolation::Serializable),
+            _ => None,
+        }
+    }
+}
+
 /// Per-unit options; they hold for every attempt. Built from
-/// [`TxOptions::default`] (a read-write, non-idempotent SERIALIZABLE
-/// transaction) with the methods below, so that options can be added
-/// (an isolation level) without breaking callers.
+/// [`TxOptions::default`] (a read-write, non-idempotent transaction at the
+/// helper's isolation level) with the methods below, so that options can be
+/// added without breaking callers.
 ///
 /// ```
-/// use diesel_tx_retry::TxOptions;
-/// let opts = TxOptions::default().idempotent();
+/// use diesel_tx_retry::{Isolation, TxOptions};
+/// let opts = TxOptions::default().idempotent().isolation(Isolation::ReadCommitted);
 /// assert!(opts.is_idempotent() && !opts.is_read_only());
+/// assert_eq!(opts.isolation_level(), Some(Isolation::ReadCommitted));
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TxOptions {
     read_only: bool,
     idempotent: bool,
+    isolation: Option<Isolation>,
 }
 
 impl TxOptions {
+    /// Runs this unit at `level` instead of the helper's own level
+    /// ([`Retrier::with_isolation`](crate::Retrier::with_isolation)).
+    #[must_use]
+    pub fn isolation(self, level: Isolation) -> Self {
+        Self {
+            isolation: Some(level),
+            ..self
+        }
+    }
+
+    /// The level this unit asked for, if it asked for one.
+    pub fn isolation_level(&self) -> Option<Isolation> {
+        self.isolation
+    }
+
     /// `BEGIN ... READ ONLY`: the server refuses writes.
     #[must_use]
     pub fn read_only(self) -> Self {
@@ -166,6 +231,37 @@ mod tests {
         assert_eq!(b.delay(1, 1.0), Duration::ZERO);
         assert_eq!(b.delay(2, 1.0), Duration::from_millis(10));
         assert_eq!(b.delay(3, 1.0), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn only_read_committed_run_as_serializable_is_an_upgrade() {
+        use Isolation::*;
+        assert_eq!(
+            ReadCommitted.upgraded_to("serializable"),
+            Some(Serializable)
+        );
+        assert_eq!(
+            ReadCommitted.upgraded_to(" SERIALIZABLE\n"),
+            Some(Serializable)
+        );
+        assert_eq!(ReadCommitted.upgraded_to("read committed"), None);
+        assert_eq!(ReadCommitted.upgraded_to("READ_COMMITTED"), None);
+        assert_eq!(Serializable.upgraded_to("serializable"), None);
+        // A weaker level than asked is not an upgrade (nor a case the
+        // helper can fix); CockroachDB never does it.
+        assert_eq!(Serializable.upgraded_to("read committed"), None);
+    }
+
+    #[test]
+    fn a_unit_keeps_the_helpers_level_unless_it_asks() {
+        assert_eq!(TxOptions::default().isolation_level(), None);
+        let opts = TxOptions::default()
+            .read_only()
+            .isolation(Isolation::ReadCommitted);
+        assert!(opts.is_read_only());
+        assert_eq!(opts.isolation_level(), Some(Isolation::ReadCommitted));
+        assert_eq!(Isolation::default(), Isolation::Serializable);
+        assert_eq!(Isolation::ReadCommitted.sql(), "READ COMMITTED");
     }
 
     #[test]

@@ -4,18 +4,27 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
-use diesel::PgConnection;
-use tracing::{debug, debug_span};
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use tracing::{debug, debug_span, warn};
+
+/// `SHOW transaction_isolation`'s one row, on both servers.
+#[derive(QueryableByName)]
+struct ReportedIsolation {
+    #[diesel(sql_type = Text)]
+    transaction_isolation: String,
+}
 
 use crate::clock::{Clock, SystemClock};
 use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
 use crate::{
-    classify, decide, AsDieselError, Attempt, Budget, Class, Committed, Observer, Outcome,
-    Protocol, RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
+    classify, decide, framing, AsDieselError, Attempt, Budget, Class, Committed, Isolation,
+    Observer, Outcome, Protocol, RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
 };
 
 /// Runs units of work in retried transactions. Cheap to clone and share
@@ -25,18 +34,23 @@ pub struct Retrier {
     policy: RetryPolicy,
     server: Server,
     protocol: Protocol,
+    isolation: Isolation,
     observer: Option<Arc<dyn Observer>>,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Fn() -> f64 + Send + Sync>,
     begin: Arc<BeginCache>,
+    /// Set once a READ COMMITTED transaction has asked the server which
+    /// level it really runs (see [`Retrier::with_isolation`]).
+    isolation_checked: Arc<AtomicBool>,
 }
 
 /// The `BEGIN` messages whose statement bound is the policy's own (the
 /// deadline not yet nearer), built once per configuration instead of once
 /// per attempt: formatting it was the helper's largest cost of its own, about
-/// 1,300 instructions an attempt (bench/NOTES.md). Indexed by read-only.
+/// 1,300 instructions an attempt (bench/NOTES.md). Indexed by isolation and
+/// read-only.
 #[derive(Default)]
-struct BeginCache([OnceLock<Box<str>>; 2]);
+struct BeginCache([OnceLock<Box<str>>; 4]);
 
 impl fmt::Debug for Retrier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -44,6 +58,7 @@ impl fmt::Debug for Retrier {
             .field("policy", &self.policy)
             .field("server", &self.server)
             .field("protocol", &self.protocol)
+            .field("isolation", &self.isolation)
             .finish_non_exhaustive()
     }
 }
@@ -59,10 +74,12 @@ impl Retrier {
             },
             server,
             protocol: server.retry_protocol(),
+            isolation: Isolation::Serializable,
             observer: None,
             clock: Arc::new(SystemClock),
             jitter: Arc::new(rand::random::<f64>),
             begin: Arc::default(),
+            isolation_checked: Arc::default(),
         }
     }
 
@@ -74,6 +91,31 @@ impl Retrier {
         self.protocol = Protocol::Restart;
         self.begin = Arc::default();
         self
+    }
+
+    /// Runs every unit at `level` unless its [`TxOptions`] say otherwise
+    /// (SERIALIZABLE by default).
+    ///
+    /// Under READ COMMITTED the transaction is framed with `BEGIN` ...
+    /// `COMMIT` on every server ([`framing`]), a 40001 that reaches the client
+    /// still restarts it after the backoff, and every read that a later
+    /// write depends on must lock what it reads (`FOR UPDATE`), which only
+    /// the unit can do. The first READ COMMITTED transaction also asks the
+    /// server which level it runs (`SHOW transaction_isolation`, one round
+    /// trip, once per helper): CockroachDB runs READ COMMITTED as
+    /// SERIALIZABLE without a word when its cluster setting
+    /// `sql.txn.read_committed_isolation.enabled` is off, and the helper then
+    /// says so in one `tracing` warning, and goes on.
+    #[must_use]
+    pub fn with_isolation(mut self, level: Isolation) -> Self {
+        self.isolation = level;
+        self.isolation_checked = Arc::default();
+        self
+    }
+
+    /// The isolation level units run at unless they ask for another.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
     }
 
     /// Tells `observer` of every attempt (see [`Observer`]).
@@ -154,29 +196,32 @@ impl Retrier {
         S: Source,
     {
         let start = self.clock.now();
+        let isolation = opts.isolation_level().unwrap_or(self.isolation);
+        let framed = framing(self.protocol, isolation);
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let span = debug_span!("tx_attempt", attempt = attempts, protocol = ?self.protocol,
-                retry_cause = tracing::field::Empty);
+            let span = debug_span!("tx_attempt", attempt = attempts, protocol = ?framed,
+                isolation = isolation.sql(), retry_cause = tracing::field::Empty);
             let _entered = span.enter();
             let tell = |stage, cause, outcome| self.tell(attempts, start, stage, cause, outcome);
-            let (stage, error, value) = match self.attempt(&mut session, opts, start, &mut unit) {
-                Ok(value) => {
-                    tell(None, None, Outcome::Committed);
-                    return Ok(Committed { value, attempts });
-                }
-                Err(Failure::At(stage, error, value)) => (stage, error, value),
-                Err(Failure::NoConnection(err)) => {
-                    tell(Some(Stage::Begin), None, Outcome::NoConnection);
-                    return Err(S::no_connection(err));
-                }
-                Err(Failure::Panicked(payload)) => {
-                    tell(None, None, Outcome::Panicked);
-                    drop(session); // rolls back, hands the connection back idle
-                    panic::resume_unwind(payload);
-                }
-            };
+            let (stage, error, value) =
+                match self.attempt(&mut session, opts, isolation, start, &mut unit) {
+                    Ok(value) => {
+                        tell(None, None, Outcome::Committed);
+                        return Ok(Committed { value, attempts });
+                    }
+                    Err(Failure::At(stage, error, value)) => (stage, error, value),
+                    Err(Failure::NoConnection(err)) => {
+                        tell(Some(Stage::Begin), None, Outcome::NoConnection);
+                        return Err(S::no_connection(err));
+                    }
+                    Err(Failure::Panicked(payload)) => {
+                        tell(None, None, Outcome::Panicked);
+                        drop(session); // rolls back, hands the connection back idle
+                        panic::resume_unwind(payload);
+                    }
+                };
             let class = error.as_diesel().map_or(Class::Other, classify);
             let (stage_, class_) = (Some(stage), Some(class));
             // The wait before the next attempt, should there be one.
@@ -186,6 +231,7 @@ impl Retrier {
                 class,
                 server: self.server,
                 protocol: self.protocol,
+                isolation,
                 idempotent: opts.is_idempotent(),
                 waits: !delay.is_zero(),
                 replaceable: session.replaceable(),
@@ -283,7 +329,7 @@ impl Retrier {
     /// blocked statement outlives it by more than its own wait; and, with
     /// the savepoint protocol, the restart savepoint, after the timeout so
     /// that a rewind keeps it.
-    fn begin_sql(&self, opts: TxOptions, start: Instant) -> Cow<'_, str> {
+    fn begin_sql(&self, opts: TxOptions, isolation: Isolation, start: Instant) -> Cow<'_, str> {
         let left = self.policy.deadline.map(|deadline| {
             deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
         });
@@ -293,14 +339,23 @@ impl Retrier {
             (bound, _) => (bound, false),
         };
         if nearer {
-            return Cow::Owned(self.format_begin(opts, limit));
+            return Cow::Owned(self.format_begin(opts, isolation, limit));
         }
-        let cached = &self.begin.0[usize::from(opts.is_read_only())];
-        Cow::Borrowed(cached.get_or_init(|| self.format_begin(opts, limit).into_boxed_str()))
+        let slot = 2 * usize::from(isolation != Isolation::Serializable)
+            + usize::from(opts.is_read_only());
+        Cow::Borrowed(
+            self.begin.0[slot]
+                .get_or_init(|| self.format_begin(opts, isolation, limit).into_boxed_str()),
+        )
     }
 
-    fn format_begin(&self, opts: TxOptions, limit: Option<Duration>) -> String {
-        let mut sql = String::from("BEGIN ISOLATION LEVEL SERIALIZABLE");
+    fn format_begin(
+        &self,
+        opts: TxOptions,
+        isolation: Isolation,
+        limit: Option<Duration>,
+    ) -> String {
+        let mut sql = format!("BEGIN ISOLATION LEVEL {}", isolation.sql());
         if opts.is_read_only() {
             sql.push_str(", READ ONLY");
         }
@@ -309,10 +364,35 @@ impl Retrier {
             let ms = limit.as_millis().max(1);
             sql.push_str(&format!("; SET LOCAL statement_timeout = {ms}"));
         }
-        if self.protocol == Protocol::Savepoint {
+        if framing(self.protocol, isolation) == Protocol::Savepoint {
             sql.push_str("; SAVEPOINT cockroach_restart");
         }
         sql
+    }
+
+    /// Once per helper, in its first READ COMMITTED transaction: asks the
+    /// server which level it runs, and warns if it is a stronger one. A
+    /// round trip of its own, because Diesel's simple-query call (which
+    /// sends the `BEGIN` message) returns no rows.
+    fn check_isolation(&self, conn: &mut PgConnection, asked: Isolation) -> QueryResult<()> {
+        if asked == Isolation::Serializable || self.isolation_checked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let reported = diesel::sql_query("SHOW transaction_isolation")
+            .get_result::<ReportedIsolation>(conn)?
+            .transaction_isolation;
+        self.isolation_checked.store(true, Ordering::Relaxed);
+        if let Some(level) = asked.upgraded_to(&reported) {
+            warn!(
+                "{} was asked for, but the server runs the transaction as {}: on CockroachDB, \
+                 enable it with SET CLUSTER SETTING sql.txn.read_committed_isolation.enabled = true \
+                 (v24.1 and v24.2 also need an enterprise licence); going on at {}",
+                asked.sql(),
+                level.sql(),
+                level.sql()
+            );
+        }
+        Ok(())
     }
 
     /// One attempt: begin (unless a rewound transaction is still open), run
@@ -321,6 +401,7 @@ impl Retrier {
         &self,
         session: &mut Session<'_, S>,
         opts: TxOptions,
+        isolation: Isolation,
         start: Instant,
         unit: &mut F,
     ) -> Result<T, Failure<T, E, S::Error>>
@@ -329,17 +410,20 @@ impl Retrier {
         F: FnMut(&mut PgConnection) -> Result<T, E>,
         S: Source,
     {
-        let begin = self.begin_sql(opts, start);
+        let begin = self.begin_sql(opts, isolation, start);
         let conn = session.open(&begin).map_err(|err| match err {
             OpenError::NoConnection(err) => Failure::NoConnection(err),
             OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
         })?;
+        self.check_isolation(conn, isolation)
+            .map_err(|err| Failure::At(Stage::Begin, E::from(err), None))?;
+        let framed = framing(self.protocol, isolation);
         let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn))) {
             Ok(Ok(value)) => value,
             Ok(Err(err)) => return Err(Failure::At(Stage::Statement, err, None)),
             Err(payload) => return Err(Failure::Panicked(payload)),
         };
-        if self.protocol == Protocol::Savepoint {
+        if framed == Protocol::Savepoint {
             // One message, one round trip. The server stops at the first
             // statement that fails: if the transaction is still open, that
             // was the RELEASE; if it is closed, the COMMIT; if the
@@ -423,18 +507,22 @@ mod tests {
         let start = Instant::now();
         let clock = Arc::new(SetClock(Mutex::new(start)));
         let r = retrier(Some(30), Some(20), clock.clone());
-        let first = r.begin_sql(TxOptions::default(), start);
+        let first = r.begin_sql(TxOptions::default(), Isolation::Serializable, start);
         assert_eq!(
             first,
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000"
         );
         *clock.0.lock().unwrap() = start + Duration::from_secs(10);
-        let again = r.begin_sql(TxOptions::default(), start);
+        let again = r.begin_sql(TxOptions::default(), Isolation::Serializable, start);
         assert!(
             matches!((&first, &again), (Cow::Borrowed(a), Cow::Borrowed(b)) if std::ptr::eq(*a, *b))
         );
         assert_eq!(
-            r.begin_sql(TxOptions::default().read_only(), start),
+            r.begin_sql(
+                TxOptions::default().read_only(),
+                Isolation::Serializable,
+                start
+            ),
             "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SET LOCAL statement_timeout = 20000"
         );
     }
@@ -445,19 +533,19 @@ mod tests {
         let clock = Arc::new(SetClock(Mutex::new(start + Duration::from_millis(12_500))));
         let r = retrier(Some(30), Some(20), clock.clone());
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 17500"
         );
         // Past the deadline the bound is 1 ms, never 0 (which means none).
         *clock.0.lock().unwrap() = start + Duration::from_secs(31);
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 1"
         );
         // Then the policy's own bound again: the cache did not keep these.
         *clock.0.lock().unwrap() = start;
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000"
         );
     }
@@ -468,14 +556,38 @@ mod tests {
         let clock = Arc::new(SetClock(Mutex::new(start + Duration::from_secs(4))));
         let r = retrier(Some(30), None, clock);
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 26000"
         );
         let unbounded = retrier(None, None, Arc::new(SetClock(Mutex::new(start))));
         assert_eq!(
-            unbounded.begin_sql(TxOptions::default(), start),
+            unbounded.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE"
         );
+    }
+
+    #[test]
+    fn read_committed_begins_so_and_never_with_the_savepoint() {
+        let start = Instant::now();
+        let clock = Arc::new(SetClock(Mutex::new(start)));
+        let mut r = retrier(None, Some(5), clock);
+        r.protocol = Protocol::Savepoint;
+        let rc = Isolation::ReadCommitted;
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), rc, start),
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 5000"
+        );
+        assert_eq!(
+            r.begin_sql(TxOptions::default().read_only(), rc, start),
+            "BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY; SET LOCAL statement_timeout = 5000"
+        );
+        // The two levels' messages live side by side in the cache.
+        assert_eq!(
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 5000; SAVEPOINT cockroach_restart"
+        );
+        let r = r.with_isolation(rc);
+        assert_eq!(r.isolation(), rc);
     }
 
     #[test]
@@ -486,12 +598,12 @@ mod tests {
         r.protocol = Protocol::Savepoint;
         r.begin = Arc::default();
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 5000; SAVEPOINT cockroach_restart"
         );
         let r = r.with_restart_protocol();
         assert_eq!(
-            r.begin_sql(TxOptions::default(), start),
+            r.begin_sql(TxOptions::default(), Isolation::Serializable, start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 5000"
         );
     }

@@ -10,6 +10,7 @@ mod main_job_faults;
 mod migration_races;
 mod netns;
 mod partitions;
+mod read_committed;
 mod restarts;
 mod retry_faults;
 mod round_trips;
