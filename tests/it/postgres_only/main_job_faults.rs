@@ -25,7 +25,7 @@ fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
         .unwrap_or_else(|| panic!("no retry logged:\n{stderr}"));
     assert!(
         retried
-            .contains("tx_attempt{attempt=1 protocol=Restart retry_cause=injected fault 1 of 1}"),
+            .contains("tx_attempt{attempt=1 protocol=Restart isolation=\"SERIALIZABLE\" retry_cause=injected fault 1 of 1}"),
         "{retried}"
     );
     assert!(
@@ -33,7 +33,7 @@ fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
         "the first retry is immediate: {retried}"
     );
     assert!(
-        stderr.contains("tx_attempt{attempt=2 protocol=Restart}: bank::sql: COMMIT"),
+        stderr.contains("tx_attempt{attempt=2 protocol=Restart isolation=\"SERIALIZABLE\"}: bank::sql: COMMIT"),
         "{stderr}"
     );
 }
