@@ -95,6 +95,9 @@ pub struct Situation {
     pub isolation: Isolation,
     /// Whether the unit may be applied twice.
     pub idempotent: bool,
+    /// Whether an earlier attempt's commit is in doubt, not yet resolved by
+    /// the unit (see [`Context`](crate::Context)).
+    pub in_doubt: bool,
     /// Whether the next retry waits first (its backoff delay is not zero).
     pub waits: bool,
     /// Whether another connection can be had (a pool, not the caller's own).
@@ -114,17 +117,47 @@ pub fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
     }
 }
 
-/// The decision table of the module docs, as code.
-pub fn decide(s: &Situation) -> Step {
-    let cockroach = s.server == Server::CockroachDb;
-    let savepoint = framing(s.protocol, s.isolation) == Protocol::Savepoint;
+/// Whether the failure in `s` leaves this attempt's commit in doubt: the
+/// commit was sent and no verdict came back. The helper retries an
+/// idempotent unit after it and keeps the call in doubt until the unit
+/// resolves it.
+pub fn commit_in_doubt(s: &Situation) -> bool {
     // Where the commit happens: the RELEASE on CockroachDB with the
     // savepoint protocol, the COMMIT everywhere else.
-    let commit_stage = if cockroach && savepoint {
+    let framed = framing(s.protocol, s.isolation);
+    let commit_stage = if s.server == Server::CockroachDb && framed == Protocol::Savepoint {
         Stage::Release
     } else {
         Stage::Commit
     };
+    matches!(s.class, Class::ConnectionLost | Class::Other)
+        && (s.stage == commit_stage
+            || (s.stage == Stage::Release && s.class == Class::ConnectionLost))
+}
+
+/// The decision table of the module docs, as code.
+pub fn decide(s: &Situation) -> Step {
+    let step = decide_alone(s);
+    if !s.in_doubt {
+        return step;
+    }
+    // After a commit in doubt nothing may be reported as "not committed":
+    // the earlier attempt may have been. A database error before the commit
+    // (the retry timed out waiting for the earlier transaction's locks, say)
+    // is retried within the budgets; anything else ends in doubt.
+    match (step, s.class, s.stage) {
+        (Step::Fail, Class::Other, Stage::Begin | Stage::Statement) => Step::Restart,
+        (Step::Fail, _, _) => Step::Ambiguous,
+        (step, _, _) => step,
+    }
+}
+
+/// The table for an attempt with no commit in doubt before it.
+fn decide_alone(s: &Situation) -> Step {
+    let cockroach = s.server == Server::CockroachDb;
+    let savepoint = framing(s.protocol, s.isolation) == Protocol::Savepoint;
+    // On CockroachDB with the savepoint protocol the RELEASE was the commit;
+    // the COMMIT after it only readies the session.
     if cockroach && savepoint && s.stage == Stage::Commit {
         return Step::Committed;
     }
@@ -149,10 +182,7 @@ pub fn decide(s: &Situation) -> Step {
         // The commit was sent and no verdict came back. With the savepoint
         // protocol the COMMIT travels with the RELEASE, so a connection lost
         // there is in doubt on PostgreSQL too.
-        Class::ConnectionLost | Class::Other
-            if s.stage == commit_stage
-                || (s.stage == Stage::Release && s.class == Class::ConnectionLost) =>
-        {
+        Class::ConnectionLost | Class::Other if commit_in_doubt(s) => {
             match (s.idempotent, s.class) {
                 (false, _) => Step::Ambiguous,
                 (true, Class::ConnectionLost) => reconnect_or(Step::Ambiguous),
@@ -264,6 +294,7 @@ mod tests {
                             server,
                             protocol,
                             isolation,
+                            in_doubt: false,
                             idempotent: flags & 1 != 0,
                             waits: flags & 2 != 0,
                             replaceable: flags & 4 != 0,
@@ -433,6 +464,55 @@ mod tests {
 
     fn all_rows() -> impl Iterator<Item = (usize, &'static Row)> {
         ROWS.iter().enumerate()
+    }
+
+    /// After a commit in doubt: every step the table would take stays,
+    /// except that nothing ends as "failed, nothing committed".
+    #[test]
+    fn after_a_commit_in_doubt_no_failure_says_nothing_committed() {
+        for alone in situations(&STAGES, &CLASSES, &SETUPS)
+            .into_iter()
+            .filter(possible)
+        {
+            let s = Situation {
+                in_doubt: true,
+                ..alone
+            };
+            let expected = match (decide(&alone), s.class, s.stage) {
+                // The row this adds: a database error before the commit is
+                // retried (the retry may have waited on the earlier
+                // attempt's locks until its statement bound).
+                (Step::Fail, Class::Other, Stage::Begin | Stage::Statement) => Step::Restart,
+                // And this one: any other failure stays in doubt.
+                (Step::Fail, _, _) => Step::Ambiguous,
+                (step, _, _) => step,
+            };
+            assert_eq!(decide(&s), expected, "{s:?}");
+            assert_ne!(decide(&s), Step::Fail, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_commit_is_in_doubt_only_where_it_was_sent_and_no_verdict_came() {
+        for s in situations(&STAGES, &CLASSES, &SETUPS)
+            .into_iter()
+            .filter(possible)
+        {
+            let sent = match framing(s.protocol, s.isolation) {
+                Protocol::Savepoint if s.server == Server::CockroachDb => {
+                    s.stage == Stage::Release
+                }
+                // The RELEASE travels with the COMMIT: a lost connection
+                // there may have taken the COMMIT with it.
+                Protocol::Savepoint => {
+                    s.stage == Stage::Commit
+                        || (s.stage == Stage::Release && s.class == Class::ConnectionLost)
+                }
+                Protocol::Restart => s.stage == Stage::Commit,
+            };
+            let unknown = matches!(s.class, Class::ConnectionLost | Class::Other);
+            assert_eq!(commit_in_doubt(&s), sent && unknown, "{s:?}");
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub enum TxError<E> {
     },
     /// The commit was sent but its outcome is unknown (connection lost, or the
     /// server said 40003): the transaction may or may not have been applied.
+    /// A unit declared idempotent is retried instead, and ends here only if
+    /// the doubt could not be resolved: a budget ran out, or the retry
+    /// failed, before the unit found out (`cause` is then the last error).
     #[error("commit result is ambiguous on attempt {attempts}: the transaction may or may not have been applied; check the data before retrying ({})", .cause.to_string().trim_end())]
     AmbiguousCommit {
         /// The attempt whose commit is in doubt.
@@ -77,11 +80,15 @@ pub enum TxError<E> {
 
 /// The value of the attempt that committed, and how many attempts it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Committed<T> {
     /// What the committed attempt returned.
     pub value: T,
     /// Attempts made, the committed one included.
     pub attempts: u32,
+    /// Whether an earlier attempt's commit was in doubt, and how that
+    /// ended (see [`Context`](crate::Context)); `None` when none was.
+    pub doubt: Option<crate::Resolution>,
 }
 
 impl<T> Committed<T> {

@@ -169,6 +169,7 @@
 #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 mod clock;
 mod decide;
+mod doubt;
 mod error;
 mod observe;
 mod policy;
@@ -180,7 +181,8 @@ pub mod testing;
 
 #[cfg(feature = "testing")]
 pub use clock::{Clock, SystemClock};
-pub use decide::{classify, decide, framing, Class, Situation, Stage, Step};
+pub use decide::{classify, commit_in_doubt, decide, framing, Class, Situation, Stage, Step};
+pub use doubt::{Context, Resolution};
 pub use error::{AsDieselError, Budget, Committed, TxError};
 pub use observe::{Attempt, Observer, Outcome};
 pub use policy::{Backoff, Isolation, RetryPolicy, TxOptions};

@@ -22,8 +22,9 @@ struct ReportedIsolation {
 
 use crate::clock::{Clock, SystemClock};
 use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
+use crate::doubt::Verdict;
 use crate::{
-    classify, decide, framing, AsDieselError, Attempt, Budget, Class, Committed, Isolation,
+    classify, commit_in_doubt, decide, framing, AsDieselError, Context, Resolution, Attempt, Budget, Class, Committed, Isolation,
     Observer, Outcome, Protocol, RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
 };
 
@@ -148,11 +149,33 @@ impl Retrier {
         &self,
         pool: &r2d2::Pool<M>,
         opts: TxOptions,
-        unit: F,
+        mut unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
+        M: r2d2::ManageConnection<Connection = PgConnection>,
+    {
+        self.run_in(Session::pooled(pool), opts, |conn, _: &Context| unit(conn))
+    }
+
+    /// Like [`Retrier::run`], with a [`Context`] for the unit: which attempt
+    /// it is, and whether an earlier attempt's commit is in doubt, which a
+    /// unit declared idempotent resolves by looking for the key it drew
+    /// before the call (the crate docs, "Commits in doubt").
+    ///
+    /// # Errors
+    /// See [`TxError`].
+    #[cfg(feature = "r2d2")]
+    pub fn run_with<T, E, F, M>(
+        &self,
+        pool: &r2d2::Pool<M>,
+        opts: TxOptions,
+        unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection, &Context) -> Result<T, E>,
         M: r2d2::ManageConnection<Connection = PgConnection>,
     {
         self.run_in(Session::pooled(pool), opts, unit)
@@ -168,11 +191,29 @@ impl Retrier {
         &self,
         conn: &mut PgConnection,
         opts: TxOptions,
-        unit: F,
+        mut unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
+    {
+        self.run_on_with(conn, opts, |conn, _: &Context| unit(conn))
+    }
+
+    /// Like [`Retrier::run_on`], with a [`Context`] for the unit (see
+    /// [`Retrier::run_with`]).
+    ///
+    /// # Errors
+    /// See [`Retrier::run_on`].
+    pub fn run_on_with<T, E, F>(
+        &self,
+        conn: &mut PgConnection,
+        opts: TxOptions,
+        unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        E: AsDieselError,
+        F: FnMut(&mut PgConnection, &Context) -> Result<T, E>,
     {
         // Refused before the session exists: its cleanup would roll back
         // the caller's own transaction.
@@ -192,55 +233,65 @@ impl Retrier {
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
-        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        F: FnMut(&mut PgConnection, &Context) -> Result<T, E>,
         S: Source,
     {
         let start = self.clock.now();
         let isolation = opts.isolation_level().unwrap_or(self.isolation);
         let framed = framing(self.protocol, isolation);
         let mut attempts = 0;
+        // A commit in doubt, and whether a unit has resolved it since: the
+        // cause is kept for the error should no attempt resolve it.
+        let mut doubt = Doubt::<E>::default();
         loop {
             attempts += 1;
             let span = debug_span!("tx_attempt", attempt = attempts, protocol = ?framed,
                 isolation = isolation.sql(), retry_cause = tracing::field::Empty);
             let _entered = span.enter();
             let tell = |stage, cause, outcome| self.tell(attempts, start, stage, cause, outcome);
-            let (stage, error, value) =
-                match self.attempt(&mut session, opts, isolation, start, &mut unit) {
-                    Ok(value) => {
-                        tell(None, None, Outcome::Committed);
-                        return Ok(Committed { value, attempts });
-                    }
-                    Err(Failure::At(stage, error, value)) => (stage, error, value),
-                    Err(Failure::NoConnection(err)) => {
-                        tell(Some(Stage::Begin), None, Outcome::NoConnection);
-                        return Err(S::no_connection(err));
-                    }
-                    Err(Failure::Panicked(payload)) => {
-                        tell(None, None, Outcome::Panicked);
-                        drop(session); // rolls back, hands the connection back idle
-                        panic::resume_unwind(payload);
-                    }
-                };
+            let context = Context::new(attempts, doubt.open());
+            let outcome = self.attempt(&mut session, opts, isolation, start, &context, &mut unit);
+            doubt.heard(context.verdict());
+            let (stage, error, value) = match outcome {
+                Ok(value) => {
+                    tell(None, None, Outcome::Committed);
+                    return Ok(doubt.committed(value, attempts));
+                }
+                Err(Failure::At(stage, error, value)) => (stage, error, value),
+                Err(Failure::NoConnection(err)) => {
+                    tell(Some(Stage::Begin), None, Outcome::NoConnection);
+                    return Err(match doubt.take_open_cause() {
+                        Some(cause) => TxError::AmbiguousCommit { attempts, cause },
+                        None => S::no_connection(err),
+                    });
+                }
+                Err(Failure::Panicked(payload)) => {
+                    tell(None, None, Outcome::Panicked);
+                    drop(session); // rolls back, hands the connection back idle
+                    panic::resume_unwind(payload);
+                }
+            };
             let class = error.as_diesel().map_or(Class::Other, classify);
             let (stage_, class_) = (Some(stage), Some(class));
             // The wait before the next attempt, should there be one.
             let delay = self.policy.backoff.delay(attempts, (self.jitter)());
-            let step = decide(&Situation {
+            let situation = Situation {
                 stage,
                 class,
                 server: self.server,
                 protocol: self.protocol,
                 isolation,
                 idempotent: opts.is_idempotent(),
+                in_doubt: doubt.open(),
                 waits: !delay.is_zero(),
                 replaceable: session.replaceable(),
-            });
+            };
+            let step = decide(&situation);
             span.record("retry_cause", tracing::field::display(Cause(&error)));
             match (step, value) {
                 (Step::Committed, Some(value)) => {
                     tell(stage_, class_, Outcome::Committed);
-                    return Ok(Committed { value, attempts });
+                    return Ok(doubt.committed(value, attempts));
                 }
                 (Step::Ambiguous, _) => {
                     debug!(attempts, ?stage, "commit outcome unknown");
@@ -259,9 +310,18 @@ impl Retrier {
                 (Step::Rewind | Step::Restart | Step::Reconnect, _) => {}
             }
             let elapsed = self.clock.now().saturating_duration_since(start);
+            let in_doubt_now = commit_in_doubt(&situation);
             if let Some(budget) = self.spent(attempts, elapsed + delay) {
                 debug!(attempts, ?budget, "giving up");
                 tell(stage_, class_, Outcome::GaveUp(budget));
+                // The earlier attempt (or this one) may have committed:
+                // never "gave up, nothing committed".
+                if doubt.open() || in_doubt_now {
+                    return Err(TxError::AmbiguousCommit {
+                        attempts,
+                        cause: error,
+                    });
+                }
                 return Err(TxError::GaveUp {
                     attempts,
                     elapsed,
@@ -273,9 +333,13 @@ impl Retrier {
                 ?stage,
                 ?step,
                 sleep_ms = delay.as_secs_f64() * 1e3,
+                in_doubt = in_doubt_now,
                 "retrying transaction"
             );
             tell(stage_, class_, Outcome::Retry { step, delay });
+            if in_doubt_now {
+                doubt.opened(error);
+            }
             match step {
                 Step::Rewind => session.rewind(),
                 Step::Reconnect => session.discard(),
@@ -403,11 +467,12 @@ impl Retrier {
         opts: TxOptions,
         isolation: Isolation,
         start: Instant,
+        context: &Context,
         unit: &mut F,
     ) -> Result<T, Failure<T, E, S::Error>>
     where
         E: AsDieselError,
-        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        F: FnMut(&mut PgConnection, &Context) -> Result<T, E>,
         S: Source,
     {
         let begin = self.begin_sql(opts, isolation, start);
@@ -418,7 +483,7 @@ impl Retrier {
         self.check_isolation(conn, isolation)
             .map_err(|err| Failure::At(Stage::Begin, E::from(err), None))?;
         let framed = framing(self.protocol, isolation);
-        let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn))) {
+        let value = match panic::catch_unwind(AssertUnwindSafe(|| unit(&mut *conn, context))) {
             Ok(Ok(value)) => value,
             Ok(Err(err)) => return Err(Failure::At(Stage::Statement, err, None)),
             Err(payload) => return Err(Failure::Panicked(payload)),
@@ -443,6 +508,71 @@ impl Retrier {
         match AnsiTransactionManager::commit_transaction(conn) {
             Ok(()) => Ok(value),
             Err(err) => Err(Failure::At(Stage::Commit, E::from(err), Some(value))),
+        }
+    }
+}
+
+/// A call's commits in doubt: whether one is open (unresolved), with the
+/// error that opened it, and whether a unit found its earlier writes.
+struct Doubt<E> {
+    /// The cause of the doubt still open.
+    open: Option<E>,
+    /// Whether any commit of the call was in doubt.
+    ever: bool,
+    /// Whether a unit said its earlier attempt had committed.
+    applied_earlier: bool,
+}
+
+impl<E> Default for Doubt<E> {
+    fn default() -> Self {
+        Self {
+            open: None,
+            ever: false,
+            applied_earlier: false,
+        }
+    }
+}
+
+impl<E> Doubt<E> {
+    fn open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn opened(&mut self, cause: E) {
+        self.open = Some(cause);
+        self.ever = true;
+    }
+
+    /// What the unit said of its earlier attempt, if anything: either way
+    /// the doubt is resolved.
+    fn heard(&mut self, verdict: Option<Verdict>) {
+        match verdict {
+            Some(Verdict::AppliedEarlier) => {
+                self.applied_earlier = true;
+                self.open = None;
+            }
+            Some(Verdict::NotAppliedEarlier) => self.open = None,
+            None => {}
+        }
+    }
+
+    fn take_open_cause(&mut self) -> Option<E> {
+        self.open.take()
+    }
+
+    fn committed<T>(&self, value: T, attempts: u32) -> Committed<T> {
+        let doubt = self.ever.then_some(if self.applied_earlier {
+            Resolution::AppliedEarlier
+        } else {
+            Resolution::AppliedNow
+        });
+        if let Some(resolution) = doubt {
+            debug!(?resolution, attempts, "the commit in doubt was resolved");
+        }
+        Committed {
+            value,
+            attempts,
+            doubt,
         }
     }
 }

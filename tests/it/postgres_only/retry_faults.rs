@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Text};
 use diesel_tx_retry::{
-    Backoff, Budget, Clock, Committed, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
+    Backoff, Budget, Clock, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
 };
 
 use crate::helpers::*;
@@ -59,11 +59,8 @@ fn a_40001_on_the_first_k_attempts_is_retried_k_times_and_commits_once(protocol:
         })
         .unwrap();
     assert_eq!(
-        committed,
-        Committed {
-            value: 4,
-            attempts: 4
-        }
+        (committed.value, committed.attempts, committed.doubt),
+        (4, 4, None)
     );
     assert_eq!(db.count("marks"), 1, "only the committed attempt's write");
     let ms = Duration::from_millis;
