@@ -20,7 +20,7 @@ use bank::bank::{delete_accounts, insert_accounts, transfer, Amount, BankError};
 use bank::db::{self, DbUrl, Manager};
 use bank::models::Account;
 use diesel::prelude::*;
-use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxOptions};
+use diesel_tx_retry::{Context, Retrier, RetryPolicy, Server, TxOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -115,7 +115,9 @@ fn run() -> Result<(), String> {
         let to = (from + rng.random_range(1..ids.len())) % ids.len();
         let (from, to) = (ids[from], ids[to]);
         let amount = Amount::Exactly(rng.random_range(1..=100));
-        let unit = |c: &mut PgConnection| transfer(c, from, to, amount);
+        let key = Uuid::new_v4();
+        let unit =
+            |c: &mut PgConnection| transfer(c, key, from, to, amount, &Context::new(1, false));
         match mode {
             Mode::Bare => conn
                 .build_transaction()
@@ -158,7 +160,7 @@ fn run() -> Result<(), String> {
             wall[i].push((w1 - w0).as_secs_f64() * 1e6 / per_round as f64);
         }
     }
-    delete_accounts(&mut conn, &ids).map_err(|err| err.to_string())?;
+    delete_accounts(&mut conn, &ids, &Context::new(1, false)).map_err(|err| err.to_string())?;
     let bare_cpu = if cpu[0].is_empty() {
         f64::NAN
     } else {

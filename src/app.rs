@@ -246,6 +246,12 @@ fn prepare(
     let inspection = db::inspect(&mut conn).context("asking the server what it is")?;
     let retrier = retrier(cli, inspection.server)?;
     match inspection.accounts {
+        AccountsTable::Ready if !inspection.ledger => bail!(
+            "table \"transfers\" (the ledger, the schema's second migration) does not exist in {}; \
+             add it with `diesel migration run`, `cockroach sql --url \"$DATABASE_URL\" < dbinit.sql` \
+             (psql \"$DATABASE_URL\" -f dbinit.sql on PostgreSQL), or `bank migrate`",
+            url.redacted()
+        ),
         AccountsTable::Ready => {}
         AccountsTable::Missing => bail!(
             "table \"accounts\" does not exist in {}; create it with `diesel migration run`, \
@@ -256,8 +262,9 @@ fn prepare(
         AccountsTable::NotAllowed => {
             let user = url.user().unwrap_or("the connecting user");
             bail!(
-                "user {user} may not read and write table \"accounts\" in {}; \
-                 an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {user}",
+                "user {user} may not read and write table \"accounts\" (and add to \"transfers\") in {}; \
+                 an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {user}; \
+                 GRANT SELECT, INSERT ON TABLE transfers TO {user}",
                 url.redacted()
             )
         }

@@ -87,13 +87,17 @@ pub fn run(
     let from = rng.random_range(0..total);
     let to = (from + rng.random_range(1..total)) % total;
     let (from, to) = (created.ids[from], created.ids[to]);
+    // The transfer's ledger key, drawn before the helper like the ids: a
+    // retry after a commit in doubt finds it instead of moving money twice.
+    let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
     let watch = watchdog.watch("transferring funds", retrier.policy());
     let done = retrier
-        .run(pool, TxOptions::default(), |conn| {
-            bank::transfer(conn, from, to, Amount::HalfOfSource)
+        .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
+            bank::transfer(conn, key, from, to, Amount::HalfOfSource, ctx)
         })
         .context("transferring funds")?;
     drop(watch);
+    bank::log_doubt("transferring funds", done.doubt);
     retries += done.retries();
     let transfer = done.value;
     writeln!(out, "Random account balances:")?;
@@ -121,8 +125,8 @@ pub fn run(
     for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
         let _watch = watchdog.watch("deleting accounts", retrier.policy());
         let done = retrier
-            .run(pool, TxOptions::default(), |conn| {
-                bank::delete_accounts(conn, batch)
+            .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
+                bank::delete_accounts(conn, batch, ctx)
             })
             .with_context(|| {
                 format!(
@@ -131,6 +135,7 @@ pub fn run(
                 )
             })?;
         retries += done.retries();
+        bank::log_doubt("deleting accounts", done.doubt);
         if deleted.is_empty() {
             writeln!(out, "Deleting existing accounts...")?;
         }

@@ -24,6 +24,8 @@ pub struct Created {
     /// Their ids, in creation order: 16 bytes an account is all the later
     /// phases need, even at millions of accounts.
     pub ids: Vec<Uuid>,
+    /// Their initial balances, in the same order.
+    pub balances: Vec<i64>,
     /// The sum of their initial balances.
     pub total_balance: i64,
     /// Retries across the creating transactions.
@@ -59,6 +61,7 @@ pub fn create_accounts(
     progress.set_message("creating");
     let mut created = Created {
         ids: Vec::with_capacity(total),
+        balances: Vec::with_capacity(total),
         total_balance: 0,
         retries: 0,
     };
@@ -69,11 +72,23 @@ pub fn create_accounts(
             .map(|_| new_account(rng))
             .collect();
         // The rows are drawn before the transaction, so a retry inserts the
-        // same ones and what is printed matches the database.
+        // same ones and what is printed matches the database; their ids make
+        // the batch idempotent: a retry after a commit in doubt meets the
+        // rows the earlier attempt committed instead of inserting them again.
+        // The first attempt inserts plainly, so that a repeated --seed is a
+        // definite duplicate, as it should be.
         let _watch = watchdog.watch("creating accounts", retrier.policy());
         let done = retrier
-            .run(pool, TxOptions::default(), |conn| {
-                super::insert_accounts(conn, &rows, batches.rows_per_insert())
+            .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
+                if ctx.in_doubt() {
+                    super::insert_accounts_resolving(conn, &rows, batches.rows_per_insert(), ctx)
+                } else {
+                    Ok(super::insert_accounts(
+                        conn,
+                        &rows,
+                        batches.rows_per_insert(),
+                    )?)
+                }
             })
             .with_context(|| {
                 format!(
@@ -82,9 +97,11 @@ pub fn create_accounts(
                 )
             })?;
         created.retries += done.retries();
+        super::log_doubt("creating accounts", done.doubt);
         on_commit(&rows)?;
         created.total_balance += rows.iter().map(|a| a.balance).sum::<i64>();
         created.ids.extend(rows.iter().map(|a| a.id));
+        created.balances.extend(rows.iter().map(|a| a.balance));
         progress.inc(rows.len() as u64);
     }
     progress.finish_and_clear();
@@ -106,10 +123,9 @@ pub fn explain_repeated_seed(err: anyhow::Error, seed: Option<u64>) -> anyhow::E
     use diesel_tx_retry::TxError;
     let duplicate = err.chain().any(|cause| {
         matches!(
-            cause.downcast_ref::<TxError<DieselError>>(),
-            Some(TxError::Failed(DieselError::DatabaseError(
-                DatabaseErrorKind::UniqueViolation,
-                _
+            cause.downcast_ref::<TxError<super::BankError>>(),
+            Some(TxError::Failed(super::BankError::Database(
+                DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
             )))
         )
     });

@@ -12,8 +12,8 @@ use diesel::sql_types::{BigInt, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use crate::models::Account;
-use crate::schema::accounts;
-use diesel_tx_retry::AsDieselError;
+use crate::schema::{accounts, transfers};
+use diesel_tx_retry::{AsDieselError, Context};
 
 /// Rows per multi-row `INSERT` by default: past a few thousand rows larger
 /// statements stop saving time (bench/RESULTS.md has the sweep).
@@ -45,6 +45,10 @@ pub enum BankError {
     /// A fixed amount must move something, and forwards.
     #[error("cannot transfer {0}: the amount must be at least 1")]
     NotPositive(i64),
+    /// Rows with this run's ids are in the table with other balances: not
+    /// this run's earlier attempt, someone else's rows.
+    #[error("accounts with this run's ids exist with other balances (account {0}); use another seed, or none")]
+    NotOurs(Uuid),
     /// The database refused or failed.
     #[error(transparent)]
     Database(#[from] diesel::result::Error),
@@ -78,6 +82,69 @@ pub fn insert_accounts(
     Ok(inserted)
 }
 
+/// Inserts `rows` like [`insert_accounts`], in a retry after a commit in
+/// doubt (`ctx`): `ON CONFLICT (id) DO NOTHING`, so that rows the earlier
+/// attempt committed are met, not duplicated. An `INSERT` of a key that an
+/// earlier transaction still holds uncommitted waits for it, so what it
+/// meets is settled. All rows new: the earlier attempt did not commit, and
+/// they are inserted now. None new: it did, if the rows there hold the
+/// balances this run drew (checked). Anything else is someone else's rows.
+///
+/// # Errors
+/// [`BankError::NotOurs`] for rows that are not this run's; the database's
+/// error.
+pub fn insert_accounts_resolving(
+    conn: &mut PgConnection,
+    rows: &[Account],
+    rows_per_insert: usize,
+    ctx: &Context,
+) -> Result<usize, BankError> {
+    let mut inserted = 0;
+    for chunk in rows.chunks(rows_per_insert.clamp(1, MAX_ROWS_PER_INSERT)) {
+        inserted += diesel::insert_into(accounts::table)
+            .values(chunk)
+            .on_conflict(accounts::id)
+            .do_nothing()
+            .execute(conn)?;
+    }
+    if inserted == rows.len() {
+        ctx.not_applied_earlier();
+        return Ok(inserted);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|a| a.id).collect();
+    let found: Vec<Account> = accounts::table
+        .filter(accounts::id.eq_any(&ids))
+        .select(Account::as_select())
+        .load(conn)?;
+    let found: std::collections::HashMap<Uuid, i64> =
+        found.into_iter().map(|a| (a.id, a.balance)).collect();
+    if let Some(other) = rows.iter().find(|a| found.get(&a.id) != Some(&a.balance)) {
+        ctx.not_applied_earlier();
+        return Err(BankError::NotOurs(other.id));
+    }
+    if inserted > 0 {
+        // Some of the rows were there and some not: the earlier attempt was
+        // one transaction, so those were someone else's.
+        ctx.not_applied_earlier();
+        return Err(BankError::NotOurs(rows[0].id));
+    }
+    ctx.applied_earlier();
+    Ok(rows.len())
+}
+
+/// Says at debug level (`-v`) how a commit in doubt of `phase` ended.
+pub fn log_doubt(phase: &str, doubt: Option<diesel_tx_retry::Resolution>) {
+    match doubt {
+        Some(diesel_tx_retry::Resolution::AppliedEarlier) => tracing::debug!(
+            "{phase}: the commit was in doubt; the retry found it applied by the earlier attempt"
+        ),
+        Some(diesel_tx_retry::Resolution::AppliedNow) => tracing::debug!(
+            "{phase}: the commit was in doubt; the earlier attempt had not applied it, the retry did"
+        ),
+        None => {}
+    }
+}
+
 /// How much a transfer moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Amount {
@@ -90,6 +157,8 @@ pub enum Amount {
 /// A committed transfer, as the transaction saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transfer {
+    /// Its key in the ledger, drawn before the transaction.
+    pub key: Uuid,
     /// The source before the transfer.
     pub from: Account,
     /// The destination before the transfer.
@@ -100,13 +169,20 @@ pub struct Transfer {
     pub from_after: Account,
     /// The destination after the transfer.
     pub to_after: Account,
+    /// Whether an earlier attempt, whose commit was in doubt, had applied it
+    /// (its ledger row was there): then nothing was applied now, `amount` is
+    /// the ledger's, the balances after are those in the table now, and the
+    /// balances before are worked back from them.
+    pub applied_earlier: bool,
 }
 
 /// Moves money between two accounts in two statements: one `SELECT ... FOR
-/// UPDATE` that locks both rows, and one `UPDATE ... RETURNING` for both
-/// balances. Locking before reading the balance is what CockroachDB
-/// recommends for read-modify-write: a concurrent transfer queues on the
-/// lock instead of failing its commit.
+/// UPDATE` that locks both rows, and one statement that writes the transfer's
+/// ledger row (keyed by `key`, drawn before the transaction) and both
+/// balances ([`MoveFunds`]). Locking before reading the balance is what
+/// CockroachDB recommends for read-modify-write, and what READ COMMITTED
+/// needs: a concurrent transfer queues on the lock instead of failing its
+/// commit or losing an update.
 ///
 /// Both rows are locked in id order, so two transfers over the same pair
 /// queue instead of deadlocking. On PostgreSQL that order comes from the
@@ -115,13 +191,24 @@ pub struct Transfer {
 /// primary index in key order, which is the same order (CockroachDB also
 /// detects and breaks lock cycles by itself).
 ///
+/// Idempotent by its key. In a retry after a commit in doubt (`ctx`), the
+/// ledger is read for `key` once the row locks are held (so an earlier
+/// attempt still open has ended): found, the earlier attempt committed, and
+/// the transfer reports it applied and applies nothing; not found, it did
+/// not, and refusals after that are definite. On any attempt the ledger
+/// row's insert is `ON CONFLICT DO NOTHING` and the balances move only if it
+/// inserted, so the key's uniqueness keeps a transfer from applying twice
+/// whatever was read.
+///
 /// # Errors
 /// [`BankError`]; nothing is changed when it fails.
 pub fn transfer(
     conn: &mut PgConnection,
+    key: Uuid,
     from: Uuid,
     to: Uuid,
     amount: Amount,
+    ctx: &Context,
 ) -> Result<Transfer, BankError> {
     if from == to {
         return Err(BankError::SameAccount(from));
@@ -139,13 +226,20 @@ pub fn transfer(
         .for_update()
         .select(Account::as_select())
         .load(conn)?;
-    let find = |id: Uuid| {
+    let find = |rows: &[Account], id: Uuid| {
         rows.iter()
             .find(|a| a.id == id)
             .copied()
             .ok_or(BankError::AccountNotFound(id))
     };
-    let (source, destination) = (find(from)?, find(to)?);
+    if ctx.in_doubt() {
+        if let Some(amount) = ledger_amount(conn, key)? {
+            ctx.applied_earlier();
+            return applied_earlier(key, find(&rows, from)?, find(&rows, to)?, amount);
+        }
+        ctx.not_applied_earlier();
+    }
+    let (source, destination) = (find(&rows, from)?, find(&rows, to)?);
     let amount = match amount {
         Amount::HalfOfSource => source.balance / 2,
         Amount::Exactly(amount) => amount,
@@ -157,25 +251,78 @@ pub fn transfer(
             amount,
         });
     }
-    let after: Vec<Account> = MoveFunds { from, to, amount }.load(conn)?;
-    let find_after = |id: Uuid| {
-        after
-            .iter()
-            .find(|a| a.id == id)
-            .copied()
-            .ok_or(BankError::AccountNotFound(id))
-    };
+    let after: Vec<Account> = MoveFunds {
+        key,
+        from,
+        to,
+        amount,
+    }
+    .load(conn)?;
+    if after.is_empty() {
+        // The ledger row was there: an earlier attempt committed it, seen
+        // only now (READ COMMITTED sees what committed while it waited).
+        let amount = ledger_amount(conn, key)?.ok_or(BankError::AccountNotFound(from))?;
+        ctx.applied_earlier();
+        return applied_earlier(key, source, destination, amount);
+    }
     Ok(Transfer {
+        key,
         from: source,
         to: destination,
         amount,
-        from_after: find_after(from)?,
-        to_after: find_after(to)?,
+        from_after: find(&after, from)?,
+        to_after: find(&after, to)?,
+        applied_earlier: false,
     })
 }
 
-/// `UPDATE accounts SET balance = balance ± amount ... RETURNING id, balance`
-/// for both accounts of a transfer at once.
+/// The amount of the ledger's transfer `key`, if it is there.
+fn ledger_amount(conn: &mut PgConnection, key: Uuid) -> QueryResult<Option<i64>> {
+    transfers::table
+        .find(key)
+        .select(transfers::amount)
+        .first(conn)
+        .optional()
+}
+
+/// A transfer an earlier attempt applied, from the balances now.
+fn applied_earlier(
+    key: Uuid,
+    from_now: Account,
+    to_now: Account,
+    amount: i64,
+) -> Result<Transfer, BankError> {
+    Ok(Transfer {
+        key,
+        from: Account {
+            balance: from_now.balance + amount,
+            ..from_now
+        },
+        to: Account {
+            balance: to_now.balance - amount,
+            ..to_now
+        },
+        amount,
+        from_after: from_now,
+        to_after: to_now,
+        applied_earlier: true,
+    })
+}
+
+/// The transfer's write, one statement:
+///
+/// ```sql
+/// WITH logged AS (
+///     INSERT INTO transfers (id, from_id, to_id, amount) VALUES (key, from, to, amount)
+///     ON CONFLICT (id) DO NOTHING RETURNING id)
+/// UPDATE accounts SET balance = balance + CASE WHEN id = from THEN -amount ELSE amount END
+///  WHERE (id = from OR id = to) AND EXISTS (SELECT 1 FROM logged)
+/// RETURNING id, balance
+/// ```
+///
+/// The ledger row and the balances in one round trip (a data-modifying CTE,
+/// which PostgreSQL and CockroachDB both run), and the balances move only if
+/// the ledger row is new: no rows back means the key was there already.
 ///
 /// Written as a query fragment because Diesel's own `UPDATE` is never kept
 /// as a prepared statement (its `SET` list may vary between calls), so the
@@ -184,6 +331,7 @@ pub fn transfer(
 /// shape and a static query id, so Diesel prepares it once per connection.
 #[derive(Debug, Clone, Copy)]
 struct MoveFunds {
+    key: Uuid,
     from: Uuid,
     to: Uuid,
     amount: i64,
@@ -200,10 +348,39 @@ impl Query for MoveFunds {
 
 impl QueryFragment<Pg> for MoveFunds {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        // Built from the schema's table and columns, so a renamed column
-        // fails to compile here instead of failing at run time. The SET
-        // target is a bare column name, as PostgreSQL requires.
-        out.push_sql("UPDATE ");
+        // Built from the schema's tables and columns, so a renamed column
+        // fails to compile here instead of failing at run time. Column
+        // lists and the SET target are bare names, as PostgreSQL requires.
+        out.push_sql("WITH logged AS (INSERT INTO ");
+        transfers::table.walk_ast(out.reborrow())?;
+        out.push_sql(" (");
+        for (i, column) in [
+            transfers::id::NAME,
+            transfers::from_id::NAME,
+            transfers::to_id::NAME,
+            transfers::amount::NAME,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if i > 0 {
+                out.push_sql(", ");
+            }
+            out.push_identifier(column)?;
+        }
+        out.push_sql(") VALUES (");
+        out.push_bind_param::<SqlUuid, _>(&self.key)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&self.from)?;
+        out.push_sql(", ");
+        out.push_bind_param::<SqlUuid, _>(&self.to)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.amount)?;
+        out.push_sql(") ON CONFLICT (");
+        out.push_identifier(transfers::id::NAME)?;
+        out.push_sql(") DO NOTHING RETURNING ");
+        out.push_identifier(transfers::id::NAME)?;
+        out.push_sql(") UPDATE ");
         accounts::table.walk_ast(out.reborrow())?;
         out.push_sql(" SET ");
         out.push_identifier(accounts::balance::NAME)?;
@@ -217,7 +394,7 @@ impl QueryFragment<Pg> for MoveFunds {
         out.push_bind_param::<BigInt, _>(&self.amount)?;
         out.push_sql(" ELSE ");
         out.push_bind_param::<BigInt, _>(&self.amount)?;
-        out.push_sql(" END WHERE ");
+        out.push_sql(" END WHERE (");
         accounts::id.walk_ast(out.reborrow())?;
         out.push_sql(" = ");
         out.push_bind_param::<SqlUuid, _>(&self.from)?;
@@ -225,7 +402,7 @@ impl QueryFragment<Pg> for MoveFunds {
         accounts::id.walk_ast(out.reborrow())?;
         out.push_sql(" = ");
         out.push_bind_param::<SqlUuid, _>(&self.to)?;
-        out.push_sql(" RETURNING ");
+        out.push_sql(") AND EXISTS (SELECT 1 FROM logged) RETURNING ");
         (accounts::id, accounts::balance).walk_ast(out.reborrow())?;
         Ok(())
     }
@@ -236,14 +413,32 @@ impl RunQueryDsl<PgConnection> for MoveFunds {}
 /// Deletes the given accounts in one statement and returns the ids that
 /// were there to delete, in the order given.
 ///
+/// Idempotent by the ids, chosen before the transaction: in a retry after a
+/// commit in doubt (`ctx`) they are gone either way once the statement ran
+/// (it waits for an earlier attempt still holding their rows), so all of
+/// them are reported deleted; none found means the earlier attempt had
+/// deleted them.
+///
 /// # Errors
 /// The database's error.
-pub fn delete_accounts(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<Vec<Uuid>> {
+pub fn delete_accounts(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    ctx: &Context,
+) -> QueryResult<Vec<Uuid>> {
     let deleted: HashSet<Uuid> = diesel::delete(accounts::table.filter(accounts::id.eq_any(ids)))
         .returning(accounts::id)
         .get_results::<Uuid>(conn)?
         .into_iter()
         .collect();
+    if ctx.in_doubt() {
+        if deleted.is_empty() && !ids.is_empty() {
+            ctx.applied_earlier();
+        } else {
+            ctx.not_applied_earlier();
+        }
+        return Ok(ids.to_vec());
+    }
     Ok(ids
         .iter()
         .copied()
@@ -270,15 +465,74 @@ pub fn balance_summary(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i6
         .get_result(conn)
 }
 
+/// The ledger reconciled against the balances of a run's accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The ledger's rows from these accounts.
+    pub rows: u64,
+    /// Accounts whose balance is not their initial one plus the ledger's
+    /// movements (or that are gone).
+    pub mismatched_accounts: u64,
+}
+
+/// Reconciles the ledger with the balances of `ids`, whose balances were
+/// `initial` (in the same order) before any transfer: every balance must be
+/// its initial one plus what the ledger moved into it, less what it moved
+/// out. The ledger is summed on the server, one row per pair of accounts.
+///
+/// # Errors
+/// The database's error.
+pub fn reconcile(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    initial: &[i64],
+) -> QueryResult<Reconciled> {
+    use diesel::dsl::{count_star, sql};
+    let moved: Vec<(Uuid, Uuid, i64, i64)> = transfers::table
+        .filter(transfers::from_id.eq_any(ids))
+        .group_by((transfers::from_id, transfers::to_id))
+        .select((
+            transfers::from_id,
+            transfers::to_id,
+            count_star(),
+            // SUM(INT8) is NUMERIC on both servers; back to INT8 (see
+            // balance_summary for why it cannot overflow here).
+            sql::<BigInt>("COALESCE(SUM(amount), 0)::INT8"),
+        ))
+        .load(conn)?;
+    let mut expected: std::collections::HashMap<Uuid, i64> =
+        ids.iter().copied().zip(initial.iter().copied()).collect();
+    let mut rows = 0;
+    for (from, to, count, amount) in moved {
+        rows += u64::try_from(count).unwrap_or(0);
+        *expected.entry(from).or_default() -= amount;
+        *expected.entry(to).or_default() += amount;
+    }
+    let now: Vec<Account> = accounts::table
+        .filter(accounts::id.eq_any(ids))
+        .select(Account::as_select())
+        .load(conn)?;
+    let matching = now
+        .iter()
+        .filter(|a| expected.get(&a.id) == Some(&a.balance))
+        .count();
+    Ok(Reconciled {
+        rows,
+        mismatched_accounts: (ids.len() - matching) as u64,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn move_funds_is_one_fixed_update_over_the_schemas_columns() {
+    fn move_funds_is_one_fixed_statement_over_the_schemas_columns() {
+        let key = Uuid::from_u128(9);
         let from = Uuid::from_u128(1);
         let to = Uuid::from_u128(2);
         let sql = diesel::debug_query::<Pg, _>(&MoveFunds {
+            key,
             from,
             to,
             amount: 7,
@@ -287,11 +541,13 @@ mod tests {
         assert_eq!(
             sql,
             format!(
-                "UPDATE \"accounts\" SET \"balance\" = \"accounts\".\"balance\" + CASE WHEN \
-                 \"accounts\".\"id\" = $1 THEN -$2 ELSE $3 END WHERE \
-                 \"accounts\".\"id\" = $4 OR \"accounts\".\"id\" = $5 \
+                "WITH logged AS (INSERT INTO \"transfers\" (\"id\", \"from_id\", \"to_id\", \"amount\") \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (\"id\") DO NOTHING RETURNING \"id\") \
+                 UPDATE \"accounts\" SET \"balance\" = \"accounts\".\"balance\" + CASE WHEN \
+                 \"accounts\".\"id\" = $5 THEN -$6 ELSE $7 END WHERE (\
+                 \"accounts\".\"id\" = $8 OR \"accounts\".\"id\" = $9) AND EXISTS (SELECT 1 FROM logged) \
                  RETURNING \"accounts\".\"id\", \"accounts\".\"balance\" \
-                 -- binds: [{from}, 7, 7, {from}, {to}]"
+                 -- binds: [{key}, {from}, {to}, 7, {from}, 7, 7, {from}, {to}]"
             )
         );
     }

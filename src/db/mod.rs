@@ -356,7 +356,8 @@ pub struct MigrationError(#[source] Box<dyn std::error::Error + Send + Sync>);
 pub enum AccountsTable {
     /// Not in the current schema.
     Missing,
-    /// There, but the user may not read and write it.
+    /// There, but the user may not read and write it (or may not read and
+    /// add to the `transfers` ledger).
     NotAllowed,
     /// There and usable.
     Ready,
@@ -370,6 +371,8 @@ pub struct Inspection {
     pub server: Server,
     /// The `accounts` table.
     pub accounts: AccountsTable,
+    /// Whether the `transfers` ledger is there (the second migration).
+    pub ledger: bool,
 }
 
 /// `accounts` is looked for in `pg_class`, which lists tables the user may
@@ -379,7 +382,7 @@ pub struct Inspection {
 /// # Errors
 /// The query's error.
 pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
-    let (version, present, allowed): (String, bool, bool) = diesel::select((
+    let (version, present, allowed, ledger): (String, bool, bool, bool) = diesel::select((
         sql::<Text>("version()"),
         sql::<Bool>(
             "EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
@@ -391,7 +394,17 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
              unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p \
-             WHERE c.relname = 'accounts' AND n.nspname = current_schema()), false)",
+             WHERE c.relname = 'accounts' AND n.nspname = current_schema()), false) \
+             AND COALESCE((SELECT bool_and(has_table_privilege(c.oid, p)) \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
+             unnest(ARRAY['SELECT', 'INSERT']) AS p \
+             WHERE c.relname = 'transfers' AND n.nspname = current_schema()), true)",
+        ),
+        sql::<Bool>(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relname = 'transfers' AND n.nspname = current_schema())",
         ),
     ))
     .get_result(conn)?;
@@ -402,6 +415,7 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
             (true, false) => AccountsTable::NotAllowed,
             (true, true) => AccountsTable::Ready,
         },
+        ledger,
     })
 }
 

@@ -17,7 +17,7 @@ use crate::bank::{self, Amount, BankError};
 use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Retrier, TxError, TxOptions};
+use diesel_tx_retry::{Resolution, Retrier, TxError, TxOptions};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -26,7 +26,7 @@ const MAX_AMOUNT: i64 = 100;
 mod report;
 
 use report::{Attempts, Tally};
-pub use report::{Latency, Report, RetriesByCause};
+pub use report::{Latency, Ledger, Report, Resolved, RetriesByCause};
 
 /// A workload that ran: its report, and the error that ended it early, if
 /// one did (the report then says what happened until then).
@@ -116,8 +116,9 @@ pub fn run(
                 start.elapsed(),
                 total_before,
                 None,
+                None,
             );
-            report.ambiguous += in_flight.load(Ordering::Relaxed);
+            report.in_doubt += in_flight.load(Ordering::Relaxed);
             report.error = Some(line.to_owned());
             last_words(&report);
         }
@@ -169,19 +170,28 @@ pub fn run(
             anyhow::Error::from(err).context("no worker could connect"),
         ));
     }
-    let balances = {
+    let checked = {
         let _watch = watchdog.watch("checking the balances", retrier.policy());
         pool.get()
             .context("checking the balances")
             .and_then(|mut conn| {
-                bank::balance_summary(&mut conn, &ids).context("checking the balances")
+                let summary = bank::balance_summary(&mut conn, &ids)?;
+                let ledger = bank::reconcile(&mut conn, &ids, &created.balances)?;
+                Ok((summary, ledger))
             })
+            .context("checking the balances")
     };
-    let balances = match balances {
-        Ok(found) => Some(found),
+    let (balances, ledger) = match checked {
+        Ok((summary, ledger)) => (
+            Some(summary),
+            Some(Ledger {
+                rows: ledger.rows,
+                mismatched_accounts: ledger.mismatched_accounts,
+            }),
+        ),
         Err(err) => {
             error = error.or(Some(err));
-            None
+            (None, None)
         }
     };
     let mut report = Report::new(
@@ -191,6 +201,7 @@ pub fn run(
         elapsed,
         total_before,
         balances,
+        ledger,
     );
     report.error = error.as_ref().map(|err| format!("{err:#}"));
     Ok(Finished { report, error })
@@ -251,16 +262,24 @@ fn transfer_loop(
         let to = (from + rng.random_range(1..ids.len())) % ids.len();
         let (from, to) = (ids[from], ids[to]);
         let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
+        // The ledger key, drawn before the helper: it makes the transfer
+        // idempotent, so a commit in doubt is retried and resolved.
+        let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
         let began = Instant::now();
         let _watch = watchdog.watch("transferring", retrier.policy());
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = retrier.run(pool, TxOptions::default(), |conn| {
-            bank::transfer(conn, from, to, amount)
+        let result = retrier.run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
+            bank::transfer(conn, key, from, to, amount, ctx)
         });
         in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
-            Ok(_) => count(&|t| {
+            Ok(done) => count(&|t| {
                 t.committed += 1;
+                match done.doubt {
+                    Some(Resolution::AppliedEarlier) => t.resolved.applied_earlier += 1,
+                    Some(Resolution::AppliedNow) => t.resolved.applied_on_retry += 1,
+                    None => {}
+                }
                 let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
                 t.latency_us.saturating_record(micros.max(1));
             }),
@@ -268,7 +287,7 @@ fn transfer_loop(
                 count(&|t| t.rejected += 1)
             }
             Err(TxError::GaveUp { .. }) => count(&|t| t.gave_up += 1),
-            Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.ambiguous += 1),
+            Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.in_doubt += 1),
             // This worker has no connection to work with; the others go on.
             Err(TxError::NoConnection(err)) => {
                 tracing::warn!(error = %err, "a worker could not get a connection and stopped");

@@ -30,9 +30,12 @@ pub struct Report {
     pub backoff_ms: f64,
     /// Transfers that used up their retry budget.
     pub gave_up: u64,
-    /// Transfers whose commit outcome is unknown (in doubt), including any
-    /// still waiting for the server when a stall ended the run.
-    pub ambiguous: u64,
+    /// Transfers whose outcome is still unknown at the end (in doubt): 0
+    /// unless a budget ran out before a retry could resolve a commit in
+    /// doubt, or a stall ended the run while they waited for the server.
+    pub in_doubt: u64,
+    /// Commits that were in doubt and that a retry resolved.
+    pub resolved_in_doubt: Resolved,
     /// Transfers ended by a hard error (the one that stopped the run).
     pub failed: u64,
     /// Workers that could not get a connection (the server refused it, or
@@ -50,11 +53,35 @@ pub struct Report {
     pub total_after: Option<i64>,
     /// Accounts with a negative balance afterwards, if they could be read.
     pub negative_balances: Option<i64>,
-    /// Whether the total is unchanged and nothing is negative; `None` when
-    /// the balances could not be read.
+    /// The ledger reconciled against the balances, if it could be read.
+    pub ledger: Option<Ledger>,
+    /// Whether the total is unchanged, nothing is negative, the ledger holds
+    /// one row per committed transfer and every balance is its initial one
+    /// plus the ledger's movements; `None` when the balances could not be
+    /// read.
     pub invariant_ok: Option<bool>,
     /// What ended the run early, if anything did.
     pub error: Option<String>,
+}
+
+/// Commits in doubt resolved by a retry, by how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Resolved {
+    /// The retry found the transfer's ledger row: the earlier attempt had
+    /// committed it, and nothing more was applied.
+    pub applied_earlier: u64,
+    /// The earlier attempt had not committed; the retry applied it.
+    pub applied_on_retry: u64,
+}
+
+/// The ledger against the balances, after the transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Ledger {
+    /// The ledger's rows for this run's accounts.
+    pub rows: u64,
+    /// Accounts whose balance is not their initial one plus the ledger's
+    /// movements.
+    pub mismatched_accounts: u64,
 }
 
 /// Retries by their cause.
@@ -126,6 +153,7 @@ impl Report {
         elapsed: std::time::Duration,
         total_before: i64,
         balances: Option<(i64, i64)>,
+        ledger: Option<Ledger>,
     ) -> Self {
         let ms = |quantile: f64| tally.latency_us.value_at_quantile(quantile) as f64 / 1_000.0;
         let elapsed_s = elapsed.as_secs_f64();
@@ -139,7 +167,8 @@ impl Report {
             retries_by_cause: by_cause,
             backoff_ms: attempts.backoff_us.load(Ordering::Relaxed) as f64 / 1_000.0,
             gave_up: tally.gave_up,
-            ambiguous: tally.ambiguous,
+            in_doubt: tally.in_doubt,
+            resolved_in_doubt: tally.resolved,
             failed: tally.failed,
             unconnected_workers: tally.unconnected,
             elapsed_s,
@@ -153,16 +182,29 @@ impl Report {
             total_before,
             total_after: balances.map(|(total, _)| total),
             negative_balances: balances.map(|(_, negative)| negative),
-            invariant_ok: balances.map(|(total, negative)| total == total_before && negative == 0),
+            ledger,
+            invariant_ok: balances.map(|(total, negative)| {
+                total == total_before
+                    && negative == 0
+                    && ledger
+                        .is_some_and(|l| l.rows == tally.committed && l.mismatched_accounts == 0)
+            }),
             error: None,
         }
     }
 
     /// The report as a few lines of text.
     pub fn to_text(&self) -> String {
+        let ledger = match self.ledger {
+            Some(l) => format!(
+                ", ledger {} rows for {} committed, {} accounts off it",
+                l.rows, self.committed, l.mismatched_accounts
+            ),
+            None => ", ledger unread".to_owned(),
+        };
         let invariant = match (self.invariant_ok, self.total_after, self.negative_balances) {
             (Some(ok), Some(after), Some(negative)) => format!(
-                "total {} before, {after} after, {negative} negative balances: {}",
+                "total {} before, {after} after, {negative} negative balances{ledger}: {}",
                 self.total_before,
                 if ok { "ok" } else { "BROKEN" }
             ),
@@ -172,7 +214,9 @@ impl Report {
             "Ran transfers between {accounts} accounts from {workers} workers for {elapsed:.2} s.\n\
              committed: {committed} ({tps:.1} transfers/s), rejected (insufficient funds): {rejected}\n\
              retries: {retries} ({conflict} conflicts, {lost} lost connections, {other} other; \
-             {backoff:.1} ms backing off), gave up: {gave_up}, ambiguous commits (in doubt): {ambiguous}, failed: {failed}\n\
+             {backoff:.1} ms backing off), gave up: {gave_up}, failed: {failed}\n\
+             commits in doubt: {in_doubt} unresolved, {earlier} resolved as applied earlier, \
+             {on_retry} as applied on retry\n\
              latency ms: p50 {p50:.3}, p95 {p95:.3}, p99 {p99:.3}, max {max:.3}\n\
              invariant: {invariant}",
             accounts = self.accounts,
@@ -187,7 +231,9 @@ impl Report {
             other = self.retries_by_cause.other,
             backoff = self.backoff_ms,
             gave_up = self.gave_up,
-            ambiguous = self.ambiguous,
+            in_doubt = self.in_doubt,
+            earlier = self.resolved_in_doubt.applied_earlier,
+            on_retry = self.resolved_in_doubt.applied_on_retry,
             failed = self.failed,
             p50 = self.latency_ms.p50,
             p95 = self.latency_ms.p95,
@@ -209,7 +255,8 @@ pub(super) struct Tally {
     pub(super) committed: u64,
     pub(super) rejected: u64,
     pub(super) gave_up: u64,
-    pub(super) ambiguous: u64,
+    pub(super) in_doubt: u64,
+    pub(super) resolved: Resolved,
     pub(super) failed: u64,
     pub(super) unconnected: u64,
     pub(super) latency_us: Histogram<u64>,
@@ -221,7 +268,8 @@ impl Tally {
             committed: 0,
             rejected: 0,
             gave_up: 0,
-            ambiguous: 0,
+            in_doubt: 0,
+            resolved: Resolved::default(),
             failed: 0,
             unconnected: 0,
             // 1 µs to an hour at 3 significant digits.
@@ -239,7 +287,9 @@ impl Tally {
         self.committed += other.committed;
         self.rejected += other.rejected;
         self.gave_up += other.gave_up;
-        self.ambiguous += other.ambiguous;
+        self.in_doubt += other.in_doubt;
+        self.resolved.applied_earlier += other.resolved.applied_earlier;
+        self.resolved.applied_on_retry += other.resolved.applied_on_retry;
         self.failed += other.failed;
         self.unconnected += other.unconnected;
         self.latency_us
@@ -265,6 +315,7 @@ mod tests {
             std::time::Duration::from_secs(1),
             100,
             None,
+            None,
         );
         let text = report.to_text();
         assert!(
@@ -282,8 +333,38 @@ mod tests {
             std::time::Duration::from_secs(1),
             100,
             Some((100, 0)),
+            Some(Ledger {
+                rows: 0,
+                mismatched_accounts: 0,
+            }),
         );
         assert_eq!(report.invariant_ok, Some(true));
+        // A committed transfer the ledger lacks breaks the invariant, as
+        // does a balance off the ledger.
+        let mut one = Tally::new();
+        one.committed = 1;
+        for ledger in [
+            Ledger {
+                rows: 0,
+                mismatched_accounts: 0,
+            },
+            Ledger {
+                rows: 1,
+                mismatched_accounts: 2,
+            },
+        ] {
+            let report = Report::new(
+                &settings,
+                &one,
+                &Attempts::default(),
+                std::time::Duration::from_secs(1),
+                100,
+                Some((100, 0)),
+                Some(ledger),
+            );
+            assert_eq!(report.invariant_ok, Some(false), "{ledger:?}");
+            assert!(report.to_text().contains("BROKEN"));
+        }
         assert!(!report.to_text().contains("could not connect"));
     }
 
@@ -329,7 +410,7 @@ mod tests {
             }
         );
         let settings = Settings::new(1, 2, Length::Transfers(1), None).unwrap();
-        let report = Report::new(&settings, &Tally::new(), &attempts, ms(10), 0, None);
+        let report = Report::new(&settings, &Tally::new(), &attempts, ms(10), 0, None, None);
         assert_eq!((report.retries, report.backoff_ms), (3, 5.0));
     }
 

@@ -45,8 +45,9 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
                     let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
                     let amount = Amount::Exactly(rng.random_range(1..=10));
                     let (from, to) = (accounts[from].id, accounts[to].id);
-                    match retrier.run(&pool, TxOptions::default(), |conn| {
-                        transfer(conn, from, to, amount)
+                    let key = uuid::Uuid::new_v4();
+                    match retrier.run_with(&pool, TxOptions::default().idempotent(), |conn, ctx| {
+                        transfer(conn, key, from, to, amount, ctx)
                     }) {
                         Ok(done) => {
                             retries.fetch_add(done.retries(), Ordering::Relaxed);

@@ -236,7 +236,7 @@ const PHASES: [&[&str]; 3] = [
     &[
         BEGIN,
         "SELECT \"accounts\".\"id\", ... FOR UPDATE",
-        "UPDATE \"accounts\"",
+        "WITH logged",
         "COMMIT",
     ],
     &[BEGIN, "DELETE FROM", "COMMIT"],

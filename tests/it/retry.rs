@@ -7,7 +7,7 @@ use bank::models::Account;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_tx_retry::{Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
+use diesel_tx_retry::{Context, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
 
 use crate::helpers::*;
 
@@ -98,7 +98,14 @@ fn a_fixed_amount_must_be_at_least_one() {
     let rows = [from, to].map(|id| Account { id, balance: 10 });
     insert_accounts(&mut db.conn(), &rows, 2).unwrap();
     for amount in [0, -5, i64::MIN] {
-        let result = transfer(&mut db.conn(), from, to, Amount::Exactly(amount));
+        let result = transfer(
+            &mut db.conn(),
+            uuid::Uuid::new_v4(),
+            from,
+            to,
+            Amount::Exactly(amount),
+            &Context::new(1, false),
+        );
         assert!(
             matches!(result, Err(BankError::NotPositive(a)) if a == amount),
             "{amount}: {result:?}"
@@ -108,7 +115,15 @@ fn a_fixed_amount_must_be_at_least_one() {
         db.accounts().iter().map(|(_, b)| *b).collect::<Vec<_>>(),
         [10, 10]
     );
-    let done = transfer(&mut db.conn(), from, to, Amount::Exactly(1)).unwrap();
+    let done = transfer(
+        &mut db.conn(),
+        uuid::Uuid::new_v4(),
+        from,
+        to,
+        Amount::Exactly(1),
+        &Context::new(1, false),
+    )
+    .unwrap();
     assert_eq!((done.from_after.balance, done.to_after.balance), (9, 11));
 }
 

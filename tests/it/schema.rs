@@ -74,20 +74,21 @@ struct Line {
     line: String,
 }
 
-/// The accounts table as information_schema describes it: columns with
-/// types and nullability, constraints with their kinds and check clauses.
+/// The two tables (accounts and the transfers ledger) as information_schema
+/// describes them: columns with types and nullability, constraints with
+/// their kinds and check clauses.
 pub(crate) fn describe(db: &TestDb) -> Vec<String> {
     let sql = "
-        SELECT 'column ' || column_name || ' ' || data_type || ' nullable=' || is_nullable AS line
+        SELECT table_name || ' column ' || column_name || ' ' || data_type || ' nullable=' || is_nullable AS line
           FROM information_schema.columns
-         WHERE table_schema = current_schema() AND table_name = 'accounts'
+         WHERE table_schema = current_schema() AND table_name IN ('accounts', 'transfers')
         UNION ALL
-        SELECT 'constraint ' || tc.constraint_name || ' ' || tc.constraint_type
+        SELECT tc.table_name || ' constraint ' || tc.constraint_name || ' ' || tc.constraint_type
                || COALESCE(' ' || cc.check_clause, '') AS line
           FROM information_schema.table_constraints tc
           LEFT JOIN information_schema.check_constraints cc
                  ON cc.constraint_schema = tc.constraint_schema AND cc.constraint_name = tc.constraint_name
-         WHERE tc.table_schema = current_schema() AND tc.table_name = 'accounts'
+         WHERE tc.table_schema = current_schema() AND tc.table_name IN ('accounts', 'transfers')
            -- PostgreSQL lists NOT NULL as checks too; nullability is above.
            AND COALESCE(cc.check_clause, '') NOT LIKE '%IS NOT NULL%'
         ORDER BY line";
@@ -100,12 +101,21 @@ pub(crate) fn describe(db: &TestDb) -> Vec<String> {
 }
 
 pub(crate) fn expected() -> Vec<String> {
-    vec![
-        "column balance bigint nullable=NO".to_owned(),
-        "column id uuid nullable=NO".to_owned(),
-        "constraint accounts_pkey PRIMARY KEY".to_owned(),
-        "constraint balance_non_negative CHECK ((balance >= 0))".to_owned(),
+    [
+        "accounts column balance bigint nullable=NO",
+        "accounts column id uuid nullable=NO",
+        "accounts constraint accounts_pkey PRIMARY KEY",
+        "accounts constraint balance_non_negative CHECK ((balance >= 0))",
+        "transfers column amount bigint nullable=NO",
+        "transfers column created_at timestamp with time zone nullable=NO",
+        "transfers column from_id uuid nullable=NO",
+        "transfers column id uuid nullable=NO",
+        "transfers column to_id uuid nullable=NO",
+        "transfers constraint amount_non_negative CHECK ((amount >= 0))",
+        "transfers constraint transfers_pkey PRIMARY KEY",
     ]
+    .map(String::from)
+    .to_vec()
 }
 
 #[test]
@@ -137,7 +147,13 @@ fn migrate_twice_is_a_no_op() {
         assert_ok(&out);
         lines(&out.stdout)
     };
-    assert_eq!(run(), vec!["Applied migration 20261121000000."]);
+    assert_eq!(
+        run(),
+        vec![
+            "Applied migration 20261121000000.",
+            "Applied migration 20261202000000."
+        ]
+    );
     assert_eq!(run(), vec!["Schema is up to date."]);
     assert_eq!(describe(&db), expected());
 }
@@ -146,20 +162,20 @@ fn migrate_twice_is_a_no_op() {
 fn the_migration_goes_down_and_up_again() {
     let db = TestDb::migrated();
     db.exec("INSERT INTO accounts VALUES ('00000000-0000-4000-8000-000000000000', 1)");
-    diesel_cli(&db, &["migration", "redo"]);
+    diesel_cli(&db, &["migration", "redo", "--all"]);
     assert_eq!(describe(&db), expected());
     assert_eq!(
         db.count("accounts"),
         0,
         "down dropped the table, up created it empty"
     );
-    diesel_cli(&db, &["migration", "revert"]);
+    diesel_cli(&db, &["migration", "revert", "--all"]);
     assert_eq!(
         db::inspect(&mut db.conn()).unwrap().accounts,
         db::AccountsTable::Missing
     );
     assert!(
-        db::run_migrations(&mut db.conn()).unwrap().len() == 1,
+        db::run_migrations(&mut db.conn()).unwrap().len() == 2,
         "migrate brings it back"
     );
     assert_eq!(describe(&db), expected());
@@ -183,7 +199,7 @@ fn schema_rs_is_what_diesel_print_schema_generates() {
 }
 
 #[test]
-fn dbinit_sql_and_the_migration_hold_the_same_statement() {
+fn dbinit_sql_holds_the_migrations_statements_in_order() {
     let strip = |text: &str| -> String {
         text.lines()
             .filter(|l| !l.trim_start().starts_with("--"))
@@ -193,11 +209,17 @@ fn dbinit_sql_and_the_migration_hold_the_same_statement() {
             .to_owned()
     };
     let dbinit = std::fs::read_to_string(repo_root().join("dbinit.sql")).unwrap();
-    let up = std::fs::read_to_string(
-        repo_root().join("migrations/2026-11-21-000000_create_accounts/up.sql"),
-    )
-    .unwrap();
-    assert_eq!(strip(&dbinit), strip(&up));
+    let mut dirs: Vec<_> = std::fs::read_dir(repo_root().join("migrations"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    let ups: Vec<String> = dirs
+        .iter()
+        .map(|dir| strip(&std::fs::read_to_string(dir.join("up.sql")).unwrap()))
+        .collect();
+    assert_eq!(strip(&dbinit), ups.join("\n"));
 }
 
 /// Starts `bank migrate` on `db` without waiting for it.
@@ -221,7 +243,9 @@ fn five_concurrent_migrations_on_a_fresh_database_all_succeed() {
     for round in 1..=4 {
         let db = TestDb::empty();
         let children: Vec<_> = (0..5).map(|_| spawn_migrate(&db, workdir.path())).collect();
-        let mut applied = 0;
+        // Each migration applied by exactly one of them (one may apply the
+        // first and another the second).
+        let mut applied = std::collections::BTreeMap::<String, u32>::new();
         for child in children {
             let out = child.wait_with_output().unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
@@ -230,13 +254,24 @@ fn five_concurrent_migrations_on_a_fresh_database_all_succeed() {
                 "round {round}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            match stdout.trim_end() {
-                "Applied migration 20261121000000." => applied += 1,
-                "Schema is up to date." => {}
-                other => panic!("round {round}: unexpected output {other:?}"),
+            for line in stdout.lines() {
+                match line {
+                    "Schema is up to date." => {}
+                    l if l.starts_with("Applied migration ") => {
+                        *applied.entry(l.to_owned()).or_default() += 1
+                    }
+                    other => panic!("round {round}: unexpected output {other:?}"),
+                }
             }
         }
-        assert_eq!(applied, 1, "round {round}: exactly one applied it");
+        assert_eq!(
+            applied.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("Applied migration 20261121000000.".to_owned(), 1),
+                ("Applied migration 20261202000000.".to_owned(), 1)
+            ],
+            "round {round}: each applied by exactly one"
+        );
         assert_eq!(describe(&db), expected(), "round {round}");
     }
 }

@@ -110,7 +110,9 @@ impl TlsDb {
         // The README's grant, verbatim.
         db.admin_sql(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;
-             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO plainroach;",
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO plainroach;
+             GRANT SELECT, INSERT ON TABLE transfers TO maxroach;
+             GRANT SELECT, INSERT ON TABLE transfers TO plainroach;",
         );
         db
     }
@@ -322,8 +324,9 @@ fn a_user_without_privileges_is_told_so_and_shown_the_grant() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
         format!(
-            "bank: user nogrant may not read and write table \"accounts\" in nogrant@localhost:{}/{}; \
-             an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO nogrant",
+            "bank: user nogrant may not read and write table \"accounts\" (and add to \"transfers\") in nogrant@localhost:{}/{}; \
+             an admin can allow it with: GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO nogrant; \
+             GRANT SELECT, INSERT ON TABLE transfers TO nogrant",
             db.server.port, db.name
         )
     );

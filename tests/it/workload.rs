@@ -21,11 +21,16 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
             .unwrap_or_else(|| panic!("{key} missing in {report}"))
     };
     assert_eq!(
-        n("committed") + n("rejected") + n("gave_up") + n("ambiguous"),
+        n("committed") + n("rejected") + n("gave_up") + n("in_doubt"),
         300,
         "{report}"
     );
-    assert_eq!(n("gave_up") + n("ambiguous"), 0, "{report}");
+    assert_eq!(n("gave_up") + n("in_doubt"), 0, "{report}");
+    // The ledger holds one row per committed transfer, and every balance
+    // is its initial one plus the ledger's movements.
+    assert_eq!(report["ledger"]["rows"], n("committed"), "{report}");
+    assert_eq!(report["ledger"]["mismatched_accounts"], 0, "{report}");
+    assert_eq!(db.count("transfers") as u64, n("committed"));
     // The retries come from the helper's observer, by cause.
     let by_cause = &report["retries_by_cause"];
     let cause = |key: &str| by_cause[key].as_u64().unwrap();
@@ -63,13 +68,27 @@ fn a_timed_workload_prints_a_text_report() {
     let out = bank(&strs(&args));
     assert_ok(&out);
     let text = lines(&out.stdout);
-    assert_eq!(text.len(), 5, "{text:#?}");
+    assert_eq!(text.len(), 6, "{text:#?}");
     let seconds = text[0]
         .strip_prefix("Ran transfers between 5 accounts from 2 workers for ")
         .and_then(|rest| rest.strip_suffix(" s."))
         .unwrap_or_else(|| panic!("{}", text[0]));
     assert!(seconds.parse::<f64>().is_ok(), "{}", text[0]);
-    assert!(text[4].ends_with("0 negative balances: ok"), "{}", text[4]);
+    assert!(
+        text[3].starts_with("commits in doubt: 0 unresolved"),
+        "{}",
+        text[3]
+    );
+    assert!(
+        text[5].contains("0 negative balances, ledger "),
+        "{}",
+        text[5]
+    );
+    assert!(
+        text[5].ends_with(" committed, 0 accounts off it: ok"),
+        "{}",
+        text[5]
+    );
 }
 
 #[test]

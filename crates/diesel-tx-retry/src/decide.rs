@@ -499,9 +499,7 @@ mod tests {
             .filter(possible)
         {
             let sent = match framing(s.protocol, s.isolation) {
-                Protocol::Savepoint if s.server == Server::CockroachDb => {
-                    s.stage == Stage::Release
-                }
+                Protocol::Savepoint if s.server == Server::CockroachDb => s.stage == Stage::Release,
                 // The RELEASE travels with the COMMIT: a lost connection
                 // there may have taken the COMMIT with it.
                 Protocol::Savepoint => {

@@ -28,7 +28,10 @@ pub(crate) enum Verdict {
 }
 
 impl Context {
-    pub(crate) fn new(attempt: u32, in_doubt: bool) -> Self {
+    /// The context of attempt `attempt`, after a commit in doubt or not: what
+    /// the helper gives a unit, for calling one outside it (a test, a bare
+    /// transaction).
+    pub fn new(attempt: u32, in_doubt: bool) -> Self {
         Self {
             attempt,
             in_doubt,
@@ -62,6 +65,12 @@ impl Context {
     /// ambiguous commit.
     pub fn not_applied_earlier(&self) {
         self.verdict.set(Some(Verdict::NotAppliedEarlier));
+    }
+
+    /// Whether the unit said its earlier attempt committed
+    /// ([`Context::applied_earlier`]).
+    pub fn found_applied_earlier(&self) -> bool {
+        self.verdict.get() == Some(Verdict::AppliedEarlier)
     }
 
     pub(crate) fn verdict(&self) -> Option<Verdict> {

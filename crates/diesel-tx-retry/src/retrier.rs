@@ -21,11 +21,12 @@ struct ReportedIsolation {
 }
 
 use crate::clock::{Clock, SystemClock};
-use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
 use crate::doubt::Verdict;
+use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
 use crate::{
-    classify, commit_in_doubt, decide, framing, AsDieselError, Context, Resolution, Attempt, Budget, Class, Committed, Isolation,
-    Observer, Outcome, Protocol, RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
+    classify, commit_in_doubt, decide, framing, AsDieselError, Attempt, Budget, Class, Committed,
+    Context, Isolation, Observer, Outcome, Protocol, Resolution, RetryPolicy, Server, Situation,
+    Stage, Step, TxError, TxOptions,
 };
 
 /// Runs units of work in retried transactions. Cheap to clone and share

@@ -5,10 +5,12 @@
 //! a network namespace of its own (see `netns`); the workers' connections
 //! are opened from the client namespace.
 //!
-//! Every transfer also writes a log row in its own transaction, so
-//! afterwards each one can be placed: committed, failed before commit, or
-//! ambiguous (and then: applied or not). The balances must equal the
-//! initial ones plus exactly the applied transfers.
+//! Every transfer writes its row in the product's ledger (`transfers`, keyed
+//! by the id drawn before the helper) in its own transaction, and is
+//! declared idempotent, so a commit in doubt is retried and resolved by that
+//! key. Afterwards each transfer is placed by the ledger: committed or failed
+//! before commit; none may be left in doubt. The balances must equal the
+//! initial ones plus exactly the ledger's transfers.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -26,7 +28,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool};
 use diesel::sql_types::{Integer, Text};
-use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxError, TxOptions};
+use diesel_tx_retry::{Resolution, Retrier, RetryPolicy, Server, TxError, TxOptions};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use uuid::Uuid;
@@ -83,6 +85,9 @@ struct Outcomes {
     committed: Vec<Planned>,
     failed: Vec<Planned>,
     ambiguous: Vec<Planned>,
+    /// Committed after a commit in doubt, by how the retry resolved it.
+    applied_earlier: u32,
+    applied_on_retry: u32,
     /// The failed ones by what ended them.
     failures: BTreeMap<String, u32>,
 }
@@ -187,12 +192,11 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
     let mut admin = server.admin("bank");
     admin
         .batch_execute(
-            "CREATE TABLE transfer_log (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, amount INT8 NOT NULL);
-             -- A commit that takes a few milliseconds, so that some faults land
-             -- while COMMIT is in flight and the ambiguous path is exercised.
+            "-- A commit that takes a few milliseconds, so that some faults land
+             -- while COMMIT is in flight and commits in doubt are exercised.
              CREATE FUNCTION slow_commit() RETURNS trigger AS $$
              BEGIN PERFORM pg_sleep(0.003); RETURN NULL; END $$ LANGUAGE plpgsql;
-             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfer_log
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON transfers
              DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
         )
         .unwrap();
@@ -276,25 +280,30 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
                             to: accounts[to].id,
                             amount: rng.random_range(1..=500),
                         };
-                        let result = retrier.run(&pool, TxOptions::default(), |conn| {
+                        let opts = TxOptions::default().idempotent();
+                        let result = retrier.run_with(&pool, opts, |conn, ctx| {
                             transfer(
                                 conn,
+                                planned.id,
                                 planned.from,
                                 planned.to,
                                 Amount::Exactly(planned.amount),
-                            )?;
-                            diesel::sql_query("INSERT INTO transfer_log VALUES ($1, $2, $3, $4)")
-                                .bind::<diesel::sql_types::Uuid, _>(planned.id)
-                                .bind::<diesel::sql_types::Uuid, _>(planned.from)
-                                .bind::<diesel::sql_types::Uuid, _>(planned.to)
-                                .bind::<diesel::sql_types::BigInt, _>(planned.amount)
-                                .execute(conn)?;
-                            Ok::<_, BankError>(())
+                                ctx,
+                            )
                         });
                         let mut outcomes = outcomes.lock().unwrap();
                         match result {
                             Ok(done) => {
                                 retries.fetch_add(done.retries(), Ordering::Relaxed);
+                                match done.doubt {
+                                    Some(Resolution::AppliedEarlier) => {
+                                        outcomes.applied_earlier += 1
+                                    }
+                                    Some(Resolution::AppliedNow) => outcomes.applied_on_retry += 1,
+                                    None => {}
+                                }
+                                // An earlier attempt's amount is the one planned.
+                                assert_eq!(done.value.amount, planned.amount);
                                 outcomes.committed.push(planned);
                             }
                             Err(TxError::AmbiguousCommit { .. }) => {
@@ -329,7 +338,7 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
     let logged: HashSet<Uuid> = {
         use diesel::dsl::sql;
         diesel::select(sql::<diesel::sql_types::Array<diesel::sql_types::Uuid>>(
-            "COALESCE((SELECT array_agg(id) FROM transfer_log), '{}')",
+            "COALESCE((SELECT array_agg(id) FROM transfers), '{}')",
         ))
         .get_result::<Vec<Uuid>>(&mut check)
         .unwrap()
@@ -354,7 +363,7 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
     assert_eq!(
         logged.len(),
         outcomes.committed.len() + applied_ambiguous.len(),
-        "the log holds exactly the committed and the applied ambiguous transfers"
+        "the ledger holds exactly the committed (and any applied ambiguous) transfers"
     );
 
     let mut expected: BTreeMap<Uuid, i64> = accounts.iter().map(|a| (a.id, INITIAL)).collect();
@@ -380,10 +389,14 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
 
     let faults = faults.into_inner().unwrap();
     eprintln!(
-        "jepsen: {} transfers: {} committed, {} failed before commit {:?}, {} ambiguous ({} applied); \
+        "jepsen: {} transfers: {} committed ({} after a commit in doubt: {} applied earlier, {} on retry), \
+         {} failed before commit {:?}, {} in doubt ({} applied); \
          {} retries; faults: {} backends killed, {} partitions, {} restarts, {} freezes",
         outcomes.committed.len() + outcomes.failed.len() + outcomes.ambiguous.len(),
         outcomes.committed.len(),
+        outcomes.applied_earlier + outcomes.applied_on_retry,
+        outcomes.applied_earlier,
+        outcomes.applied_on_retry,
         outcomes.failed.len(),
         outcomes.failures,
         outcomes.ambiguous.len(),
@@ -399,4 +412,10 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
         "the fault thread must have injected faults: {faults:?}"
     );
     assert!(!outcomes.committed.is_empty());
+    assert_eq!(
+        outcomes.ambiguous.len(),
+        0,
+        "every commit in doubt was resolved by its key: {:?}",
+        outcomes.ambiguous
+    );
 }

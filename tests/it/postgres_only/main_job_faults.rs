@@ -33,7 +33,9 @@ fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
         "the first retry is immediate: {retried}"
     );
     assert!(
-        stderr.contains("tx_attempt{attempt=2 protocol=Restart isolation=\"SERIALIZABLE\"}: bank::sql: COMMIT"),
+        stderr.contains(
+            "tx_attempt{attempt=2 protocol=Restart isolation=\"SERIALIZABLE\"}: bank::sql: COMMIT"
+        ),
         "{stderr}"
     );
 }

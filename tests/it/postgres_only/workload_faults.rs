@@ -44,7 +44,8 @@ fn workers_the_server_refuses_are_counted_not_hidden() {
     let role = format!("limited_{}", db.name);
     db.exec(&format!(
         "CREATE ROLE {role} LOGIN CONNECTION LIMIT 2;
-         GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {role}"
+         GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO {role};
+         GRANT SELECT, INSERT ON TABLE transfers TO {role}"
     ));
     let url = db
         .url_string()
