@@ -210,8 +210,17 @@ fn workload(
         report.total_after,
         report.negative_balances,
     ) {
+        let ledger = report.ledger.map_or_else(
+            || "the ledger unread".to_owned(),
+            |l| {
+                format!(
+                    "{} ledger rows for {} committed transfers, {} accounts off the ledger",
+                    l.rows, report.committed, l.mismatched_accounts
+                )
+            },
+        );
         bail!(
-            "invariant broken: total balance {} before and {after} after, {negative} negative balances",
+            "invariant broken: total balance {} before and {after} after, {negative} negative balances, {ledger}",
             report.total_before
         );
     }

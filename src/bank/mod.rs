@@ -179,7 +179,7 @@ pub struct Transfer {
 /// Moves money between two accounts in two statements: one `SELECT ... FOR
 /// UPDATE` that locks both rows, and one statement that writes the transfer's
 /// ledger row (keyed by `key`, drawn before the transaction) and both
-/// balances ([`MoveFunds`]). Locking before reading the balance is what
+/// balances (`MoveFunds`). Locking before reading the balance is what
 /// CockroachDB recommends for read-modify-write, and what READ COMMITTED
 /// needs: a concurrent transfer queues on the lock instead of failing its
 /// commit or losing an update.
@@ -192,13 +192,15 @@ pub struct Transfer {
 /// detects and breaks lock cycles by itself).
 ///
 /// Idempotent by its key. In a retry after a commit in doubt (`ctx`), the
-/// ledger is read for `key` once the row locks are held (so an earlier
-/// attempt still open has ended): found, the earlier attempt committed, and
-/// the transfer reports it applied and applies nothing; not found, it did
-/// not, and refusals after that are definite. On any attempt the ledger
-/// row's insert is `ON CONFLICT DO NOTHING` and the balances move only if it
-/// inserted, so the key's uniqueness keeps a transfer from applying twice
-/// whatever was read.
+/// ledger is read for `key` (found: the earlier attempt committed, and the
+/// transfer reports it applied, with the ledger's amount and the balances
+/// now, and applies nothing); if it is not there, the key is claimed with an
+/// insert, which waits for an earlier attempt still holding it and then
+/// either claims it (that attempt did not commit: the doubt is over, and a
+/// refusal after it is definite) or meets it (it did). On every attempt the
+/// ledger row's insert is `ON CONFLICT DO NOTHING` and the balances move
+/// only if it inserted, so the key's uniqueness, not a read, is what keeps a
+/// transfer from applying twice.
 ///
 /// # Errors
 /// [`BankError`]; nothing is changed when it fails.
@@ -210,22 +212,20 @@ pub fn transfer(
     amount: Amount,
     ctx: &Context,
 ) -> Result<Transfer, BankError> {
+    // Refused before anything is read: an earlier attempt was refused the
+    // same way, so it committed nothing.
     if from == to {
+        ctx.not_applied_earlier();
         return Err(BankError::SameAccount(from));
     }
     if let Amount::Exactly(amount @ ..=0) = amount {
+        ctx.not_applied_earlier();
         return Err(BankError::NotPositive(amount));
     }
     // `id = $1 OR id = $2` rather than `id = ANY($1)`: with an array of
     // unknown length PostgreSQL keeps planning the prepared statement anew
     // on every execution, while this form settles on one generic plan.
     let both = accounts::id.eq(from).or(accounts::id.eq(to));
-    let rows: Vec<Account> = accounts::table
-        .filter(both)
-        .order(accounts::id)
-        .for_update()
-        .select(Account::as_select())
-        .load(conn)?;
     let find = |rows: &[Account], id: Uuid| {
         rows.iter()
             .find(|a| a.id == id)
@@ -233,12 +233,38 @@ pub fn transfer(
             .ok_or(BankError::AccountNotFound(id))
     };
     if ctx.in_doubt() {
-        if let Some(amount) = ledger_amount(conn, key)? {
+        // First the ledger, without locks: an earlier attempt that committed
+        // is found at once, whatever contention the accounts are under.
+        let amount = match ledger_amount(conn, key)? {
+            Some(amount) => Some(amount),
+            // Then the key claimed: the insert waits for an earlier attempt
+            // still holding it, and either claims it (that attempt did not
+            // commit) or meets it (it did). The claim is given back before
+            // the transfer writes its real row, in this same transaction.
+            None => match claim(conn, key, from, to)? {
+                true => {
+                    ctx.not_applied_earlier();
+                    unclaim(conn, key)?;
+                    None
+                }
+                false => ledger_amount(conn, key)?,
+            },
+        };
+        if let Some(amount) = amount {
             ctx.applied_earlier();
-            return applied_earlier(key, find(&rows, from)?, find(&rows, to)?, amount);
+            let now: Vec<Account> = accounts::table
+                .filter(both)
+                .select(Account::as_select())
+                .load(conn)?;
+            return applied_earlier(key, find(&now, from)?, find(&now, to)?, amount);
         }
-        ctx.not_applied_earlier();
     }
+    let rows: Vec<Account> = accounts::table
+        .filter(both)
+        .order(accounts::id)
+        .for_update()
+        .select(Account::as_select())
+        .load(conn)?;
     let (source, destination) = (find(&rows, from)?, find(&rows, to)?);
     let amount = match amount {
         Amount::HalfOfSource => source.balance / 2,
@@ -274,6 +300,28 @@ pub fn transfer(
         to_after: find(&after, to)?,
         applied_earlier: false,
     })
+}
+
+/// Inserts a placeholder ledger row for `key` unless the key is there;
+/// says whether it did.
+fn claim(conn: &mut PgConnection, key: Uuid, from: Uuid, to: Uuid) -> QueryResult<bool> {
+    let claimed = diesel::insert_into(transfers::table)
+        .values((
+            transfers::id.eq(key),
+            transfers::from_id.eq(from),
+            transfers::to_id.eq(to),
+            transfers::amount.eq(0),
+        ))
+        .on_conflict(transfers::id)
+        .do_nothing()
+        .execute(conn)?;
+    Ok(claimed == 1)
+}
+
+/// Removes the placeholder [`claim`] inserted in this transaction.
+fn unclaim(conn: &mut PgConnection, key: Uuid) -> QueryResult<()> {
+    diesel::delete(transfers::table.find(key)).execute(conn)?;
+    Ok(())
 }
 
 /// The amount of the ledger's transfer `key`, if it is there.

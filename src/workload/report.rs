@@ -56,9 +56,9 @@ pub struct Report {
     /// The ledger reconciled against the balances, if it could be read.
     pub ledger: Option<Ledger>,
     /// Whether the total is unchanged, nothing is negative, the ledger holds
-    /// one row per committed transfer and every balance is its initial one
-    /// plus the ledger's movements; `None` when the balances could not be
-    /// read.
+    /// one row per committed transfer (and at most one per transfer still in
+    /// doubt) and every balance is its initial one plus the ledger's
+    /// movements; `None` when the balances could not be read.
     pub invariant_ok: Option<bool>,
     /// What ended the run early, if anything did.
     pub error: Option<String>,

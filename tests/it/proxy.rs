@@ -5,14 +5,16 @@
 //! `examples/latency_proxy.rs`, by bench/run.
 //!
 //! Each direction is a reader thread that stamps what it reads with the time
-//! it may be delivered, and a writer thread that delivers it then. A later
-//! fault (hold a direction, cut or reset the connection at a chosen message)
-//! belongs in the reader, which is where every message passes.
+//! it may be delivered, and a writer thread that delivers it then. Faults
+//! live in the reader, which is where every message passes: a proxy made by
+//! [`Proxy::cutting_commits`] cuts a connection at chosen `COMMIT`s, before
+//! forwarding the `COMMIT` or just after (the server commits, and its
+//! answer is lost).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -41,9 +43,48 @@ enum Turn {
     Server,
 }
 
+/// Where a connection is cut at a `COMMIT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The `COMMIT` never reaches the server: the transaction rolls back.
+    BeforeForwarding,
+    /// The `COMMIT` reaches the server, which commits; its answer is lost.
+    AfterForwarding,
+}
+
+/// Which `COMMIT`s to cut: the `every`-th, counted across connections from
+/// 1 (every 2: the 1st, 3rd, 5th...; every 1: all).
+#[derive(Debug, Clone)]
+struct CommitCuts {
+    every: usize,
+    when: Cut,
+    seen: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+}
+
+impl CommitCuts {
+    /// Whether the `COMMIT` just seen is one to cut.
+    fn this_one(&self) -> bool {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        let cut = (n - 1) % self.every == 0;
+        if cut {
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+        cut
+    }
+}
+
+/// Whether a simple query's text commits: `COMMIT`, alone or as the last of
+/// several statements (the savepoint protocol's `RELEASE ...; COMMIT`).
+fn commits(sql: &str) -> bool {
+    sql.split(';')
+        .any(|s| s.trim().eq_ignore_ascii_case("COMMIT"))
+}
+
 /// A running proxy; dropping it closes every connection it carries.
 pub struct Proxy {
     port: u16,
+    cuts: Option<CommitCuts>,
     log: Arc<Mutex<Log>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<Mutex<Vec<TcpStream>>>,
@@ -57,7 +98,7 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn start(upstream: SocketAddr, delay: Duration) -> io::Result<Self> {
-        Self::start_with(upstream, delay, None)
+        Self::start_with(upstream, delay, None, None)
     }
 
     /// Forwards to `upstream` at once, but every connection after the first
@@ -68,13 +109,38 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn stalling(upstream: SocketAddr, stall: Duration) -> io::Result<Self> {
-        Self::start_with(upstream, Duration::ZERO, Some(stall))
+        Self::start_with(upstream, Duration::ZERO, Some(stall), None)
+    }
+
+    /// Forwards to `upstream` at once, and cuts the connection (both sides)
+    /// at every `every`-th `COMMIT` it sees, counted across connections from
+    /// the first: before forwarding it, or just after. From the moment it
+    /// decides to cut, nothing more from the server reaches the client.
+    ///
+    /// # Errors
+    /// Binding the listener.
+    pub fn cutting_commits(upstream: SocketAddr, every: usize, when: Cut) -> io::Result<Self> {
+        let cuts = CommitCuts {
+            every: every.max(1),
+            when,
+            seen: Arc::default(),
+            done: Arc::default(),
+        };
+        Self::start_with(upstream, Duration::ZERO, None, Some(cuts))
+    }
+
+    /// `COMMIT`s cut so far.
+    pub fn commits_cut(&self) -> usize {
+        self.cuts
+            .as_ref()
+            .map_or(0, |c| c.done.load(Ordering::Relaxed))
     }
 
     fn start_with(
         upstream: SocketAddr,
         delay: Duration,
         stall: Option<Duration>,
+        cuts: Option<CommitCuts>,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -84,6 +150,7 @@ impl Proxy {
         let sockets = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
             let (log, stop, sockets) = (log.clone(), stop.clone(), sockets.clone());
+            let cuts = cuts.clone();
             thread::spawn(move || {
                 // Polls so that it notices `stop` within 20 ms.
                 while !stop.load(Ordering::Relaxed) {
@@ -95,8 +162,10 @@ impl Proxy {
                                 log.connections - 1
                             };
                             let (log, sockets) = (log.clone(), sockets.clone());
+                            let cuts = cuts.clone();
                             let go = move || {
-                                if let Err(err) = carry(client, upstream, delay, id, log, &sockets)
+                                if let Err(err) =
+                                    carry(client, upstream, delay, id, log, &sockets, cuts)
                                 {
                                     eprintln!("proxy: connection {id}: {err}");
                                 }
@@ -121,6 +190,7 @@ impl Proxy {
         };
         Ok(Self {
             port,
+            cuts,
             log,
             stop,
             sockets,
@@ -210,6 +280,7 @@ fn carry(
     id: usize,
     log: Arc<Mutex<Log>>,
     sockets: &Mutex<Vec<TcpStream>>,
+    cuts: Option<CommitCuts>,
 ) -> io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_nodelay(true)?;
@@ -217,11 +288,19 @@ fn carry(
     server.set_nodelay(true)?;
     lock(sockets).extend([client.try_clone()?, server.try_clone()?]);
     let turn = Arc::new(Mutex::new(Turn::Server));
+    // Set once this connection is being cut: the server's answers are
+    // dropped from then on.
+    let cutting = Arc::new(AtomicBool::new(false));
     let mut parser = ClientParser::default();
+    let (to_server, to_client) = (server.try_clone()?, client.try_clone()?);
     let from_client = {
-        let (log, turn) = (log.clone(), turn.clone());
-        move |bytes: &[u8]| {
+        let (log, turn, cutting) = (log.clone(), turn.clone(), cutting.clone());
+        move |bytes: &[u8]| -> Forward {
             let sent = parser.feed(bytes);
+            let cut = cuts
+                .as_ref()
+                .filter(|c| sent.iter().any(|s| commits(s)) && c.this_one())
+                .map(|c| c.when);
             let mut log = lock(&log);
             let mut turn = lock(&turn);
             let only_terminate = sent.iter().all(|s| s == "<terminate>") && !sent.is_empty();
@@ -242,20 +321,49 @@ fn carry(
                     .sent
                     .extend(sent.into_iter().filter(|s| s != "<terminate>"));
             }
+            drop((log, turn));
+            let Some(cut) = cut else {
+                return Forward::Yes;
+            };
+            cutting.store(true, Ordering::SeqCst);
+            if cut == Cut::AfterForwarding {
+                // Straight to the server, not through the (undelayed)
+                // writer: the client waited for every earlier answer, so
+                // nothing is queued ahead of it.
+                let _ = (&to_server).write_all(bytes);
+                let _ = (&to_server).flush();
+            }
+            let _ = to_server.shutdown(Shutdown::Both);
+            let _ = to_client.shutdown(Shutdown::Both);
+            Forward::No
         }
     };
-    let from_server = move |_: &[u8]| *lock(&turn) = Turn::Server;
+    let from_server = move |_: &[u8]| {
+        *lock(&turn) = Turn::Server;
+        if cutting.load(Ordering::SeqCst) {
+            Forward::No
+        } else {
+            Forward::Yes
+        }
+    };
     pump(client.try_clone()?, server.try_clone()?, delay, from_client);
     pump(server, client, delay, from_server);
     Ok(())
 }
 
-/// Copies `from` to `to`, each chunk delivered `delay` after it was read.
+/// Whether a chunk read goes on to the other side.
+enum Forward {
+    Yes,
+    No,
+}
+
+/// Copies `from` to `to`, each chunk delivered `delay` after it was read,
+/// unless `seen` says otherwise.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     delay: Duration,
-    mut seen: impl FnMut(&[u8]) + Send + 'static,
+    mut seen: impl FnMut(&[u8]) -> Forward + Send + 'static,
 ) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     thread::spawn(move || {
@@ -264,7 +372,9 @@ fn pump(
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    seen(&buf[..n]);
+                    if let Forward::No = seen(&buf[..n]) {
+                        continue;
+                    }
                     if tx
                         .send((Instant::now() + delay, buf[..n].to_vec()))
                         .is_err()

@@ -13,7 +13,9 @@
 //! - a commit whose outcome is unknown (the connection lost during COMMIT,
 //!   or 40003) is reported as [`TxError::AmbiguousCommit`], never retried
 //!   behind the caller's back, unless the unit is declared idempotent
-//!   ([`TxOptions::idempotent`]);
+//!   ([`TxOptions::idempotent`]): then it is retried, the unit resolves the
+//!   doubt by its key ([`Context`], "Commits in doubt" below), and the
+//!   outcome says how ([`Committed::doubt`]);
 //! - every statement of an attempt is bounded by the time left before the
 //!   deadline (`SET LOCAL statement_timeout`, in the `BEGIN` message);
 //! - on CockroachDB, its savepoint protocol (`SAVEPOINT cockroach_restart`),
@@ -112,6 +114,38 @@
 //!   message (one round trip), so a connection lost there may have taken the
 //!   COMMIT with it: ambiguous on either server.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.
+//!
+//! After a commit in doubt, until the unit resolves it (below), two rows
+//! change and the rest hold ([`Situation::in_doubt`]): a database error
+//! before the commit is retried within the budgets (the retry may have
+//! waited on the earlier attempt's locks until its statement bound), and
+//! every other failure, a spent budget included, is **ambiguous**, never
+//! "failed" or "gave up": the earlier attempt may have committed.
+//!
+//! # Commits in doubt
+//!
+//! CockroachDB's docs allow retrying a transaction whose commit is in doubt
+//! (a lost connection, 40003) only if it is idempotent
+//! (<https://www.cockroachlabs.com/docs/stable/transaction-retry-error-reference#result_is_ambiguous>).
+//! A unit makes itself so with a key it draws *before* the call (an id, an
+//! idempotency key) and writes in its transaction. Run it with
+//! [`Retrier::run_with`] and [`TxOptions::idempotent`]: after a commit in
+//! doubt the helper retries it on a fresh connection, and the retry, told
+//! by [`Context::in_doubt`], looks for its key and says what it found
+//! ([`Context::applied_earlier`], [`Context::not_applied_earlier`]); the
+//! call's [`Committed::doubt`] reports the [`Resolution`].
+//!
+//! The rule that makes this safe is the key's uniqueness, not a read after
+//! the fact. The first attempt's transaction may still be open on the server
+//! when the retry runs (after a partition the old session holds its locks
+//! until the server ends it): on PostgreSQL the retry's insert of the same
+//! key waits for it, then either proceeds (it did not commit) or meets the
+//! key (it did; under SERIALIZABLE, a serialization failure, retried, after
+//! which the key is seen). On CockroachDB the retry's write meets the first
+//! attempt's write intent and waits for that transaction or pushes it
+//! (aborting it if its coordinator is gone), to the same effect
+//! (<https://www.cockroachlabs.com/docs/stable/architecture/transaction-layer#write-intents>).
+//! A plain read cannot decide it: it does not wait for an open transaction.
 //!
 //! # READ COMMITTED
 //!

@@ -4,6 +4,7 @@
 //! them by this module's name.
 
 mod bounded_waits;
+mod commits_in_doubt;
 mod connection_strings;
 mod jepsen;
 mod main_job_faults;
