@@ -69,7 +69,7 @@ pub fn run(cli: &Cli, runtime: &Runtime, out: &Output) -> anyhow::Result<()> {
         Some(Command::Workload(args)) => work_for(args)?,
         None => Work::Job(Plan::try_from(&cli.job).map_err(usage)?),
     };
-    let url = database_url(cli)?.with_session_timeouts(cli.retry.statement_timeout);
+    let url = database_url(cli)?;
     let mut labelled = Labelled(Shared(out));
     match work {
         Work::Migrate => migrate(cli, &url, &mut labelled),
@@ -144,7 +144,7 @@ fn database_url(cli: &Cli) -> anyhow::Result<DbUrl> {
 }
 
 fn migrate(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
-    let mut conn = db::establish(url)?;
+    let (mut conn, _) = db::establish_with_timeouts(url, cli.retry.statement_timeout)?;
     if cli.verbose {
         db::log_statements(&mut conn);
     }
@@ -248,7 +248,8 @@ fn prepare(
     pool_size: u32,
     cached: bool,
 ) -> anyhow::Result<(Retrier, PgPool)> {
-    let mut conn = db::establish(url)?;
+    let (mut conn, url) = db::establish_with_timeouts(url, cli.retry.statement_timeout)?;
+    let url = &url;
     if cli.verbose {
         db::log_statements(&mut conn);
     }

@@ -215,6 +215,45 @@ pub fn establish(url: &DbUrl) -> Result<PgConnection, ConnectError> {
     })
 }
 
+/// Opens one connection to `plain` with the session timeouts of
+/// [`DbUrl::with_session_timeouts`] in its startup options, and returns it
+/// with the URL it used, for the pool. A pooler that refuses startup options
+/// (PgBouncer does, unless `ignore_startup_parameters` lists `options`) gets
+/// a second try without them and one warning: each transaction still bounds
+/// its statements (`SET LOCAL statement_timeout`, in its `BEGIN`), and the
+/// pooler ends the server side of a client it lost.
+///
+/// # Errors
+/// [`ConnectError`].
+pub fn establish_with_timeouts(
+    plain: &DbUrl,
+    timeout: Duration,
+) -> Result<(PgConnection, DbUrl), ConnectError> {
+    let url = plain.with_session_timeouts(timeout);
+    match establish(&url) {
+        Ok(conn) => Ok((conn, url)),
+        Err(err) if refused_options(&err) && plain.options().is_none() => {
+            tracing::warn!(
+                "the server at {} refused the startup options that set the session timeouts \
+                 (a pooler such as PgBouncer does); connecting without them: each transaction \
+                 still bounds its statements",
+                plain.redacted()
+            );
+            Ok((establish(plain)?, plain.clone()))
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Whether a connect failed because the server (a pooler) refuses the
+/// startup parameter `options`: PgBouncer's "unsupported startup parameter:
+/// options", its only way of saying so.
+fn refused_options(err: &ConnectError) -> bool {
+    err.source
+        .to_string()
+        .contains("unsupported startup parameter: options")
+}
+
 /// libpq reports connection failures as text only, with no SQLSTATE, so this
 /// is the one place that reads message text.
 fn explain_connection_error(message: &str, url: &DbUrl) -> String {
@@ -261,6 +300,11 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
     } else if has("server does not support SSL") {
         "the server does not support TLS but sslmode asks for it; use a TLS-enabled server or change sslmode"
             .to_owned()
+    } else if has("unsupported startup parameter") {
+        format!(
+            "{first_line}; a pooler (PgBouncer) refuses startup parameters it does not know: remove it \
+             from the database url, or list it in ignore_startup_parameters in pgbouncer.ini"
+        )
     } else if has("does not exist") && has("database") {
         format!("{first_line}; create the database first or fix the name in the url")
     } else {

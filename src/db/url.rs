@@ -98,6 +98,11 @@ impl DbUrl {
         self.info.get("sslrootcert")
     }
 
+    /// The startup `options`, if the connection string sets them.
+    pub fn options(&self) -> Option<&str> {
+        self.info.get("options")
+    }
+
     /// The user to connect as, if one is named.
     pub fn user(&self) -> Option<&str> {
         self.info.get("user")

@@ -29,6 +29,12 @@ pub enum Class {
     /// The server refused the data (constraint, read-only): running the same
     /// unit again would fail the same way.
     Definite,
+    /// A prepared statement of the connection's was missing on the server
+    /// (SQLSTATE 26000) or there already (42P05): a transaction-mode pooler
+    /// (PgBouncer) gave this transaction another server session than the
+    /// last one. The statement did not run; on a connection that no longer
+    /// names its statements, the unit can run again.
+    StaleStatement,
     /// Anything else, 40003 ("result is ambiguous") among them: Diesel has no
     /// kind for it.
     Other,
@@ -38,7 +44,7 @@ pub enum Class {
 /// SQLSTATE, never by message text.
 pub fn classify(err: &DieselError) -> Class {
     match err {
-        DieselError::DatabaseError(kind, _) => match kind {
+        DieselError::DatabaseError(kind, info) => match kind {
             DatabaseErrorKind::SerializationFailure => Class::Conflict,
             DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
                 Class::ConnectionLost
@@ -50,6 +56,7 @@ pub fn classify(err: &DieselError) -> Class {
             | DatabaseErrorKind::RestrictViolation
             | DatabaseErrorKind::ExclusionViolation
             | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
+            _ if stale_statement(info.message()) => Class::StaleStatement,
             _ => Class::Other,
         },
         // Diesel's word for "this connection's state is lost": only a new
@@ -60,6 +67,20 @@ pub fn classify(err: &DieselError) -> Class {
         DieselError::RollbackErrorOnCommit { commit_error, .. } => classify(commit_error),
         _ => Class::Other,
     }
+}
+
+/// Whether `message` is the server's for a named prepared statement that
+/// means nothing, or something else, on this server session: SQLSTATE 26000
+/// (`prepared statement "name" does not exist`), 42P05 (`... already
+/// exists`), or a Bind whose parameters do not fit the statement of that
+/// name (08P01, `bind message supplies 2 parameters, but prepared statement
+/// "name" requires 9`). Diesel maps none of these SQLSTATEs to a kind and
+/// does not expose the code, so this is the one class read from the message.
+fn stale_statement(message: &str) -> bool {
+    (message.starts_with("prepared statement \"")
+        && (message.ends_with("\" does not exist") || message.ends_with("\" already exists")))
+        || (message.starts_with("bind message supplies ")
+            && message.contains(" parameters, but prepared statement \""))
 }
 
 /// What the helper does after a failure; the module docs describe each.
@@ -125,14 +146,19 @@ pub fn commit_in_doubt(s: &Situation) -> bool {
     // Where the commit happens: the RELEASE on CockroachDB with the
     // savepoint protocol, the COMMIT everywhere else.
     let framed = framing(s.protocol, s.isolation);
+    let class = match s.class {
+        // Never a COMMIT's (it is not prepared); read as "other" anywhere.
+        Class::StaleStatement => Class::Other,
+        class => class,
+    };
     let commit_stage = if s.server == Server::CockroachDb && framed == Protocol::Savepoint {
         Stage::Release
     } else {
         Stage::Commit
     };
-    matches!(s.class, Class::ConnectionLost | Class::Other)
+    matches!(class, Class::ConnectionLost | Class::Other)
         && (s.stage == commit_stage
-            || (s.stage == Stage::Release && s.class == Class::ConnectionLost))
+            || (s.stage == Stage::Release && class == Class::ConnectionLost))
 }
 
 /// The decision table of the module docs, as code.
@@ -154,6 +180,17 @@ pub fn decide(s: &Situation) -> Step {
 
 /// The table for an attempt with no commit in doubt before it.
 fn decide_alone(s: &Situation) -> Step {
+    // Before the commit nothing ran: begin again on the same connection,
+    // which the helper has switched to unnamed statements. Anywhere else it
+    // cannot come from a pooler, and reads as "other".
+    let s = &match (s.class, s.stage) {
+        (Class::StaleStatement, Stage::Begin | Stage::Statement) => return Step::Restart,
+        (Class::StaleStatement, _) => Situation {
+            class: Class::Other,
+            ..*s
+        },
+        _ => *s,
+    };
     let cockroach = s.server == Server::CockroachDb;
     let savepoint = framing(s.protocol, s.isolation) == Protocol::Savepoint;
     // On CockroachDB with the savepoint protocol the RELEASE was the commit;
@@ -192,7 +229,7 @@ fn decide_alone(s: &Situation) -> Step {
         // Nothing was committed: the server drops a dead connection's
         // transaction.
         Class::ConnectionLost => reconnect_or(Step::Fail),
-        Class::Other => Step::Fail,
+        Class::Other | Class::StaleStatement => Step::Fail,
     }
 }
 
@@ -225,6 +262,22 @@ mod tests {
             Class::Definite
         );
         assert_eq!(classify(&err(DatabaseErrorKind::Unknown)), Class::Other);
+        let said = |message: &str| {
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new(message.to_owned()))
+        };
+        for stale in [
+            "prepared statement \"__diesel_stmt_1\" does not exist",
+            "prepared statement \"__diesel_stmt_0\" already exists",
+            "bind message supplies 2 parameters, but prepared statement \"__diesel_stmt_1\" requires 9",
+        ] {
+            assert_eq!(classify(&said(stale)), Class::StaleStatement, "{stale}");
+        }
+        for other in [
+            "relation \"accounts\" does not exist",
+            "prepared statement \"x\" is in use",
+        ] {
+            assert_eq!(classify(&said(other)), Class::Other, "{other}");
+        }
         assert_eq!(classify(&DieselError::NotFound), Class::Other);
     }
 
@@ -237,11 +290,12 @@ mod tests {
         Stage::Release,
         Stage::Commit,
     ];
-    const CLASSES: [Class; 4] = [
+    const CLASSES: [Class; 5] = [
         Class::Conflict,
         Class::ConnectionLost,
         Class::Definite,
         Class::Other,
+        Class::StaleStatement,
     ];
     type Setup = (Server, Protocol, Isolation);
     const SER: Isolation = Isolation::Serializable;
@@ -323,7 +377,11 @@ mod tests {
     }
 
     fn ambiguous_unless_idempotent(s: &Situation) -> Step {
-        match (s.idempotent, s.class, s.replaceable) {
+        let class = match s.class {
+            Class::StaleStatement => Class::Other,
+            class => class,
+        };
+        match (s.idempotent, class, s.replaceable) {
             (false, _, _) => Step::Ambiguous,
             (true, Class::ConnectionLost, true) => Step::Reconnect,
             (true, Class::ConnectionLost, false) => Step::Ambiguous,
@@ -341,7 +399,7 @@ mod tests {
     /// The module docs' table in the same order, one entry a row; the first
     /// row is split in two to leave out a commit on CockroachDB, which the
     /// "committed" row covers.
-    const ROWS: [Row; 17] = [
+    const ROWS: [Row; 18] = [
         Row {
             stages: &STAGES,
             classes: &[Class::Definite],
@@ -372,6 +430,14 @@ mod tests {
             classes: &[Class::Other],
             setups: &SETUPS,
             expect: |_| Step::Fail,
+        },
+        // A pooler moved the connection between server sessions: nothing
+        // ran; begin again (never a rewind, which would keep the session).
+        Row {
+            stages: &[Stage::Begin, Stage::Statement],
+            classes: &[Class::StaleStatement],
+            setups: &SETUPS,
+            expect: |_| Step::Restart,
         },
         Row {
             stages: &[Stage::Statement],
@@ -414,13 +480,13 @@ mod tests {
         },
         Row {
             stages: &[Stage::Release],
-            classes: &[Class::Other],
+            classes: &[Class::Other, Class::StaleStatement],
             setups: &[PG_SAVEPOINT],
             expect: |_| Step::Fail,
         },
         Row {
             stages: &[Stage::Release],
-            classes: &[Class::Other],
+            classes: &[Class::Other, Class::StaleStatement],
             setups: &[CRDB],
             expect: ambiguous_unless_idempotent,
         },
@@ -438,7 +504,7 @@ mod tests {
         },
         Row {
             stages: &[Stage::Commit],
-            classes: &[Class::ConnectionLost, Class::Other],
+            classes: &[Class::ConnectionLost, Class::Other, Class::StaleStatement],
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
             expect: ambiguous_unless_idempotent,
         },
@@ -447,7 +513,12 @@ mod tests {
         // doubt, as with the restart protocol.
         Row {
             stages: &[Stage::Commit],
-            classes: &[Class::Conflict, Class::ConnectionLost, Class::Other],
+            classes: &[
+                Class::Conflict,
+                Class::ConnectionLost,
+                Class::Other,
+                Class::StaleStatement,
+            ],
             setups: &RC_SETUPS,
             expect: |s| match s.class {
                 Class::Conflict => Step::Restart,
@@ -508,7 +579,10 @@ mod tests {
                 }
                 Protocol::Restart => s.stage == Stage::Commit,
             };
-            let unknown = matches!(s.class, Class::ConnectionLost | Class::Other);
+            let unknown = matches!(
+                s.class,
+                Class::ConnectionLost | Class::Other | Class::StaleStatement
+            );
             assert_eq!(commit_in_doubt(&s), sent && unknown, "{s:?}");
         }
     }

@@ -44,6 +44,9 @@ pub struct Retrier {
     /// Set once a READ COMMITTED transaction has asked the server which
     /// level it really runs (see [`Retrier::with_isolation`]).
     isolation_checked: Arc<AtomicBool>,
+    /// Set once the helper has said that a transaction-mode pooler moves
+    /// its connections between server sessions.
+    pooler_told: Arc<AtomicBool>,
 }
 
 /// The `BEGIN` messages whose statement bound is the policy's own (the
@@ -82,6 +85,7 @@ impl Retrier {
             jitter: Arc::new(rand::random::<f64>),
             begin: Arc::default(),
             isolation_checked: Arc::default(),
+            pooler_told: Arc::default(),
         }
     }
 
@@ -273,6 +277,17 @@ impl Retrier {
                 }
             };
             let class = error.as_diesel().map_or(Class::Other, classify);
+            if class == Class::StaleStatement {
+                session.stop_naming_statements();
+                if !self.pooler_told.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "a transaction-mode pooler (PgBouncer?) gives this connection's transactions \
+                         different server sessions ({}); its statements go unnamed from now on, and \
+                         the transaction runs again",
+                        Cause(&error)
+                    );
+                }
+            }
             let (stage_, class_) = (Some(stage), Some(class));
             // The wait before the next attempt, should there be one.
             let delay = self.policy.backoff.delay(attempts, (self.jitter)());
@@ -481,6 +496,14 @@ impl Retrier {
             OpenError::NoConnection(err) => Failure::NoConnection(err),
             OpenError::Database(err) => Failure::At(Stage::Begin, E::from(err), None),
         })?;
+        // Once one connection met a transaction-mode pooler, every other
+        // one of the same helper stops naming its statements before it meets
+        // one of another connection's (same name, other statement). The
+        // BEGIN message is a simple query, never a named statement.
+        if self.pooler_told.load(Ordering::Relaxed) {
+            use diesel::connection::CacheSize;
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        }
         self.check_isolation(conn, isolation)
             .map_err(|err| Failure::At(Stage::Begin, E::from(err), None))?;
         let framed = framing(self.protocol, isolation);

@@ -11,6 +11,7 @@ mod main_job_faults;
 mod migration_races;
 mod netns;
 mod partitions;
+mod pgbouncer;
 mod read_committed;
 mod restarts;
 mod retry_faults;
