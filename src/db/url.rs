@@ -98,6 +98,32 @@ impl DbUrl {
         self.info.get("sslrootcert")
     }
 
+    /// A warning when a password or data may go to whoever answers: a host
+    /// that is neither a Unix socket nor a loopback address, reached with
+    /// an `sslmode` below `verify-ca` (libpq's default `prefer`, and
+    /// `require`, encrypt without checking who answers). `env_sslmode` is
+    /// `PGSSLMODE`, which libpq reads when the string sets no `sslmode`.
+    pub fn unverified_remote(&self, env_sslmode: Option<&str>) -> Option<String> {
+        let sslmode = self.info.get("sslmode").or(env_sslmode).unwrap_or("prefer");
+        if matches!(sslmode, "verify-ca" | "verify-full") {
+            return None;
+        }
+        let names = self.info.get("host").unwrap_or_default();
+        let addrs = self.info.get("hostaddr").unwrap_or_default();
+        let remote: Vec<&str> = names
+            .split(',')
+            .chain(addrs.split(','))
+            .map(str::trim)
+            .filter(|h| !h.is_empty() && !is_local(h))
+            .collect();
+        let first = remote.first()?;
+        Some(format!(
+            "the server's identity is not checked (sslmode={sslmode}) on the way to {first}, which is not \
+             this machine: whoever answers there gets the password; use sslmode=verify-full&sslrootcert=CA.crt \
+             (the CA certificate that signed the server's) in the database url"
+        ))
+    }
+
     /// The startup `options`, if the connection string sets them.
     pub fn options(&self) -> Option<&str> {
         self.info.get("options")
@@ -147,9 +173,88 @@ impl DbUrl {
     }
 }
 
+/// A Unix socket directory (or abstract socket) or a loopback address.
+fn is_local(host: &str) -> bool {
+    if host.starts_with('/') || host.starts_with('@') || host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_remote_host_without_verification_is_warned_of() {
+        let warn = |url: &str, env: Option<&str>| DbUrl::parse(url).unwrap().unverified_remote(env);
+        for quiet in [
+            "postgresql://u@localhost/d",
+            "postgresql://u@127.0.0.1:5432/d?sslmode=disable",
+            "postgresql://u@[::1]/d",
+            "postgresql://u@127.9.9.9/d",
+            "host=/var/run/postgresql dbname=d",
+            "postgresql:///d",
+            "postgresql://u@db.example/d?sslmode=verify-full&sslrootcert=ca.crt",
+            "postgresql://u@10.0.0.5/d?sslmode=verify-ca",
+        ] {
+            assert_eq!(warn(quiet, None), None, "{quiet}");
+        }
+        for (loud, env, mode, host) in [
+            ("postgresql://u@db.example/d", None, "prefer", "db.example"),
+            (
+                "postgresql://u@10.0.0.5/d?sslmode=require",
+                None,
+                "require",
+                "10.0.0.5",
+            ),
+            (
+                "postgresql://u@10.0.0.5/d?sslmode=disable",
+                None,
+                "disable",
+                "10.0.0.5",
+            ),
+            // The second host of a list is remote.
+            (
+                "postgresql://u@localhost,db2.example/d",
+                None,
+                "prefer",
+                "db2.example",
+            ),
+            (
+                "host=localhost hostaddr=192.0.2.7 dbname=d",
+                None,
+                "prefer",
+                "192.0.2.7",
+            ),
+            // libpq reads PGSSLMODE when the url sets none.
+            (
+                "postgresql://u@db.example/d",
+                Some("require"),
+                "require",
+                "db.example",
+            ),
+        ] {
+            let line = warn(loud, env).unwrap_or_else(|| panic!("{loud}: no warning"));
+            assert!(
+                line.starts_with(&format!(
+                    "the server's identity is not checked (sslmode={mode}) on the way to {host},"
+                )),
+                "{loud}: {line}"
+            );
+            assert!(line.contains("sslmode=verify-full&sslrootcert="), "{line}");
+        }
+        // PGSSLMODE does not weaken what the url says.
+        assert_eq!(
+            warn(
+                "postgresql://u@db.example/d?sslmode=verify-full",
+                Some("disable")
+            ),
+            None
+        );
+    }
 
     #[test]
     fn redaction_drops_the_password_and_query() {

@@ -165,3 +165,52 @@ impl Drop for NsServer {
         }
     }
 }
+
+/// What the app says, once, of a server reached over a network without
+/// checking who answers: every run here does, the server being at
+/// 10.99.0.1, not on loopback.
+pub const UNVERIFIED: &str = "the server's identity is not checked (sslmode=prefer) on the way to 10.99.0.1, which is not this machine";
+
+/// `stderr` without the one line that says the server's identity is not
+/// checked (which must be there, once).
+pub fn apart_from_the_unverified_warning(stderr: &str) -> String {
+    let (warned, rest): (Vec<&str>, Vec<&str>) =
+        stderr.lines().partition(|l| l.contains(UNVERIFIED));
+    assert_eq!(
+        warned.len(),
+        1,
+        "the unverified-server warning, once: {stderr}"
+    );
+    rest.iter().map(|l| format!("{l}\n")).collect()
+}
+
+#[test]
+fn a_server_reached_unverified_over_the_network_is_warned_of_once_and_the_job_runs() {
+    let server = NsServer::start();
+    let (child, _workdir) = server.spawn_bank(&[
+        "--database-url",
+        &server.client_url(),
+        "--accounts",
+        "10",
+        "--delete",
+        "2",
+    ]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(UNVERIFIED), "{stderr}");
+    assert!(
+        stderr.trim_end().ends_with(
+            "whoever answers there gets the password; use sslmode=verify-full&sslrootcert=CA.crt \
+             (the CA certificate that signed the server's) in the database url"
+        ),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Transfer complete."));
+}
