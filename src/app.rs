@@ -151,12 +151,57 @@ fn migrate(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     if cli.verbose {
         db::log_statements(&mut conn);
     }
+    // What was there before: the accounts migration creates the table only
+    // where none exists, so on a table made elsewhere it applies nothing to
+    // it, and must not be reported as if it had.
+    let before = db::inspect(&mut conn).context("asking the server what it is")?;
     let applied = db::run_migrations(&mut conn)?;
+    let mut blocked = None;
     if applied.is_empty() {
-        writeln!(out, "Schema is up to date.")?;
+        let found = before
+            .shape
+            .as_ref()
+            .map(|shape| (db::shape::differences(shape), shape))
+            .filter(|(found, _)| !found.is_empty());
+        match found {
+            None => writeln!(out, "Schema is up to date.")?,
+            Some((found, shape)) => {
+                let line = db::shape::describe(&found, null_balances(&mut conn, shape));
+                writeln!(out, "Schema is up to date, but {line}.")?;
+                if found.iter().any(|d| d.blocking) {
+                    blocked = Some(line);
+                }
+            }
+        }
     }
     for version in applied {
-        writeln!(out, "Applied migration {version}.")?;
+        match &before.shape {
+            Some(shape) if version == db::ACCOUNTS_MIGRATION => {
+                let found = db::shape::differences(shape);
+                if found.is_empty() {
+                    writeln!(
+                        out,
+                        "Applied migration {version}: kept the existing table \"accounts\", made \
+                         elsewhere, which is what the app needs."
+                    )?;
+                } else {
+                    let nulls = null_balances(&mut conn, shape);
+                    let line = db::shape::describe(&found, nulls);
+                    writeln!(
+                        out,
+                        "Applied migration {version}: kept the existing table \"accounts\", made \
+                         elsewhere (the migration creates it only where none exists); {line}."
+                    )?;
+                    if found.iter().any(|d| d.blocking) {
+                        blocked = Some(line);
+                    }
+                }
+            }
+            _ => writeln!(out, "Applied migration {version}.")?,
+        }
+    }
+    if let Some(line) = blocked {
+        bail!("{line}; the app cannot run on it until then");
     }
     Ok(())
 }
@@ -265,7 +310,20 @@ fn prepare(
              (psql \"$DATABASE_URL\" -f dbinit.sql on PostgreSQL), or `bank migrate`",
             url.redacted()
         ),
-        AccountsTable::Ready => {}
+        AccountsTable::Ready => {
+            if let Some(shape) = &inspection.shape {
+                let found = db::shape::differences(shape);
+                if !found.is_empty() {
+                    let line = db::shape::describe(&found, null_balances(&mut conn, shape));
+                    if found.iter().any(|d| d.blocking) {
+                        bail!("{line}; the app cannot run on it until then");
+                    }
+                    // It can run: the check and the NOT NULL guard data the
+                    // app never writes (negative balances, NULLs).
+                    tracing::warn!("{line}");
+                }
+            }
+        }
         AccountsTable::Missing => bail!(
             "table \"accounts\" does not exist in {}; create it with `diesel migration run`, \
              `cockroach sql --url \"$DATABASE_URL\" < dbinit.sql` (psql \"$DATABASE_URL\" -f dbinit.sql on PostgreSQL), \
@@ -287,7 +345,7 @@ fn prepare(
         .with_first(conn)
         .counted_in(&runtime.connects)
         .logging_statements(cli.verbose);
-    let manager = if cached {
+    let manager = if cached && !cli.unnamed_statements {
         manager
     } else {
         manager.without_statement_cache()
@@ -295,6 +353,16 @@ fn prepare(
     let pool = db::pool_of(manager, pool_size, cli.retry.pool_timeout)
         .context("building the connection pool")?;
     Ok((retrier, pool))
+}
+
+/// Rows with a NULL balance, asked only of a table whose balance may be
+/// NULL; `None` if the count could not be read.
+fn null_balances(conn: &mut diesel::PgConnection, shape: &db::shape::Shape) -> Option<i64> {
+    let nullable = shape
+        .columns
+        .iter()
+        .any(|c| c.name == "balance" && c.nullable);
+    nullable.then(|| db::null_balances(conn).ok()).flatten()
 }
 
 fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {

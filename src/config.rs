@@ -43,6 +43,12 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub verbose: bool,
 
+    /// Send every statement unnamed, from the start: for a transaction-mode
+    /// pooler (PgBouncer), which the app otherwise detects by itself at the
+    /// first statement it breaks.
+    #[arg(long, global = true)]
+    pub unnamed_statements: bool,
+
     /// Retry budgets.
     #[command(flatten)]
     pub retry: RetryArgs,

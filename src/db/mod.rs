@@ -3,6 +3,7 @@
 //! string and its policy in `url.rs` ([`DbUrl`]) and [`conninfo`].
 
 pub mod conninfo;
+pub mod shape;
 mod url;
 
 pub use url::DbUrl;
@@ -15,7 +16,7 @@ use diesel::connection::InstrumentationEvent;
 use diesel::dsl::sql;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
-use diesel::sql_types::{Bool, Text};
+use diesel::sql_types::{Bool, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use diesel_tx_retry::Server;
@@ -395,6 +396,10 @@ pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationE
 #[error("migration failed")]
 pub struct MigrationError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
+/// The version of the migration that creates `accounts`, as
+/// [`run_migrations`] reports it.
+pub const ACCOUNTS_MIGRATION: &str = "20261121000000";
+
 /// What the connected user finds of the `accounts` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountsTable {
@@ -409,7 +414,7 @@ pub enum AccountsTable {
 
 /// What the app learns before its first transaction, in one query (one
 /// round trip): which server it is, and what the user finds of `accounts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspection {
     /// The server.
     pub server: Server,
@@ -417,6 +422,8 @@ pub struct Inspection {
     pub accounts: AccountsTable,
     /// Whether the `transfers` ledger is there (the second migration).
     pub ledger: bool,
+    /// The `accounts` table as the catalog describes it, when it is there.
+    pub shape: Option<shape::Shape>,
 }
 
 /// `accounts` is looked for in `pg_class`, which lists tables the user may
@@ -426,7 +433,14 @@ pub struct Inspection {
 /// # Errors
 /// The query's error.
 pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
-    let (version, present, allowed, ledger): (String, bool, bool, bool) = diesel::select((
+    type Catalog = (Option<String>, Option<String>, Option<String>);
+    let (version, present, allowed, ledger, (columns, key, checks)): (
+        String,
+        bool,
+        bool,
+        bool,
+        Catalog,
+    ) = diesel::select((
         sql::<Text>("version()"),
         sql::<Bool>(
             "EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
@@ -450,6 +464,30 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relname = 'transfers' AND n.nspname = current_schema())",
         ),
+        // The accounts table's shape, for shape::differences.
+        (
+            sql::<Nullable<Text>>(
+                "(SELECT string_agg(column_name || ' ' || data_type || ' ' || is_nullable, ',' \
+                 ORDER BY column_name) FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = 'accounts')",
+            ),
+            sql::<Nullable<Text>>(
+                "(SELECT string_agg(k.column_name, ',' ORDER BY k.ordinal_position) \
+                 FROM information_schema.table_constraints t \
+                 JOIN information_schema.key_column_usage k ON k.constraint_name = t.constraint_name \
+                 AND k.table_schema = t.table_schema AND k.table_name = t.table_name \
+                 WHERE t.table_schema = current_schema() AND t.table_name = 'accounts' \
+                 AND t.constraint_type = 'PRIMARY KEY')",
+            ),
+            sql::<Nullable<Text>>(
+                "(SELECT string_agg(c.check_clause, ' AND ') \
+                 FROM information_schema.table_constraints t \
+                 JOIN information_schema.check_constraints c ON c.constraint_schema = t.constraint_schema \
+                 AND c.constraint_name = t.constraint_name \
+                 WHERE t.table_schema = current_schema() AND t.table_name = 'accounts' \
+                 AND t.constraint_type = 'CHECK')",
+            ),
+        ),
     ))
     .get_result(conn)?;
     Ok(Inspection {
@@ -460,7 +498,25 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
             (true, true) => AccountsTable::Ready,
         },
         ledger,
+        shape: present.then(|| {
+            shape::Shape::from_catalog(
+                columns.as_deref().unwrap_or_default(),
+                key.as_deref().unwrap_or_default(),
+                checks.as_deref().unwrap_or_default(),
+            )
+        }),
     })
+}
+
+/// Rows of `accounts` whose balance is NULL (a table made elsewhere).
+///
+/// # Errors
+/// The query's error.
+pub fn null_balances(conn: &mut PgConnection) -> QueryResult<i64> {
+    crate::schema::accounts::table
+        .filter(crate::schema::accounts::balance.nullable().is_null())
+        .count()
+        .get_result(conn)
 }
 
 /// Logs every statement `conn` runs at debug level on target `bank::sql`.

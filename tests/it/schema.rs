@@ -308,3 +308,105 @@ fn migrate_beside_diesel_migration_run_succeeds() {
     }
     eprintln!("migrate beside diesel CLI: diesel CLI failed in {diesel_failures} of 4 rounds");
 }
+
+/// The Python tutorial's table: nullable, no check.
+const PYTHON_TABLE: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, balance INT8)";
+const PYTHON_DIFFERS: &str = "table \"accounts\" differs from what the app needs: balance is not \
+     NOT NULL; no check keeps balance >= 0";
+const PYTHON_FIX: &str = "fix it with: ALTER TABLE accounts ALTER COLUMN balance SET NOT NULL; \
+     ALTER TABLE accounts ADD CONSTRAINT balance_non_negative CHECK (balance >= 0)";
+
+#[test]
+fn on_the_python_tutorials_table_migrate_says_it_kept_it_and_how_to_fix_it() {
+    let db = TestDb::empty();
+    db.exec(PYTHON_TABLE);
+    db.exec("INSERT INTO accounts VALUES ('00000000-0000-4000-8000-000000000001', NULL)");
+    let out = bank(&["--database-url", &db.url_string(), "migrate"]);
+    assert_ok(&out);
+    let stdout = lines(&out.stdout);
+    assert_eq!(stdout.len(), 2, "{stdout:#?}");
+    assert!(
+        stdout[0].starts_with(
+            "Applied migration 20261121000000: kept the existing table \"accounts\", made elsewhere \
+             (the migration creates it only where none exists); "
+        ),
+        "{}",
+        stdout[0]
+    );
+    assert!(stdout[0].contains(PYTHON_DIFFERS), "{}", stdout[0]);
+    assert!(
+        stdout[0].contains("(1 row holds a NULL balance, which this app never reads"),
+        "{}",
+        stdout[0]
+    );
+    assert!(
+        stdout[0].ends_with(&format!("{PYTHON_FIX}.")),
+        "{}",
+        stdout[0]
+    );
+    assert_eq!(stdout[1], "Applied migration 20261202000000.");
+    // Kept as it was: still nullable, and the row is there.
+    assert_eq!(db.count("accounts"), 1);
+    // Asked again, it still says so.
+    let again = lines(&bank(&["--database-url", &db.url_string(), "migrate"]).stdout);
+    assert!(again[0].starts_with("Schema is up to date, but table \"accounts\" differs"));
+    // Once fixed as it says, the table is the app's.
+    db.exec("UPDATE accounts SET balance = 0 WHERE balance IS NULL");
+    db.exec(
+        "ALTER TABLE accounts ALTER COLUMN balance SET NOT NULL; \
+         ALTER TABLE accounts ADD CONSTRAINT balance_non_negative CHECK (balance >= 0)",
+    );
+    let fixed = lines(&bank(&["--database-url", &db.url_string(), "migrate"]).stdout);
+    assert_eq!(fixed, vec!["Schema is up to date."]);
+}
+
+#[test]
+fn on_the_python_tutorials_table_the_job_and_the_workload_warn_and_go_on() {
+    let db = TestDb::empty();
+    db.exec(PYTHON_TABLE);
+    db.exec("INSERT INTO accounts VALUES ('00000000-0000-4000-8000-000000000001', NULL)");
+    assert_ok(&bank(&["--database-url", &db.url_string(), "migrate"]));
+    let out = bank(&["--database-url", &db.url_string()]);
+    assert_ok(&out);
+    crate::main_job::parse(&lines(&out.stdout), 100, 5);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(PYTHON_DIFFERS), "{stderr}");
+    assert!(stderr.contains("(1 row holds a NULL balance"), "{stderr}");
+    assert!(stderr.trim_end().ends_with(PYTHON_FIX), "{stderr}");
+    let args = workload_args(
+        &db.url_string(),
+        &[],
+        2,
+        10,
+        &["--transfers", "50", "--json"],
+    );
+    let out = bank(&strs(&args));
+    assert_ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["invariant_ok"], true, "{report}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(PYTHON_DIFFERS));
+}
+
+#[test]
+fn a_table_the_app_cannot_use_is_refused_with_its_fix() {
+    let db = TestDb::empty();
+    db.exec(
+        "CREATE TABLE accounts (id UUID PRIMARY KEY, balance INT4 NOT NULL CHECK (balance >= 0))",
+    );
+    let out = bank(&["--database-url", &db.url_string(), "migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        one_line(&out).ends_with(
+            "balance is integer, not INT8; fix it with: ALTER TABLE accounts ALTER COLUMN balance \
+             TYPE INT8; the app cannot run on it until then"
+        ),
+        "{}",
+        one_line(&out)
+    );
+    let out = bank(&["--database-url", &db.url_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "nothing written");
+    assert!(one_line(&out).contains("ALTER TABLE accounts ALTER COLUMN balance TYPE INT8"));
+    assert_eq!(db.count("accounts"), 0);
+}

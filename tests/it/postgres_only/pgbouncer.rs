@@ -127,12 +127,31 @@ const POOLER: &str = "a transaction-mode pooler (PgBouncer?) gives this connecti
 fn the_main_job_and_a_workload_through(mode: &str) -> (String, serde_json::Value) {
     let db = TestDb::migrated();
     let bouncer = Bouncer::start(&db, mode);
-    let url = bouncer.url(&db);
+    let (stderr, report) = through(&bouncer, &db, mode, &[]);
+    if mode == "transaction" {
+        // Said up front, no statement is ever named: nothing to detect.
+        let (told, report) = through(&bouncer, &db, mode, &["--unnamed-statements"]);
+        assert!(!told.contains(POOLER), "{told}");
+        assert_eq!(report["retries_by_cause"]["other"], 0, "{report}");
+    }
+    (stderr, report)
+}
 
-    let out = bank(&["--database-url", &url]);
+fn through(
+    bouncer: &Bouncer,
+    db: &TestDb,
+    mode: &str,
+    flags: &[&str],
+) -> (String, serde_json::Value) {
+    let url = bouncer.url(db);
+
+    let mut args = vec!["--database-url", &url];
+    args.extend_from_slice(flags);
+    let out = bank(&args);
     assert_ok(&out);
     let story = parse(&lines(&out.stdout), 100, 5);
-    check_story(&db, &story);
+    check_story(db, &story);
+    db.exec("DELETE FROM accounts; DELETE FROM transfers");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(stderr.lines().count(), 1, "{mode}: {stderr}");
     assert!(stderr.contains(NO_OPTIONS), "{mode}: {stderr}");
@@ -140,7 +159,7 @@ fn the_main_job_and_a_workload_through(mode: &str) -> (String, serde_json::Value
     let other = TestDb::migrated();
     let args = workload_args(
         &bouncer.url(&other),
-        &[],
+        flags,
         8,
         100,
         &["--duration", "5", "--json"],
