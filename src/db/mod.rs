@@ -383,17 +383,27 @@ const MIGRATION_ATTEMPTS: u32 = 8;
 /// # Errors
 /// The last failure, when migrations are still pending after every attempt.
 pub fn run_migrations(conn: &mut PgConnection) -> Result<Vec<String>, MigrationError> {
+    // One at a time, so that what this run applied is known even when a
+    // later one loses a race: several migrations, several transactions.
+    let mut applied = Vec::new();
     let mut attempt = 0;
     loop {
-        attempt += 1;
-        let err = match conn.run_pending_migrations(MIGRATIONS) {
-            Ok(applied) => return Ok(applied.iter().map(ToString::to_string).collect()),
+        let err = match conn.pending_migrations(MIGRATIONS) {
+            Ok(pending) if pending.is_empty() => return Ok(applied),
+            Ok(_) => match conn.run_next_migration(MIGRATIONS) {
+                Ok(version) => {
+                    applied.push(version.to_string());
+                    continue;
+                }
+                Err(err) => err,
+            },
             Err(err) => err,
         };
+        attempt += 1;
         let pending = conn.pending_migrations(MIGRATIONS).map(|p| p.len());
         tracing::debug!(attempt, ?pending, error = %err, "migration failed");
         if pending.is_ok_and(|n| n == 0) {
-            return Ok(Vec::new());
+            return Ok(applied);
         }
         if attempt >= MIGRATION_ATTEMPTS {
             return Err(MigrationError(err));
