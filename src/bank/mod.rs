@@ -428,6 +428,12 @@ impl QueryFragment<Pg> for MoveFunds {
         out.push_identifier(transfers::id::NAME)?;
         out.push_sql(") DO NOTHING RETURNING ");
         out.push_identifier(transfers::id::NAME)?;
+        // The UPDATE names the same three values again by number instead
+        // of binding them five more times: four parameters, not nine, to
+        // serialize here and to bind on the server, on every transfer. The
+        // numbers are those of the four binds above, which are this
+        // statement's first (the fragment is always the whole statement,
+        // and the unit test pins the text).
         out.push_sql(") UPDATE ");
         accounts::table.walk_ast(out.reborrow())?;
         out.push_sql(" SET ");
@@ -436,21 +442,11 @@ impl QueryFragment<Pg> for MoveFunds {
         accounts::balance.walk_ast(out.reborrow())?;
         out.push_sql(" + CASE WHEN ");
         accounts::id.walk_ast(out.reborrow())?;
-        out.push_sql(" = ");
-        out.push_bind_param::<SqlUuid, _>(&self.from)?;
-        out.push_sql(" THEN -");
-        out.push_bind_param::<BigInt, _>(&self.amount)?;
-        out.push_sql(" ELSE ");
-        out.push_bind_param::<BigInt, _>(&self.amount)?;
-        out.push_sql(" END WHERE (");
+        out.push_sql(" = $2 THEN -$4 ELSE $4 END WHERE (");
         accounts::id.walk_ast(out.reborrow())?;
-        out.push_sql(" = ");
-        out.push_bind_param::<SqlUuid, _>(&self.from)?;
-        out.push_sql(" OR ");
+        out.push_sql(" = $2 OR ");
         accounts::id.walk_ast(out.reborrow())?;
-        out.push_sql(" = ");
-        out.push_bind_param::<SqlUuid, _>(&self.to)?;
-        out.push_sql(") AND EXISTS (SELECT 1 FROM logged) RETURNING ");
+        out.push_sql(" = $3) AND EXISTS (SELECT 1 FROM logged) RETURNING ");
         (accounts::id, accounts::balance).walk_ast(out.reborrow())?;
         Ok(())
     }
@@ -592,10 +588,10 @@ mod tests {
                 "WITH logged AS (INSERT INTO \"transfers\" (\"id\", \"from_id\", \"to_id\", \"amount\") \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (\"id\") DO NOTHING RETURNING \"id\") \
                  UPDATE \"accounts\" SET \"balance\" = \"accounts\".\"balance\" + CASE WHEN \
-                 \"accounts\".\"id\" = $5 THEN -$6 ELSE $7 END WHERE (\
-                 \"accounts\".\"id\" = $8 OR \"accounts\".\"id\" = $9) AND EXISTS (SELECT 1 FROM logged) \
+                 \"accounts\".\"id\" = $2 THEN -$4 ELSE $4 END WHERE (\
+                 \"accounts\".\"id\" = $2 OR \"accounts\".\"id\" = $3) AND EXISTS (SELECT 1 FROM logged) \
                  RETURNING \"accounts\".\"id\", \"accounts\".\"balance\" \
-                 -- binds: [{key}, {from}, {to}, 7, {from}, 7, 7, {from}, {to}]"
+                 -- binds: [{key}, {from}, {to}, 7]"
             )
         );
     }

@@ -47,6 +47,11 @@ pub struct Report {
     pub transfers_per_s: f64,
     /// Latency of committed transfers, retries included.
     pub latency_ms: Latency,
+    /// CPU time this process spent while the transfers ran (every thread,
+    /// user and system), in milliseconds: the client's cost.
+    pub client_cpu_ms: f64,
+    /// The same per committed transfer, in microseconds.
+    pub client_cpu_us_per_transfer: f64,
     /// The sum of the accounts' balances before the transfers.
     pub total_before: i64,
     /// The sum after them, if it could be read.
@@ -173,6 +178,8 @@ impl Report {
             unconnected_workers: tally.unconnected,
             elapsed_s,
             transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
+            client_cpu_ms: 0.0,
+            client_cpu_us_per_transfer: 0.0,
             latency_ms: Latency {
                 p50: ms(0.50),
                 p95: ms(0.95),
@@ -191,6 +198,16 @@ impl Report {
             }),
             error: None,
         }
+    }
+
+    /// Records the CPU the transfers cost the client.
+    pub(super) fn set_client_cpu(&mut self, cpu: std::time::Duration) {
+        self.client_cpu_ms = cpu.as_secs_f64() * 1e3;
+        self.client_cpu_us_per_transfer = if self.committed == 0 {
+            0.0
+        } else {
+            cpu.as_secs_f64() * 1e6 / self.committed as f64
+        };
     }
 
     /// The report as a few lines of text.

@@ -40,6 +40,14 @@ fn a_counted_workload_accounts_for_every_transfer_and_keeps_the_total() {
         "{report}"
     );
     assert!(report["backoff_ms"].as_f64().unwrap() >= 0.0, "{report}");
+    // The client's own CPU while the transfers ran.
+    let cpu = report["client_cpu_ms"].as_f64().unwrap();
+    let per = report["client_cpu_us_per_transfer"].as_f64().unwrap();
+    assert!(cpu > 0.0, "{report}");
+    assert!(
+        (per * n("committed") as f64 / 1e3 - cpu).abs() < 1e-6 * cpu.max(1.0),
+        "{report}"
+    );
     assert_eq!(report["invariant_ok"], true);
     for key in ["elapsed_s", "transfers_per_s"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}");
