@@ -231,16 +231,8 @@ pub fn establish_with_timeouts(
     timeout: Duration,
 ) -> Result<(PgConnection, DbUrl), ConnectError> {
     let url = plain.with_session_timeouts(timeout);
-    let connected = establish(&url);
-    // Said once the server answered: a run that cannot connect has one line
-    // to say, why not.
-    if connected.is_ok() {
-        if let Some(line) = plain.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
-            tracing::warn!("{line}");
-        }
-    }
-    match connected {
-        Ok(conn) => Ok((conn, url)),
+    let connected = match establish(&url) {
+        Ok(conn) => (conn, url),
         Err(err) if refused_options(&err) && plain.options().is_none() => {
             tracing::warn!(
                 "the server at {} refused the startup options that set the session timeouts \
@@ -248,15 +240,16 @@ pub fn establish_with_timeouts(
                  still bounds its statements",
                 plain.redacted()
             );
-            let conn = establish(plain)?;
-            if let Some(line) = plain.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref())
-            {
-                tracing::warn!("{line}");
-            }
-            Ok((conn, plain.clone()))
+            (establish(plain)?, plain.clone())
         }
-        Err(err) => Err(err),
+        Err(err) => return Err(err),
+    };
+    // Said once the server answered: a run that cannot connect has one line
+    // to say, why not.
+    if let Some(line) = plain.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
+        tracing::warn!("{line}");
     }
+    Ok(connected)
 }
 
 /// Whether a connect failed because the server (a pooler) refuses the

@@ -277,16 +277,15 @@ impl Retrier {
                 }
             };
             let class = error.as_diesel().map_or(Class::Other, classify);
-            if class == Class::StaleStatement {
-                session.stop_naming_statements();
-                if !self.pooler_told.swap(true, Ordering::Relaxed) {
-                    warn!(
-                        "a transaction-mode pooler (PgBouncer?) gives this connection's transactions \
-                         different server sessions ({}); its statements go unnamed from now on, and \
-                         the transaction runs again",
-                        Cause(&error)
-                    );
-                }
+            // The next attempt, on this connection or another, opens with
+            // its statements unnamed (see `attempt`).
+            if class == Class::StaleStatement && !self.pooler_told.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "a transaction-mode pooler (PgBouncer?) gives this connection's transactions \
+                     different server sessions ({}); its statements go unnamed from now on, and \
+                     the transaction runs again",
+                    Cause(&error)
+                );
             }
             let (stage_, class_) = (Some(stage), Some(class));
             // The wait before the next attempt, should there be one.

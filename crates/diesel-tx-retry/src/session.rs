@@ -166,19 +166,6 @@ impl<'a, S: Source> Session<'a, S> {
         }
     }
 
-    /// Sends the connection's statements unnamed from now on, for good
-    /// (Diesel's statement cache off): behind a transaction-mode pooler each
-    /// transaction may get another server session, where the names mean
-    /// nothing.
-    pub(crate) fn stop_naming_statements(&mut self) {
-        if let Some(handle) = self.conn.as_mut() {
-            use diesel::connection::{CacheSize, Connection};
-            handle
-                .get()
-                .set_prepared_statement_cache_size(CacheSize::Disabled);
-        }
-    }
-
     /// Forgets the connection. Diesel marks a connection whose socket died
     /// as broken, and r2d2 closes broken connections instead of pooling them.
     pub(crate) fn discard(&mut self) {
