@@ -17,7 +17,7 @@ use crate::bank::{self, Amount, BankError};
 use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Resolution, Retrier, TxError, TxOptions};
+use diesel_tx_retry::{Held, Resolution, Retrier, TxError, TxOptions};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -253,6 +253,10 @@ fn transfer_loop(
     let count = |update: &dyn Fn(&mut Tally)| {
         update(&mut tally.lock().unwrap_or_else(PoisonError::into_inner));
     };
+    // One connection for this worker's whole run, as each pgbench client
+    // has, replaced only when lost: no pool lock shared by every worker on
+    // each transfer, and no connection handed from thread to thread.
+    let held = Held::new(pool);
     loop {
         let more = match length {
             Length::Transfers(limit) => taken.fetch_add(1, Ordering::Relaxed) < limit,
@@ -271,7 +275,7 @@ fn transfer_loop(
         let began = Instant::now();
         let _watch = watchdog.watch("transferring", retrier.policy());
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = retrier.run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
+        let result = retrier.run_with(&held, TxOptions::default().idempotent(), |conn, ctx| {
             bank::transfer(conn, key, from, to, amount, ctx)
         });
         in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -186,7 +186,8 @@
 //!
 //! # Features
 //! - `r2d2` (default): [`Retrier::run`] on an r2d2 pool, which replaces a
-//!   connection lost before the commit.
+//!   connection lost before the commit, or on a [`Held`] connection from
+//!   one, which a worker keeps between calls.
 //! - `testing`: [`testing::race`] and [`testing::check`], which force a
 //!   genuine conflict between two units of yours; and, for the helper's own
 //!   tests, `Retrier::with_protocol`, `with_clock` and `with_jitter`.
@@ -202,6 +203,8 @@
 // Public only with `testing`; the helper uses it either way.
 #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 mod clock;
+#[cfg(feature = "r2d2")]
+mod connections;
 mod decide;
 mod doubt;
 mod error;
@@ -215,6 +218,8 @@ pub mod testing;
 
 #[cfg(feature = "testing")]
 pub use clock::{Clock, SystemClock};
+#[cfg(feature = "r2d2")]
+pub use connections::{Connections, Held};
 pub use decide::{classify, commit_in_doubt, decide, framing, Class, Situation, Stage, Step};
 pub use doubt::{Context, Resolution};
 pub use error::{AsDieselError, Budget, Committed, TxError};

@@ -21,6 +21,8 @@ struct ReportedIsolation {
 }
 
 use crate::clock::{Clock, SystemClock};
+#[cfg(feature = "r2d2")]
+use crate::connections::Connections;
 use crate::doubt::Verdict;
 use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
 use crate::{
@@ -141,27 +143,30 @@ impl Retrier {
         self.protocol
     }
 
-    /// Runs `unit` in a transaction on a connection from `pool`, retrying as
-    /// the crate documentation describes; a connection lost before the
-    /// commit is replaced by a new one from the pool. `unit` may run several
-    /// times: it must have no side effects outside the database and must not
-    /// commit or roll back itself.
+    /// Runs `unit` in a transaction on a connection from `connections` (an
+    /// r2d2 pool, or a [`Held`](crate::Held) connection), retrying as the
+    /// crate documentation describes; a connection lost before the commit is
+    /// replaced by a new one from the pool. `unit` may run several times: it
+    /// must have no side effects outside the database and must not commit
+    /// or roll back itself.
     ///
     /// # Errors
     /// See [`TxError`]; only the committed attempt's value is ever returned.
     #[cfg(feature = "r2d2")]
-    pub fn run<T, E, F, M>(
+    pub fn run<T, E, F, C>(
         &self,
-        pool: &r2d2::Pool<M>,
+        connections: &C,
         opts: TxOptions,
         mut unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection) -> Result<T, E>,
-        M: r2d2::ManageConnection<Connection = PgConnection>,
+        C: Connections,
     {
-        self.run_in(Session::pooled(pool), opts, |conn, _: &Context| unit(conn))
+        self.run_in(Session::pooled(connections), opts, |conn, _: &Context| {
+            unit(conn)
+        })
     }
 
     /// Like [`Retrier::run`], with a [`Context`] for the unit: which attempt
@@ -172,18 +177,18 @@ impl Retrier {
     /// # Errors
     /// See [`TxError`].
     #[cfg(feature = "r2d2")]
-    pub fn run_with<T, E, F, M>(
+    pub fn run_with<T, E, F, C>(
         &self,
-        pool: &r2d2::Pool<M>,
+        connections: &C,
         opts: TxOptions,
         unit: F,
     ) -> Result<Committed<T>, TxError<E>>
     where
         E: AsDieselError,
         F: FnMut(&mut PgConnection, &Context) -> Result<T, E>,
-        M: r2d2::ManageConnection<Connection = PgConnection>,
+        C: Connections,
     {
-        self.run_in(Session::pooled(pool), opts, unit)
+        self.run_in(Session::pooled(connections), opts, unit)
     }
 
     /// Like [`Retrier::run`], on one connection the caller owns. A lost

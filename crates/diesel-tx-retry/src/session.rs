@@ -26,37 +26,37 @@ pub(crate) enum OpenError<N> {
     Database(DieselError),
 }
 
-/// Where a session gets a new connection: a pool, or nowhere (the
-/// caller's own connection, which cannot be replaced).
-pub(crate) trait Source {
+/// Where a session gets a new connection: a pool, a held slot
+/// (`connections.rs`), or nowhere (the caller's own connection, which
+/// cannot be replaced).
+// Public in a private module: the supertrait of the sealed `Connections`,
+// which no other crate can name or implement.
+#[allow(unreachable_pub)]
+pub trait Source {
     /// A connection checked out.
-    type Conn: DerefMut<Target = PgConnection>;
+    type Conn<'s>: DerefMut<Target = PgConnection>
+    where
+        Self: 's;
     /// Why none could be had.
     type Error;
-    fn checkout(&self) -> Result<Self::Conn, Self::Error>;
+    /// A connection to run an attempt on.
+    fn checkout(&self) -> Result<Self::Conn<'_>, Self::Error>;
+    /// Lets go of a connection the helper gave up on (lost, or its state
+    /// unknown): never lent again, whatever it looks like.
+    fn forget(conn: Self::Conn<'_>) {
+        drop(conn);
+    }
     /// The helper's error for a failed checkout.
     fn no_connection<E>(err: Self::Error) -> TxError<E>;
-}
-
-#[cfg(feature = "r2d2")]
-impl<M: r2d2::ManageConnection<Connection = PgConnection>> Source for r2d2::Pool<M> {
-    type Conn = r2d2::PooledConnection<M>;
-    type Error = r2d2::Error;
-    fn checkout(&self) -> Result<Self::Conn, r2d2::Error> {
-        self.get()
-    }
-    fn no_connection<E>(err: r2d2::Error) -> TxError<E> {
-        TxError::NoConnection(err)
-    }
 }
 
 /// No source of connections: the caller's own one.
 pub(crate) enum Nowhere {}
 
 impl Source for Nowhere {
-    type Conn = Box<PgConnection>;
+    type Conn<'s> = Box<PgConnection>;
     type Error = std::convert::Infallible;
-    fn checkout(&self) -> Result<Self::Conn, Self::Error> {
+    fn checkout(&self) -> Result<Self::Conn<'_>, Self::Error> {
         match *self {}
     }
     fn no_connection<E>(err: Self::Error) -> TxError<E> {
@@ -68,17 +68,17 @@ impl Source for Nowhere {
 /// read from Diesel's own transaction manager, which lives inside the
 /// connection, so the two cannot disagree; and the connection is only ever
 /// replaced with no transaction open.
-pub(crate) struct Session<'a, S: Source> {
+pub(crate) struct Session<'a, S: Source + 'a> {
     pool: Option<&'a S>,
     conn: Option<Handle<'a, S>>,
 }
 
-enum Handle<'a, S: Source> {
-    Pooled(S::Conn),
+enum Handle<'a, S: Source + 'a> {
+    Pooled(S::Conn<'a>),
     Borrowed(&'a mut PgConnection),
 }
 
-impl<S: Source> Handle<'_, S> {
+impl<'a, S: Source + 'a> Handle<'a, S> {
     fn get(&mut self) -> &mut PgConnection {
         match self {
             Handle::Pooled(conn) => conn,
@@ -96,7 +96,7 @@ pub(crate) fn open_transaction(conn: &mut PgConnection) -> Option<bool> {
         .map(|depth| depth.is_some())
 }
 
-impl<'a, S: Source> Session<'a, S> {
+impl<'a, S: Source + 'a> Session<'a, S> {
     #[cfg(feature = "r2d2")]
     pub(crate) fn pooled(pool: &'a S) -> Self {
         Self {
@@ -169,11 +169,13 @@ impl<'a, S: Source> Session<'a, S> {
     /// Forgets the connection. Diesel marks a connection whose socket died
     /// as broken, and r2d2 closes broken connections instead of pooling them.
     pub(crate) fn discard(&mut self) {
-        self.conn = None;
+        if let Some(Handle::Pooled(conn)) = self.conn.take() {
+            S::forget(conn);
+        }
     }
 }
 
-impl<S: Source> Drop for Session<'_, S> {
+impl<'a, S: Source + 'a> Drop for Session<'a, S> {
     /// No connection leaves the helper inside a transaction.
     fn drop(&mut self) {
         self.rollback();

@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Text};
 use diesel_tx_retry::{
-    Backoff, Budget, Clock, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
+    Backoff, Budget, Clock, Held, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions,
 };
 
 use crate::helpers::*;
@@ -463,6 +463,90 @@ fn giving_up_leaves_the_callers_connection_outside_any_transaction(protocol: Pro
     assert_eq!(db.count("marks"), 1);
 }
 
+fn a_held_connection_serves_every_call_and_a_killed_one_is_replaced(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let pool = db.pool(2);
+    let mut killer = db.conn();
+    let (retrier, _) = retrier(10, protocol);
+    let held = Held::new(&pool);
+    let pid_of_call = |mark_as: &str| {
+        retrier
+            .run(&held, TxOptions::default(), |conn| {
+                mark(conn, mark_as)?;
+                Ok::<_, DieselError>(backend_pid(conn))
+            })
+            .unwrap()
+            .value
+    };
+    let first = pid_of_call("first");
+    // Between calls the connection stays with the holder, not in the pool.
+    assert_eq!(
+        (pool.state().connections, pool.state().idle_connections),
+        (1, 0)
+    );
+    assert_eq!(pid_of_call("second"), first, "the same server session");
+
+    let mut pids = Vec::new();
+    let committed = retrier
+        .run(&held, TxOptions::default(), |conn| {
+            pids.push(backend_pid(conn));
+            mark(conn, "before the kill")?;
+            if pids.len() == 1 {
+                diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
+                    .bind::<diesel::sql_types::Integer, _>(pids[0])
+                    .execute(&mut killer)?;
+            }
+            mark(conn, "after")
+        })
+        .unwrap();
+    assert_eq!(committed.attempts, 2);
+    assert_eq!(pids[0], first);
+    assert_ne!(pids[1], first, "the retry must use a new connection");
+    // The dead connection went back to the pool, which closed it; the new
+    // one is held from now on.
+    assert_eq!(
+        (pool.state().connections, pool.state().idle_connections),
+        (1, 0)
+    );
+    assert_eq!(pid_of_call("third"), pids[1]);
+    assert_eq!(db.count("marks"), 5, "two calls, two marks, one call");
+    drop(held);
+    assert_eq!(pool.state().idle_connections, 1, "back in the pool when dropped");
+}
+
+fn a_panic_under_a_held_connection_rolls_back_and_keeps_it(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let pool = db.pool(1);
+    let (retrier, _) = retrier(10, protocol);
+    let held = Held::new(&pool);
+    let pid = retrier
+        .run(&held, TxOptions::default(), |conn| {
+            Ok::<_, DieselError>(backend_pid(conn))
+        })
+        .unwrap()
+        .value;
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        retrier.run(&held, TxOptions::default(), |conn| -> QueryResult<()> {
+            mark(conn, "never committed")?;
+            panic!("bug in the unit of work");
+        })
+    }));
+    assert!(outcome.is_err(), "the panic goes on to the caller");
+    let (after, isolation) = retrier
+        .run(&held, TxOptions::default(), |conn| {
+            Ok::<_, DieselError>((backend_pid(conn), db_isolation(conn)?))
+        })
+        .unwrap()
+        .value;
+    assert_eq!(after, pid, "the same connection, kept");
+    assert_eq!(isolation, "serializable", "a new transaction, not the old one");
+    assert_eq!(db.count("marks"), 0);
+}
+
+fn db_isolation(conn: &mut PgConnection) -> QueryResult<String> {
+    setting(conn, "transaction_isolation")
+}
+
 for_each_protocol!(
     a_40001_on_the_first_k_attempts_is_retried_k_times_and_commits_once,
     no_transaction_is_open_while_the_helper_sleeps,
@@ -474,4 +558,6 @@ for_each_protocol!(
     a_backend_terminated_mid_transaction_is_retried_on_a_fresh_connection,
     a_panic_rolls_back_and_the_connection_goes_back_idle,
     giving_up_leaves_the_callers_connection_outside_any_transaction,
+    a_held_connection_serves_every_call_and_a_killed_one_is_replaced,
+    a_panic_under_a_held_connection_rolls_back_and_keeps_it,
 );
