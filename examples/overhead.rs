@@ -1,5 +1,6 @@
 //! The helper's own cost: the bank's transfer run through `Retrier::run_on`,
-//! through `Retrier::run` on the app's pool, and through Diesel's bare
+//! through `Retrier::run` on the app's pool and on a `Held` connection from
+//! it, and through Diesel's bare
 //! `build_transaction().serializable().run(..)`, on one connection each, one
 //! client, alternated in rounds. Prints the client CPU (user + system, of
 //! the one thread that runs them all) and the wall time per transaction of
@@ -7,9 +8,9 @@
 //!
 //!     DATABASE_URL=... cargo run --release --example overhead -- ROUNDS TRANSACTIONS [MODE,...]
 //!
-//! MODE is `bare`, `helper_run_on` or `helper_run_pool` (all three by
-//! default); one mode alone is for counting its instructions under
-//! callgrind.
+//! MODE is `bare`, `helper_run_on`, `helper_run_pool` or `helper_run_held`
+//! (all four by default); one mode alone is for counting its instructions
+//! under callgrind.
 //! The database must hold the app's schema; the example adds 1,000 accounts
 //! of its own and removes them again.
 
@@ -20,7 +21,7 @@ use bank::bank::{delete_accounts, insert_accounts, transfer, Amount, BankError};
 use bank::db::{self, DbUrl, Manager};
 use bank::models::Account;
 use diesel::prelude::*;
-use diesel_tx_retry::{Context, Retrier, RetryPolicy, Server, TxOptions};
+use diesel_tx_retry::{Context, Held, Retrier, RetryPolicy, Server, TxOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -44,16 +45,24 @@ enum Mode {
     Bare,
     HelperOnConnection,
     HelperOnPool,
+    HelperOnHeld,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Bare, Mode::HelperOnConnection, Mode::HelperOnPool];
+    const ALL: [Mode; 4] = [
+        Mode::Bare,
+        Mode::HelperOnConnection,
+        Mode::HelperOnPool,
+        Mode::HelperOnHeld,
+    ];
     fn parse(name: &str) -> Result<Mode, String> {
         Mode::ALL
             .into_iter()
             .find(|m| m.name() == name)
             .ok_or_else(|| {
-                format!("unknown mode '{name}'; use bare, helper_run_on or helper_run_pool")
+                format!(
+                    "unknown mode '{name}'; use bare, helper_run_on, helper_run_pool or helper_run_held"
+                )
             })
     }
     fn name(self) -> &'static str {
@@ -61,6 +70,7 @@ impl Mode {
             Mode::Bare => "bare",
             Mode::HelperOnConnection => "helper_run_on",
             Mode::HelperOnPool => "helper_run_pool",
+            Mode::HelperOnHeld => "helper_run_held",
         }
     }
 }
@@ -96,8 +106,11 @@ fn run() -> Result<(), String> {
     let url = DbUrl::parse(&raw)?;
     let mut conn = db::establish(&url).map_err(|err| err.to_string())?;
     let server = Server::detect(&mut conn).map_err(|err| err.to_string())?;
-    let pool = db::pool_of(Manager::new(&url), 1, Duration::from_secs(15))
+    // Two connections: one that `run` checks out on each call, one that the
+    // `Held` keeps.
+    let pool = db::pool_of(Manager::new(&url), 2, Duration::from_secs(15))
         .map_err(|err| err.to_string())?;
+    let held = Held::new(&pool);
     let retrier = Retrier::new(RetryPolicy::default(), server);
 
     let mut rng = StdRng::seed_from_u64(17);
@@ -131,6 +144,10 @@ fn run() -> Result<(), String> {
                 .map_err(|err| err.to_string()),
             Mode::HelperOnPool => retrier
                 .run(&pool, TxOptions::default(), unit)
+                .map(drop)
+                .map_err(|err| err.to_string()),
+            Mode::HelperOnHeld => retrier
+                .run(&held, TxOptions::default(), unit)
                 .map(drop)
                 .map_err(|err| err.to_string()),
         }
