@@ -511,7 +511,11 @@ fn a_held_connection_serves_every_call_and_a_killed_one_is_replaced(protocol: Pr
     assert_eq!(pid_of_call("third"), pids[1]);
     assert_eq!(db.count("marks"), 5, "two calls, two marks, one call");
     drop(held);
-    assert_eq!(pool.state().idle_connections, 1, "back in the pool when dropped");
+    assert_eq!(
+        pool.state().idle_connections,
+        1,
+        "back in the pool when dropped"
+    );
 }
 
 fn a_panic_under_a_held_connection_rolls_back_and_keeps_it(protocol: Protocol) {
@@ -539,7 +543,10 @@ fn a_panic_under_a_held_connection_rolls_back_and_keeps_it(protocol: Protocol) {
         .unwrap()
         .value;
     assert_eq!(after, pid, "the same connection, kept");
-    assert_eq!(isolation, "serializable", "a new transaction, not the old one");
+    assert_eq!(
+        isolation, "serializable",
+        "a new transaction, not the old one"
+    );
     assert_eq!(db.count("marks"), 0);
 }
 
