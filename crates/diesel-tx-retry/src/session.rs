@@ -166,8 +166,10 @@ impl<'a, S: Source + 'a> Session<'a, S> {
         }
     }
 
-    /// Forgets the connection. Diesel marks a connection whose socket died
-    /// as broken, and r2d2 closes broken connections instead of pooling them.
+    /// Forgets the connection: its source never lends it again. A pool
+    /// gets it back and closes it, as Diesel marks a connection whose
+    /// socket died as broken and r2d2 closes broken connections instead of
+    /// pooling them; a `Held` gives it to the pool rather than keep it.
     pub(crate) fn discard(&mut self) {
         if let Some(Handle::Pooled(conn)) = self.conn.take() {
             S::forget(conn);
