@@ -538,7 +538,7 @@ fn a_panic_under_a_held_connection_rolls_back_and_keeps_it(protocol: Protocol) {
     assert!(outcome.is_err(), "the panic goes on to the caller");
     let (after, isolation) = retrier
         .run(&held, TxOptions::default(), |conn| {
-            Ok::<_, DieselError>((backend_pid(conn), db_isolation(conn)?))
+            Ok::<_, DieselError>((backend_pid(conn), setting(conn, "transaction_isolation")?))
         })
         .unwrap()
         .value;
@@ -548,10 +548,6 @@ fn a_panic_under_a_held_connection_rolls_back_and_keeps_it(protocol: Protocol) {
         "a new transaction, not the old one"
     );
     assert_eq!(db.count("marks"), 0);
-}
-
-fn db_isolation(conn: &mut PgConnection) -> QueryResult<String> {
-    setting(conn, "transaction_isolation")
 }
 
 for_each_protocol!(
