@@ -112,6 +112,22 @@ impl TestDb {
         format!("{base}/{}{query}", self.name)
     }
 
+    /// The test server's TCP address, for a proxy in front of it.
+    pub fn tcp_addr(&self) -> std::net::SocketAddr {
+        let port =
+            scalar::<Text, String>(&mut self.conn(), "current_setting('port')").expect("port");
+        format!("127.0.0.1:{port}").parse().expect("an address")
+    }
+
+    /// The test database's URL through a proxy listening on `port` on
+    /// 127.0.0.1, without TLS (which a proxy could not read).
+    pub fn url_via(&self, port: u16) -> String {
+        format!(
+            "postgresql://postgres@127.0.0.1:{port}/{}?sslmode=disable",
+            self.name
+        )
+    }
+
     /// Every account, as `(id, balance)` sorted by id.
     pub fn accounts(&self) -> Vec<(uuid::Uuid, i64)> {
         use bank::schema::accounts::dsl::*;
@@ -268,6 +284,10 @@ impl FakeClock {
     pub fn sleeps(&self) -> Vec<Duration> {
         self.sleeps.lock().unwrap().clone()
     }
+    /// Moves time forward by `by`, as work that takes that long would.
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap() += by;
+    }
 }
 
 impl Clock for FakeClock {
@@ -278,6 +298,22 @@ impl Clock for FakeClock {
         *self.now.lock().unwrap() += duration;
         self.sleeps.lock().unwrap().push(duration);
     }
+}
+
+/// Runs diesel CLI with `args` on `url` and the migrations in `migrations`,
+/// from an empty directory, so that it finds no diesel.toml and leaves
+/// src/schema.rs alone.
+pub fn run_diesel_cli(url: &str, migrations: &Path, args: &[&str]) -> Output {
+    let workdir = tempdir();
+    std::process::Command::new("diesel")
+        .args(args)
+        .arg("--database-url")
+        .arg(url)
+        .arg("--migration-dir")
+        .arg(migrations)
+        .current_dir(workdir.path())
+        .output()
+        .expect("diesel CLI on PATH (./dev test installs it)")
 }
 
 pub fn repo_root() -> PathBuf {

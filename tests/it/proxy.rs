@@ -1,20 +1,31 @@
 //! A TCP proxy for PostgreSQL's wire protocol on 127.0.0.1: it delays each
-//! direction by a fixed time (cloud latency), keeps every byte in order, and
-//! counts round trips, recording the statements the client sent in each.
-//! Used by the tests (round trips pinned per phase) and, as
-//! `examples/latency_proxy.rs`, by bench/run.
+//! direction by a fixed time (cloud latency), keeps every message in order,
+//! and counts round trips, recording the statements the client sent in each.
+//! Used by the tests (round trips pinned per phase, faults, CockroachDB's
+//! behaviours played on PostgreSQL) and, as `examples/latency_proxy.rs`, by
+//! bench/run.
 //!
-//! Each direction is a reader thread that stamps what it reads with the time
-//! it may be delivered, and a writer thread that delivers it then. Faults
-//! live in the reader, which is where every message passes: a proxy made by
-//! [`Proxy::cutting_commits`] cuts a connection at chosen `COMMIT`s, before
-//! forwarding the `COMMIT` or just after (the server commits, and its
-//! answer is lost).
+//! Each direction is a reader thread that cuts what it reads into protocol
+//! messages, lets a filter decide what goes on, and stamps it with the time
+//! it may be delivered, and a writer thread that delivers it then. The
+//! filters are where the faults live:
+//! - [`Proxy::cutting_commits`] cuts a connection at chosen `COMMIT`s, before
+//!   forwarding the `COMMIT` or just after (the server commits, and its
+//!   answer is lost);
+//! - [`Faults::inject`] answers chosen statements with an error from the
+//!   server (a drain's 57P01, say) without closing the connection;
+//! - [`Faults::cockroach`] plays CockroachDB's documented behaviours that
+//!   PostgreSQL does not have (see [`Cockroach`]).
+//!
+//! An error "from the server" is made by the server itself: the client's
+//! message is replaced by `DO $$ BEGIN RAISE EXCEPTION ... $$` with the
+//! SQLSTATE and text to play, so the server's transaction state (aborted,
+//! in a transaction block) stays what the client is told.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -52,39 +63,139 @@ pub enum Cut {
     AfterForwarding,
 }
 
-/// Which `COMMIT`s to cut: the `every`-th, counted across connections from
-/// 1 (every 2: the 1st, 3rd, 5th...; every 1: all).
-#[derive(Debug, Clone)]
-struct CommitCuts {
-    every: usize,
-    when: Cut,
-    seen: Arc<AtomicUsize>,
-    done: Arc<AtomicUsize>,
+/// CockroachDB's behaviours that PostgreSQL lacks, played at the wire so
+/// that tests on PostgreSQL meet them. Each follows a CockroachDB doc:
+/// - **autocommit before DDL** (`autocommit_before_ddl`, on by default
+///   since v25.1, and since v25.2 for a DDL that is the first statement
+///   after `BEGIN` too): "any schema change statement that is sent during an
+///   explicit transaction will cause the transaction to commit before
+///   executing the schema change"
+///   (<https://www.cockroachlabs.com/docs/stable/session-vars#autocommit-before-ddl>,
+///   <https://www.cockroachlabs.com/docs/stable/online-schema-changes#enable-automatic-commit-before-running-schema-changes-inside-transactions>).
+///   Played: a simple query whose first statement is `CREATE`, `ALTER` or
+///   `DROP`, sent while the session is in a transaction block (the last
+///   ReadyForQuery said `T`), is preceded by a `COMMIT` whose answer the
+///   client never sees. The DDL then runs outside any transaction block, and
+///   the client's `COMMIT` after it finds none (a warning on both servers).
+/// - **the message size limit** (`sql.conn.max_read_buffer_message_size`,
+///   16 MiB by default; cockroachdb/cockroach#63782): a client message
+///   larger than it is refused with SQLSTATE 08P01 ("message size ... bigger
+///   than maximum allowed message size ..."), and in the extended protocol
+///   the messages after it are discarded until Sync, as CockroachDB's
+///   pgwire tests show (`pkg/sql/pgwire/testdata/pgtest/large_input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cockroach {
+    /// Commit an open transaction before a DDL.
+    pub autocommit_before_ddl: bool,
+    /// The largest client message accepted, in bytes.
+    pub max_message: usize,
 }
 
-impl CommitCuts {
-    /// Whether the `COMMIT` just seen is one to cut.
-    fn this_one(&self) -> bool {
-        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        let cut = (n - 1) % self.every == 0;
-        if cut {
-            self.done.fetch_add(1, Ordering::Relaxed);
+impl Default for Cockroach {
+    /// Both behaviours, with CockroachDB's default limit (16 MiB).
+    fn default() -> Self {
+        Self {
+            autocommit_before_ddl: true,
+            max_message: 16 << 20,
         }
-        cut
     }
 }
 
+/// An error the server answers chosen simple queries with, the connection
+/// staying open: the `every`-th query (counted across connections from 1)
+/// whose text starts with `starting`.
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// The start of the queries concerned (`BEGIN`, `COMMIT`, ...).
+    pub starting: &'static str,
+    /// Which of them: every 1 is all, every 2 the 1st, 3rd, 5th...
+    pub every: usize,
+    /// The SQLSTATE to answer with.
+    pub code: &'static str,
+    /// The message to answer with.
+    pub message: &'static str,
+}
+
+/// What a proxy does besides forwarding.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// The delay of each direction.
+    pub delay: Duration,
+    /// Every connection after the first waits this long before it is
+    /// carried.
+    pub stall: Option<Duration>,
+    /// Cut every `.0`-th `COMMIT`, as `.1` says.
+    pub cut_commits: Option<(usize, Cut)>,
+    /// Errors to answer chosen queries with.
+    pub inject: Option<Injection>,
+    /// CockroachDB's behaviours to play.
+    pub cockroach: Option<Cockroach>,
+}
+
+/// What the filters did, counted across connections.
+#[derive(Debug, Default)]
+struct Counts {
+    commits_seen: AtomicUsize,
+    commits_cut: AtomicUsize,
+    queries_matched: AtomicUsize,
+    injected: AtomicUsize,
+    autocommits: AtomicUsize,
+    refused: AtomicUsize,
+}
+
 /// Whether a simple query's text commits: `COMMIT`, alone or as the last of
-/// several statements (the savepoint protocol's `RELEASE ...; COMMIT`).
+/// several statements (`SELECT 1; COMMIT`, the savepoint protocol's
+/// `RELEASE ...; COMMIT`).
 fn commits(sql: &str) -> bool {
     sql.split(';')
         .any(|s| s.trim().eq_ignore_ascii_case("COMMIT"))
 }
 
+/// Whether a simple query's first statement is a schema change (`CREATE`,
+/// `ALTER`, `DROP`), after any leading comments and blank lines.
+fn starts_with_ddl(sql: &str) -> bool {
+    let code = sql
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("--"))
+        .unwrap_or_default();
+    let word = code
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    ["CREATE", "ALTER", "DROP"]
+        .iter()
+        .any(|ddl| word.eq_ignore_ascii_case(ddl))
+}
+
+/// A simple-query message that makes the server itself answer with
+/// `code` and `message` (a plain error, so the connection stays open).
+fn raise(code: &str, message: &str) -> Vec<u8> {
+    query(&format!(
+        "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{}'; END $$",
+        message.replace('\'', "''")
+    ))
+}
+
+/// A simple-query message carrying `sql`.
+fn query(sql: &str) -> Vec<u8> {
+    let len = u32::try_from(4 + sql.len() + 1).expect("a short query");
+    let mut msg = vec![b'Q'];
+    msg.extend_from_slice(&len.to_be_bytes());
+    msg.extend_from_slice(sql.as_bytes());
+    msg.push(0);
+    msg
+}
+
+/// A size in the unit CockroachDB's message uses.
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
 /// A running proxy; dropping it closes every connection it carries.
 pub struct Proxy {
     port: u16,
-    cuts: Option<CommitCuts>,
+    counts: Arc<Counts>,
     log: Arc<Mutex<Log>>,
     stop: Arc<AtomicBool>,
     sockets: Arc<Mutex<Vec<TcpStream>>>,
@@ -98,7 +209,13 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn start(upstream: SocketAddr, delay: Duration) -> io::Result<Self> {
-        Self::start_with(upstream, delay, None, None)
+        Self::with_faults(
+            upstream,
+            Faults {
+                delay,
+                ..Faults::default()
+            },
+        )
     }
 
     /// Forwards to `upstream` at once, but every connection after the first
@@ -109,7 +226,13 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn stalling(upstream: SocketAddr, stall: Duration) -> io::Result<Self> {
-        Self::start_with(upstream, Duration::ZERO, Some(stall), None)
+        Self::with_faults(
+            upstream,
+            Faults {
+                stall: Some(stall),
+                ..Faults::default()
+            },
+        )
     }
 
     /// Forwards to `upstream` at once, and cuts the connection (both sides)
@@ -120,37 +243,45 @@ impl Proxy {
     /// # Errors
     /// Binding the listener.
     pub fn cutting_commits(upstream: SocketAddr, every: usize, when: Cut) -> io::Result<Self> {
-        let cuts = CommitCuts {
-            every: every.max(1),
-            when,
-            seen: Arc::default(),
-            done: Arc::default(),
-        };
-        Self::start_with(upstream, Duration::ZERO, None, Some(cuts))
+        Self::with_faults(
+            upstream,
+            Faults {
+                cut_commits: Some((every.max(1), when)),
+                ..Faults::default()
+            },
+        )
     }
 
-    /// `COMMIT`s cut so far.
-    pub fn commits_cut(&self) -> usize {
-        self.cuts
-            .as_ref()
-            .map_or(0, |c| c.done.load(Ordering::Relaxed))
+    /// Forwards to `upstream` at once, playing CockroachDB's behaviours
+    /// ([`Cockroach::default`]: both, with the 16 MiB limit).
+    ///
+    /// # Errors
+    /// Binding the listener.
+    pub fn emulating_cockroach(upstream: SocketAddr) -> io::Result<Self> {
+        Self::with_faults(
+            upstream,
+            Faults {
+                cockroach: Some(Cockroach::default()),
+                ..Faults::default()
+            },
+        )
     }
 
-    fn start_with(
-        upstream: SocketAddr,
-        delay: Duration,
-        stall: Option<Duration>,
-        cuts: Option<CommitCuts>,
-    ) -> io::Result<Self> {
+    /// Forwards to `upstream` with `faults`.
+    ///
+    /// # Errors
+    /// Binding the listener.
+    pub fn with_faults(upstream: SocketAddr, faults: Faults) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
+        let counts = Arc::new(Counts::default());
         let log = Arc::new(Mutex::new(Log::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let sockets = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
-            let (log, stop, sockets) = (log.clone(), stop.clone(), sockets.clone());
-            let cuts = cuts.clone();
+            let (counts, log, stop, sockets) =
+                (counts.clone(), log.clone(), stop.clone(), sockets.clone());
             thread::spawn(move || {
                 // Polls so that it notices `stop` within 20 ms.
                 while !stop.load(Ordering::Relaxed) {
@@ -161,16 +292,20 @@ impl Proxy {
                                 log.connections += 1;
                                 log.connections - 1
                             };
-                            let (log, sockets) = (log.clone(), sockets.clone());
-                            let cuts = cuts.clone();
+                            let carried = Carried {
+                                id,
+                                upstream,
+                                faults: faults.clone(),
+                                counts: counts.clone(),
+                                log: log.clone(),
+                            };
+                            let sockets = sockets.clone();
                             let go = move || {
-                                if let Err(err) =
-                                    carry(client, upstream, delay, id, log, &sockets, cuts)
-                                {
+                                if let Err(err) = carried.start(client, &sockets) {
                                     eprintln!("proxy: connection {id}: {err}");
                                 }
                             };
-                            match stall.filter(|_| id > 0) {
+                            match faults.stall.filter(|_| id > 0) {
                                 // The stall is the fault itself, bounded by
                                 // its length.
                                 Some(stall) => drop(thread::spawn(move || {
@@ -190,7 +325,7 @@ impl Proxy {
         };
         Ok(Self {
             port,
-            cuts,
+            counts,
             log,
             stop,
             sockets,
@@ -211,6 +346,26 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         lock(&self.log).connections
+    }
+
+    /// `COMMIT`s cut so far.
+    pub fn commits_cut(&self) -> usize {
+        self.counts.commits_cut.load(Ordering::Relaxed)
+    }
+
+    /// Errors injected so far ([`Faults::inject`]).
+    pub fn injected(&self) -> usize {
+        self.counts.injected.load(Ordering::Relaxed)
+    }
+
+    /// Transactions committed before a DDL ([`Cockroach::autocommit_before_ddl`]).
+    pub fn autocommits(&self) -> usize {
+        self.counts.autocommits.load(Ordering::Relaxed)
+    }
+
+    /// Client messages refused for their size ([`Cockroach::max_message`]).
+    pub fn refused(&self) -> usize {
+        self.counts.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -272,98 +427,425 @@ pub fn per_phase(round_trips: &[RoundTrip]) -> BTreeMap<&'static str, usize> {
     counts
 }
 
-/// Starts the four threads of one proxied connection.
-fn carry(
-    client: TcpStream,
-    upstream: SocketAddr,
-    delay: Duration,
-    id: usize,
-    log: Arc<Mutex<Log>>,
-    sockets: &Mutex<Vec<TcpStream>>,
-    cuts: Option<CommitCuts>,
-) -> io::Result<()> {
-    client.set_nonblocking(false)?;
-    client.set_nodelay(true)?;
-    let server = TcpStream::connect(upstream)?;
-    server.set_nodelay(true)?;
-    lock(sockets).extend([client.try_clone()?, server.try_clone()?]);
-    let turn = Arc::new(Mutex::new(Turn::Server));
-    // Set once this connection is being cut: the server's answers are
-    // dropped from then on.
-    let cutting = Arc::new(AtomicBool::new(false));
-    let mut parser = ClientParser::default();
-    let (to_server, to_client) = (server.try_clone()?, client.try_clone()?);
-    let from_client = {
-        let (log, turn, cutting) = (log.clone(), turn.clone(), cutting.clone());
-        move |bytes: &[u8]| -> Forward {
-            let sent = parser.feed(bytes);
-            let cut = cuts
-                .as_ref()
-                .filter(|c| sent.iter().any(|s| commits(s)) && c.this_one())
-                .map(|c| c.when);
-            let mut log = lock(&log);
-            let mut turn = lock(&turn);
-            let only_terminate = sent.iter().all(|s| s == "<terminate>") && !sent.is_empty();
-            if *turn == Turn::Server && !only_terminate {
-                log.round_trips.push(RoundTrip {
-                    connection: id,
-                    sent: Vec::new(),
-                });
-            }
-            *turn = Turn::Client;
-            if let Some(current) = log
-                .round_trips
-                .iter_mut()
-                .rev()
-                .find(|r| r.connection == id)
-            {
-                current
-                    .sent
-                    .extend(sent.into_iter().filter(|s| s != "<terminate>"));
-            }
-            drop((log, turn));
-            let Some(cut) = cut else {
-                return Forward::Yes;
-            };
-            cutting.store(true, Ordering::SeqCst);
-            if cut == Cut::AfterForwarding {
-                // Straight to the server, not through the (undelayed)
-                // writer: the client waited for every earlier answer, so
-                // nothing is queued ahead of it.
-                let _ = (&to_server).write_all(bytes);
-                let _ = (&to_server).flush();
-            }
-            let _ = to_server.shutdown(Shutdown::Both);
-            let _ = to_client.shutdown(Shutdown::Both);
-            Forward::No
-        }
-    };
-    let from_server = move |_: &[u8]| {
-        *lock(&turn) = Turn::Server;
-        if cutting.load(Ordering::SeqCst) {
-            Forward::No
-        } else {
-            Forward::Yes
-        }
-    };
-    pump(client.try_clone()?, server.try_clone()?, delay, from_client);
-    pump(server, client, delay, from_server);
-    Ok(())
+/// The session as the two directions of one connection share it.
+#[derive(Default)]
+struct Session {
+    /// The status of the last ReadyForQuery: `I`, `T` or `E`.
+    status: AtomicU8,
+    /// Answers of the server to drop, each ending with a ReadyForQuery: the
+    /// answers to statements the proxy sent on its own.
+    swallow: AtomicUsize,
+    /// One-byte answers due from the server (to an SSL or GSS request).
+    one_byte_answers: AtomicUsize,
+    /// Set once this connection is being cut: the server's answers are
+    /// dropped from then on.
+    cutting: AtomicBool,
 }
 
-/// Whether a chunk read goes on to the other side.
-enum Forward {
-    Yes,
+/// One connection to carry.
+struct Carried {
+    id: usize,
+    upstream: SocketAddr,
+    faults: Faults,
+    counts: Arc<Counts>,
+    log: Arc<Mutex<Log>>,
+}
+
+impl Carried {
+    /// Connects upstream and starts the four threads.
+    fn start(self, client: TcpStream, sockets: &Mutex<Vec<TcpStream>>) -> io::Result<()> {
+        client.set_nonblocking(false)?;
+        client.set_nodelay(true)?;
+        let server = TcpStream::connect(self.upstream)?;
+        server.set_nodelay(true)?;
+        lock(sockets).extend([client.try_clone()?, server.try_clone()?]);
+        let session = Arc::new(Session::default());
+        let turn = Arc::new(Mutex::new(Turn::Server));
+        let delay = self.faults.delay;
+        let mut client_side = ClientSide {
+            carried: self,
+            session: session.clone(),
+            turn: turn.clone(),
+            to_server: server.try_clone()?,
+            to_client: client.try_clone()?,
+            messages: Messages::default(),
+            dropping: Dropping::No,
+        };
+        let mut server_side = ServerSide {
+            session,
+            turn,
+            messages: Messages::default(),
+        };
+        pump(client.try_clone()?, server.try_clone()?, delay, move |b| {
+            client_side.feed(b)
+        });
+        pump(server, client, delay, move |b| server_side.feed(b));
+        Ok(())
+    }
+}
+
+/// Cuts a byte stream into protocol messages, in place: a large result of
+/// many small rows goes through without a copy or a shift per message.
+#[derive(Default)]
+struct Messages {
+    buffer: Vec<u8>,
+    /// Startup messages (no type byte) are over.
+    typed: bool,
+    /// TLS was agreed: nothing more can be read.
+    encrypted: bool,
+    /// Bytes of an oversized message still to come, to throw away.
+    skipping: usize,
+}
+
+/// One message, or what could be read of one.
+enum Message<'a> {
+    /// A startup-phase message (SSLRequest, StartupMessage...).
+    Untyped(&'a [u8]),
+    /// A typed message, whole.
+    Typed(u8, &'a [u8]),
+    /// The header of a message longer than the limit given: its type and
+    /// length; its body is skipped as it arrives.
+    Oversized(u8, usize),
+    /// Bytes after TLS was agreed.
+    Opaque(&'a [u8]),
+}
+
+/// SSLRequest's and GSSENCRequest's codes, which a startup message follows.
+const SSL_REQUEST: u32 = 80_877_103;
+const GSS_REQUEST: u32 = 80_877_104;
+
+impl Messages {
+    /// Calls `each` with every whole message in what has arrived so far;
+    /// messages longer than `limit` are reported by their header and
+    /// skipped.
+    fn scan(&mut self, bytes: &[u8], limit: usize, mut each: impl FnMut(Message<'_>)) {
+        if self.encrypted {
+            return each(Message::Opaque(bytes));
+        }
+        let mut bytes = bytes;
+        if self.skipping > 0 {
+            let skip = self.skipping.min(bytes.len());
+            self.skipping -= skip;
+            bytes = &bytes[skip..];
+        }
+        self.buffer.extend_from_slice(bytes);
+        // A TLS handshake record where a startup message would be (after
+        // an SSL request the server accepted): the rest is opaque. A startup
+        // message opens with its length, whose first byte is 0.
+        if !self.typed && self.buffer.first() == Some(&0x16) {
+            self.encrypted = true;
+            return each(Message::Opaque(&std::mem::take(&mut self.buffer)));
+        }
+        let mut at = 0;
+        loop {
+            let rest = &self.buffer[at..];
+            let header = if self.typed { 5 } else { 4 };
+            if rest.len() < header {
+                break;
+            }
+            let from = header - 4;
+            let length =
+                u32::from_be_bytes([rest[from], rest[from + 1], rest[from + 2], rest[from + 3]])
+                    as usize;
+            let total = from + length;
+            if self.typed && total > limit {
+                let have = rest.len().min(total);
+                each(Message::Oversized(rest[0], total));
+                at += have;
+                self.skipping = total - have;
+                if self.skipping > 0 {
+                    break;
+                }
+                continue;
+            }
+            if rest.len() < total {
+                break;
+            }
+            let message = &rest[..total];
+            at += total;
+            if self.typed {
+                each(Message::Typed(message[0], message));
+            } else {
+                let code = u32::from_be_bytes([message[4], message[5], message[6], message[7]]);
+                // Anything but an SSL or GSS request is the startup message.
+                self.typed = !matches!(code, SSL_REQUEST | GSS_REQUEST);
+                each(Message::Untyped(message));
+            }
+        }
+        self.buffer.drain(..at);
+    }
+}
+
+/// Whether, and why, client messages are being thrown away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dropping {
     No,
+    /// An oversized extended-protocol message: until the next Sync, which
+    /// is answered with the refusal.
+    UntilSync(usize),
+    /// The connection is being cut.
+    Everything,
+}
+
+/// The client's direction: logs what it sent, and plays the faults.
+struct ClientSide {
+    carried: Carried,
+    session: Arc<Session>,
+    turn: Arc<Mutex<Turn>>,
+    to_server: TcpStream,
+    to_client: TcpStream,
+    messages: Messages,
+    dropping: Dropping,
+}
+
+impl ClientSide {
+    /// What to forward of `bytes`.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let limit = self
+            .carried
+            .faults
+            .cockroach
+            .map_or(usize::MAX, |c| c.max_message);
+        let mut forward = Vec::new();
+        let mut sent = Vec::new();
+        let mut messages = std::mem::take(&mut self.messages);
+        messages.scan(bytes, limit, |message| {
+            if self.dropping == Dropping::Everything {
+                return;
+            }
+            match message {
+                Message::Opaque(bytes) => {
+                    sent.push("<encrypted>".to_owned());
+                    forward.extend_from_slice(bytes);
+                }
+                Message::Untyped(bytes) => {
+                    let code = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+                    sent.push(
+                        match code {
+                            SSL_REQUEST => "<ssl request>",
+                            GSS_REQUEST => "<gss request>",
+                            _ => "<startup>",
+                        }
+                        .to_owned(),
+                    );
+                    if matches!(code, SSL_REQUEST | GSS_REQUEST) {
+                        self.session.one_byte_answers.fetch_add(1, Ordering::SeqCst);
+                    }
+                    forward.extend_from_slice(bytes);
+                }
+                Message::Oversized(kind, size) => {
+                    self.carried.counts.refused.fetch_add(1, Ordering::Relaxed);
+                    sent.push(format!("<{size} bytes refused>"));
+                    if kind == b'Q' {
+                        forward.extend(self.refusal(size));
+                    } else {
+                        self.dropping = Dropping::UntilSync(size);
+                    }
+                }
+                Message::Typed(kind, bytes) => {
+                    if let Dropping::UntilSync(size) = self.dropping {
+                        if kind == b'S' {
+                            self.dropping = Dropping::No;
+                            forward.extend(self.refusal(size));
+                        }
+                        return;
+                    }
+                    self.typed(kind, bytes, &mut forward, &mut sent);
+                }
+            }
+        });
+        self.messages = messages;
+        self.log(sent);
+        forward
+    }
+
+    /// CockroachDB's refusal of a message of `size` bytes, made by the
+    /// server.
+    fn refusal(&self, size: usize) -> Vec<u8> {
+        let limit = self
+            .carried
+            .faults
+            .cockroach
+            .map_or(usize::MAX, |c| c.max_message);
+        raise(
+            "08P01",
+            &format!(
+                "message size {} bigger than maximum allowed message size {}",
+                mib(size),
+                mib(limit)
+            ),
+        )
+    }
+
+    /// One whole typed message: forwarded, replaced, preceded, or the point
+    /// where the connection is cut.
+    fn typed(&mut self, kind: u8, bytes: &[u8], forward: &mut Vec<u8>, sent: &mut Vec<String>) {
+        let body = &bytes[5..];
+        let text = |bytes: &[u8]| {
+            let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        };
+        let sql = match kind {
+            b'Q' => Some(text(body)),
+            b'P' => {
+                let name_end = body.iter().position(|b| *b == 0).unwrap_or(0);
+                sent.push(text(&body[name_end + 1..]));
+                None
+            }
+            b'p' => {
+                sent.push("<password>".to_owned());
+                None
+            }
+            b'X' => {
+                sent.push("<terminate>".to_owned());
+                None
+            }
+            _ => None,
+        };
+        let Some(sql) = sql else {
+            forward.extend_from_slice(bytes);
+            return;
+        };
+        sent.push(sql.clone());
+        let faults = &self.carried.faults;
+        let counts = &self.carried.counts;
+        if let Some(inject) = &faults.inject {
+            if sql.trim_start().starts_with(inject.starting) {
+                let n = counts.queries_matched.fetch_add(1, Ordering::Relaxed) + 1;
+                if (n - 1) % inject.every.max(1) == 0 {
+                    counts.injected.fetch_add(1, Ordering::Relaxed);
+                    forward.extend(raise(inject.code, inject.message));
+                    return;
+                }
+            }
+        }
+        let autocommit = faults.cockroach.is_some_and(|c| c.autocommit_before_ddl);
+        if autocommit && self.session.status.load(Ordering::SeqCst) == b'T' && starts_with_ddl(&sql)
+        {
+            counts.autocommits.fetch_add(1, Ordering::Relaxed);
+            self.session.swallow.fetch_add(1, Ordering::SeqCst);
+            forward.extend(query("COMMIT"));
+        }
+        if let Some((every, when)) = faults.cut_commits {
+            if commits(&sql) {
+                let n = counts.commits_seen.fetch_add(1, Ordering::Relaxed) + 1;
+                if (n - 1) % every == 0 {
+                    counts.commits_cut.fetch_add(1, Ordering::Relaxed);
+                    self.cut(when, forward, bytes);
+                    return;
+                }
+            }
+        }
+        forward.extend_from_slice(bytes);
+    }
+
+    /// Cuts the connection at the `COMMIT` in `commit`, after sending what
+    /// came before it (and it, when `when` says so) straight to the server:
+    /// the client waited for every earlier answer, so nothing is queued
+    /// ahead of it.
+    fn cut(&mut self, when: Cut, forward: &mut Vec<u8>, commit: &[u8]) {
+        self.session.cutting.store(true, Ordering::SeqCst);
+        self.dropping = Dropping::Everything;
+        if when == Cut::AfterForwarding {
+            forward.extend_from_slice(commit);
+        }
+        let _ = (&self.to_server).write_all(forward);
+        let _ = (&self.to_server).flush();
+        forward.clear();
+        let _ = self.to_server.shutdown(Shutdown::Both);
+        let _ = self.to_client.shutdown(Shutdown::Both);
+    }
+
+    /// Records what the client sent as part of the current round trip, or
+    /// of a new one if the server spoke last.
+    fn log(&self, sent: Vec<String>) {
+        if sent.is_empty() {
+            return;
+        }
+        let id = self.carried.id;
+        let mut log = lock(&self.carried.log);
+        let mut turn = lock(&self.turn);
+        let only_terminate = sent.iter().all(|s| s == "<terminate>");
+        if *turn == Turn::Server && !only_terminate {
+            log.round_trips.push(RoundTrip {
+                connection: id,
+                sent: Vec::new(),
+            });
+        }
+        *turn = Turn::Client;
+        if let Some(current) = log
+            .round_trips
+            .iter_mut()
+            .rev()
+            .find(|r| r.connection == id)
+        {
+            current
+                .sent
+                .extend(sent.into_iter().filter(|s| s != "<terminate>"));
+        }
+    }
+}
+
+/// The server's direction: tracks the session's status, and drops the
+/// answers to what the proxy sent on its own.
+struct ServerSide {
+    session: Arc<Session>,
+    turn: Arc<Mutex<Turn>>,
+    messages: Messages,
+}
+
+impl ServerSide {
+    fn feed(&mut self, mut bytes: &[u8]) -> Vec<u8> {
+        *lock(&self.turn) = Turn::Server;
+        if self.session.cutting.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut forward = Vec::new();
+        // The one-byte answer to an SSL or GSS request comes before any
+        // message: `S` (or `G`) means encryption from here on.
+        while !bytes.is_empty()
+            && !self.messages.encrypted
+            && self.session.one_byte_answers.load(Ordering::SeqCst) > 0
+        {
+            self.session.one_byte_answers.fetch_sub(1, Ordering::SeqCst);
+            if matches!(bytes[0], b'S' | b'G') {
+                self.messages.encrypted = true;
+            }
+            forward.push(bytes[0]);
+            bytes = &bytes[1..];
+        }
+        self.messages.typed = true;
+        let session = &self.session;
+        self.messages
+            .scan(bytes, usize::MAX, |message| match message {
+                Message::Opaque(bytes) | Message::Untyped(bytes) => {
+                    forward.extend_from_slice(bytes)
+                }
+                Message::Typed(kind, bytes) => {
+                    if kind == b'Z' {
+                        session.status.store(bytes[5], Ordering::SeqCst);
+                    }
+                    if session.swallow.load(Ordering::SeqCst) > 0 {
+                        if kind == b'Z' {
+                            session.swallow.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        return;
+                    }
+                    forward.extend_from_slice(bytes);
+                }
+                Message::Oversized(..) => {}
+            });
+        forward
+    }
 }
 
 /// Copies `from` to `to`, each chunk delivered `delay` after it was read,
-/// unless `seen` says otherwise.
+/// as `filter` rewrites it.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     delay: Duration,
-    mut seen: impl FnMut(&[u8]) -> Forward + Send + 'static,
+    mut filter: impl FnMut(&[u8]) -> Vec<u8> + Send + 'static,
 ) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     thread::spawn(move || {
@@ -372,13 +854,11 @@ fn pump(
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if let Forward::No = seen(&buf[..n]) {
+                    let forward = filter(&buf[..n]);
+                    if forward.is_empty() {
                         continue;
                     }
-                    if tx
-                        .send((Instant::now() + delay, buf[..n].to_vec()))
-                        .is_err()
-                    {
+                    if tx.send((Instant::now() + delay, forward)).is_err() {
                         break;
                     }
                 }
@@ -399,72 +879,47 @@ fn pump(
     });
 }
 
-/// Reads the client's side of the protocol far enough to name what it sent.
-#[derive(Default)]
-struct ClientParser {
-    buffer: Vec<u8>,
-    started: bool,
-    /// After the server accepted TLS nothing more can be read.
-    encrypted: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl ClientParser {
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
-        let mut sent = Vec::new();
-        if self.encrypted {
-            return vec!["<encrypted>".to_owned()];
-        }
-        self.buffer.extend_from_slice(bytes);
-        // A TLS handshake record after an SSL request: the rest is opaque.
-        if !self.started && self.buffer.first() == Some(&0x16) {
-            self.encrypted = true;
-            return vec!["<encrypted>".to_owned()];
-        }
-        loop {
-            let header = if self.started { 5 } else { 4 };
-            if self.buffer.len() < header {
-                break;
+    #[test]
+    fn ddl_is_recognised_after_comments_and_commits_inside_batches() {
+        assert!(starts_with_ddl(
+            "-- a comment\n\nCREATE TABLE IF NOT EXISTS x (id INT)"
+        ));
+        assert!(starts_with_ddl("alter table x add column y int"));
+        assert!(starts_with_ddl("DROP TABLE x;"));
+        assert!(!starts_with_ddl("INSERT INTO x VALUES (1)"));
+        assert!(!starts_with_ddl("-- CREATE\nSELECT 1"));
+        assert!(commits("SELECT 1; COMMIT"));
+        assert!(commits("RELEASE SAVEPOINT cockroach_restart; COMMIT"));
+        assert!(!commits("SELECT 'COMMIT'"));
+    }
+
+    #[test]
+    fn an_oversized_message_is_reported_by_its_header_and_skipped_as_it_arrives() {
+        let mut messages = Messages {
+            typed: true,
+            ..Messages::default()
+        };
+        let mut big = vec![b'B'];
+        big.extend_from_slice(&(4 + 100u32).to_be_bytes());
+        big.extend(vec![7; 100]);
+        let small = query("SELECT 1");
+        let mut stream = big.clone();
+        stream.extend(&small);
+        let (first, rest) = stream.split_at(40);
+        let mut seen = Vec::new();
+        let mut note = |m: Message<'_>| match m {
+            Message::Oversized(kind, size) => {
+                seen.push(format!("oversized {} {size}", kind as char))
             }
-            let at = header - 4;
-            let length = u32::from_be_bytes([
-                self.buffer[at],
-                self.buffer[at + 1],
-                self.buffer[at + 2],
-                self.buffer[at + 3],
-            ]) as usize;
-            let total = at + length;
-            if self.buffer.len() < total {
-                break;
-            }
-            let message: Vec<u8> = self.buffer.drain(..total).collect();
-            if !self.started {
-                let code = u32::from_be_bytes([message[4], message[5], message[6], message[7]]);
-                match code {
-                    80_877_103 => sent.push("<ssl request>".to_owned()),
-                    80_877_104 => sent.push("<gss request>".to_owned()),
-                    _ => {
-                        self.started = true;
-                        sent.push("<startup>".to_owned());
-                    }
-                }
-                continue;
-            }
-            let body = &message[5..];
-            let text = |bytes: &[u8]| {
-                let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-                String::from_utf8_lossy(&bytes[..end]).into_owned()
-            };
-            match message[0] {
-                b'Q' => sent.push(text(body)),
-                b'P' => {
-                    let name_end = body.iter().position(|b| *b == 0).unwrap_or(0);
-                    sent.push(text(&body[name_end + 1..]));
-                }
-                b'p' => sent.push("<password>".to_owned()),
-                b'X' => sent.push("<terminate>".to_owned()),
-                _ => {}
-            }
-        }
-        sent
+            Message::Typed(kind, bytes) => seen.push(format!("{} {}", kind as char, bytes.len())),
+            _ => seen.push("other".to_owned()),
+        };
+        messages.scan(first, 50, &mut note);
+        messages.scan(rest, 50, &mut note);
+        assert_eq!(seen, ["oversized B 105", "Q 14"]);
     }
 }

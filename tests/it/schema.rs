@@ -48,19 +48,8 @@ fn apply(db: &TestDb, path: Path) {
     }
 }
 
-/// Runs diesel CLI from an empty directory, so that it finds no diesel.toml
-/// and leaves src/schema.rs alone.
 fn diesel_cli(db: &TestDb, args: &[&str]) {
-    let workdir = tempdir();
-    let out = Command::new("diesel")
-        .args(args)
-        .arg("--database-url")
-        .arg(db.url_string())
-        .arg("--migration-dir")
-        .arg(repo_root().join("migrations"))
-        .current_dir(workdir.path())
-        .output()
-        .expect("diesel CLI on PATH (./dev test installs it)");
+    let out = run_diesel_cli(&db.url_string(), &repo_root().join("migrations"), args);
     assert!(
         out.status.success(),
         "diesel {args:?}: {}",

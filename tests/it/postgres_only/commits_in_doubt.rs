@@ -7,31 +7,15 @@
 //! printed. Only a budget spent before the doubt is resolved leaves it in
 //! doubt.
 
-use std::net::SocketAddr;
 use std::thread;
 
 use bank::db::{self, DbUrl};
 use bank::plan::{Batches, Plan};
-use diesel::sql_types::Text;
 use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
 
 use crate::helpers::*;
 use crate::main_job::{check_story, parse};
 use crate::proxy::{Cut, Proxy};
-
-/// The test server's TCP address.
-fn server_addr(db: &TestDb) -> SocketAddr {
-    let port = scalar::<Text, String>(&mut db.conn(), "current_setting('port')").unwrap();
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
-
-fn through(proxy: &Proxy, db: &TestDb) -> String {
-    format!(
-        "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
-        proxy.port(),
-        db.name
-    )
-}
 
 /// What `-v` says of each phase's commit, by where it was cut.
 fn resolved(cut: Cut) -> &'static str {
@@ -43,8 +27,8 @@ fn resolved(cut: Cut) -> &'static str {
 
 fn the_default_job_through_every_other_commit_cut(cut: Cut) {
     let db = TestDb::migrated();
-    let proxy = Proxy::cutting_commits(server_addr(&db), 2, cut).unwrap();
-    let out = bank(&["--database-url", &through(&proxy, &db), "-v"]);
+    let proxy = Proxy::cutting_commits(db.tcp_addr(), 2, cut).unwrap();
+    let out = bank(&["--database-url", &db.url_via(proxy.port()), "-v"]);
     assert_ok(&out);
     // The 1st, 3rd and 5th COMMIT: the first attempt of each phase.
     assert_eq!(proxy.commits_cut(), 3);
@@ -83,8 +67,8 @@ fn the_main_job_resolves_commits_cut_before_they_reached_the_server() {
 /// cockroach_restart; COMMIT`.
 fn the_savepoint_protocol_through_every_other_commit_cut(cut: Cut) {
     let db = TestDb::migrated();
-    let proxy = Proxy::cutting_commits(server_addr(&db), 2, cut).unwrap();
-    let pool = db::pool(&DbUrl::parse(&through(&proxy, &db)).unwrap(), 2).unwrap();
+    let proxy = Proxy::cutting_commits(db.tcp_addr(), 2, cut).unwrap();
+    let pool = db::pool(&DbUrl::parse(&db.url_via(proxy.port())).unwrap(), 2).unwrap();
     let retrier =
         Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
     let plan = Plan::new(20, 3, Batches::default()).unwrap();
@@ -149,9 +133,9 @@ fn the_savepoint_protocol_resolves_commits_cut_before_they_reached_the_server() 
 /// and the cuts.
 fn workload_through_every_25th_commit_cut(cut: Cut) -> (serde_json::Value, usize) {
     let db = TestDb::migrated();
-    let proxy = Proxy::cutting_commits(server_addr(&db), 25, cut).unwrap();
+    let proxy = Proxy::cutting_commits(db.tcp_addr(), 25, cut).unwrap();
     let args = workload_args(
-        &through(&proxy, &db),
+        &db.url_via(proxy.port()),
         &[],
         4,
         100,
@@ -211,10 +195,10 @@ fn a_budget_spent_before_the_doubt_is_resolved_leaves_it_in_doubt() {
     for cut in [Cut::AfterForwarding, Cut::BeforeForwarding] {
         let db = TestDb::migrated();
         // Every COMMIT cut: no attempt ever hears its answer.
-        let proxy = Proxy::cutting_commits(server_addr(&db), 1, cut).unwrap();
+        let proxy = Proxy::cutting_commits(db.tcp_addr(), 1, cut).unwrap();
         let out = bank(&[
             "--database-url",
-            &through(&proxy, &db),
+            &db.url_via(proxy.port()),
             "--max-retries",
             "2",
             "--accounts",

@@ -4,10 +4,7 @@
 //! (the final Terminate, which nobody answers, is not one).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
-
-use diesel::sql_types::Text;
 
 use bank::plan::{Batches, Plan};
 use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
@@ -15,15 +12,9 @@ use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
 use crate::helpers::*;
 use crate::proxy::{per_phase, Proxy, RoundTrip};
 
-/// The test server's TCP address.
-fn server_addr(db: &TestDb) -> SocketAddr {
-    let port = scalar::<Text, String>(&mut db.conn(), "current_setting('port')").unwrap();
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
-
 fn main_job_through_proxy(params: &str) -> (Vec<RoundTrip>, usize) {
     let db = TestDb::migrated();
-    let proxy = Proxy::start(server_addr(&db), Duration::ZERO).unwrap();
+    let proxy = Proxy::start(db.tcp_addr(), Duration::ZERO).unwrap();
     let url = format!(
         "postgresql://postgres@127.0.0.1:{}/{}{params}",
         proxy.port(),
@@ -68,7 +59,7 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     // PostgreSQL. BEGIN with SAVEPOINT, and RELEASE with COMMIT, go as one
     // message each.
     let db = TestDb::migrated();
-    let proxy = Proxy::start(server_addr(&db), Duration::ZERO).unwrap();
+    let proxy = Proxy::start(db.tcp_addr(), Duration::ZERO).unwrap();
     let url = bank::db::DbUrl::parse(&format!(
         "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
         proxy.port(),
