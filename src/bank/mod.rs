@@ -24,6 +24,15 @@ pub const ROWS_PER_INSERT: usize = 2_000;
 /// statement.
 pub const MAX_ROWS_PER_INSERT: usize = 65_535 / 2;
 
+/// Ids bound by one statement at most: a statement that names more (a
+/// delete batch, the balance check of a million accounts) is sent as
+/// several. CockroachDB refuses any client message over
+/// `sql.conn.max_read_buffer_message_size`, 16 MiB by default
+/// (cockroachdb/cockroach#63782), and ids travel in one array parameter of
+/// 20 bytes each (16 for the UUID, 4 for its length): 50,000 of them are
+/// about 1 MB, whatever `--accounts` or `--rows-per-transaction` says.
+pub const IDS_PER_STATEMENT: usize = 50_000;
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
@@ -113,12 +122,14 @@ pub fn insert_accounts_resolving(
         return Ok(inserted);
     }
     let ids: Vec<Uuid> = rows.iter().map(|a| a.id).collect();
-    let found: Vec<Account> = accounts::table
-        .filter(accounts::id.eq_any(&ids))
-        .select(Account::as_select())
-        .load(conn)?;
-    let found: std::collections::HashMap<Uuid, i64> =
-        found.into_iter().map(|a| (a.id, a.balance)).collect();
+    let mut found = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let accounts: Vec<Account> = accounts::table
+            .filter(accounts::id.eq_any(chunk))
+            .select(Account::as_select())
+            .load(conn)?;
+        found.extend(accounts.into_iter().map(|a| (a.id, a.balance)));
+    }
     if let Some(other) = rows.iter().find(|a| found.get(&a.id) != Some(&a.balance)) {
         ctx.not_applied_earlier();
         return Err(BankError::NotOurs(other.id));
@@ -458,8 +469,9 @@ impl QueryFragment<Pg> for MoveFunds {
 
 impl RunQueryDsl<PgConnection> for MoveFunds {}
 
-/// Deletes the given accounts in one statement and returns the ids that
-/// were there to delete, in the order given.
+/// Deletes the given accounts, in one statement per
+/// [`IDS_PER_STATEMENT`] ids, and returns the ids that were there to
+/// delete, in the order given.
 ///
 /// Idempotent by the ids, chosen before the transaction: in a retry after a
 /// commit in doubt (`ctx`) they are gone either way once the statement ran
@@ -474,11 +486,14 @@ pub fn delete_accounts(
     ids: &[Uuid],
     ctx: &Context,
 ) -> QueryResult<Vec<Uuid>> {
-    let deleted: HashSet<Uuid> = diesel::delete(accounts::table.filter(accounts::id.eq_any(ids)))
-        .returning(accounts::id)
-        .get_results::<Uuid>(conn)?
-        .into_iter()
-        .collect();
+    let mut deleted = HashSet::with_capacity(ids.len());
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        deleted.extend(
+            diesel::delete(accounts::table.filter(accounts::id.eq_any(chunk)))
+                .returning(accounts::id)
+                .get_results::<Uuid>(conn)?,
+        );
+    }
     if ctx.in_doubt() {
         if deleted.is_empty() && !ids.is_empty() {
             ctx.applied_earlier();
@@ -494,78 +509,75 @@ pub fn delete_accounts(
         .collect())
 }
 
-/// The sum of the given accounts' balances and how many are negative.
-///
-/// # Errors
-/// The database's error.
-pub fn balance_summary(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<(i64, i64)> {
-    // SUM(INT8) is NUMERIC on both servers, cast back to INT8 here. INT8
-    // holds any sum below 2^63 (about 9.2e18): with balances created below
-    // 1,000,000 and transfers that keep the total, that is over nine trillion
-    // accounts. Past that the cast fails with an out-of-range error; it never
-    // wraps.
-    accounts::table
-        .filter(accounts::id.eq_any(ids))
-        .select((
-            diesel::dsl::sql::<BigInt>("COALESCE(SUM(balance), 0)::INT8"),
-            diesel::dsl::sql::<BigInt>("COUNT(*) FILTER (WHERE balance < 0)"),
-        ))
-        .get_result(conn)
-}
-
-/// The ledger reconciled against the balances of a run's accounts.
+/// A run's accounts after its transfers, against their initial balances
+/// and the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reconciled {
+pub struct Audit {
+    /// The sum of their balances now.
+    pub total: i64,
+    /// How many of them hold a negative balance.
+    pub negative: i64,
     /// The ledger's rows from these accounts.
-    pub rows: u64,
+    pub ledger_rows: u64,
     /// Accounts whose balance is not their initial one plus the ledger's
     /// movements (or that are gone).
     pub mismatched_accounts: u64,
 }
 
-/// Reconciles the ledger with the balances of `ids`, whose balances were
-/// `initial` (in the same order) before any transfer: every balance must be
-/// its initial one plus what the ledger moved into it, less what it moved
-/// out. The ledger is summed on the server, one row per pair of accounts.
+/// Reads the balances of `ids`, whose balances were `initial` (in the same
+/// order) before any transfer, and reconciles them with the ledger: every
+/// balance must be its initial one plus what the ledger moved into it, less
+/// what it moved out. The ledger is summed on the server, one row per pair
+/// of accounts; the balances are read once, and summed here. One statement
+/// of each per [`IDS_PER_STATEMENT`] ids.
 ///
 /// # Errors
-/// The database's error.
-pub fn reconcile(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-    initial: &[i64],
-) -> QueryResult<Reconciled> {
+/// The database's error, or a sum of balances past INT8 (which holds any
+/// sum below 2^63: with balances created below 1,000,000 and transfers that
+/// keep the total, over nine trillion accounts).
+pub fn audit(conn: &mut PgConnection, ids: &[Uuid], initial: &[i64]) -> QueryResult<Audit> {
     use diesel::dsl::{count_star, sql};
-    let moved: Vec<(Uuid, Uuid, i64, i64)> = transfers::table
-        .filter(transfers::from_id.eq_any(ids))
-        .group_by((transfers::from_id, transfers::to_id))
-        .select((
-            transfers::from_id,
-            transfers::to_id,
-            count_star(),
-            // SUM(INT8) is NUMERIC on both servers; back to INT8 (see
-            // balance_summary for why it cannot overflow here).
-            sql::<BigInt>("COALESCE(SUM(amount), 0)::INT8"),
-        ))
-        .load(conn)?;
     let mut expected: std::collections::HashMap<Uuid, i64> =
         ids.iter().copied().zip(initial.iter().copied()).collect();
-    let mut rows = 0;
-    for (from, to, count, amount) in moved {
-        rows += u64::try_from(count).unwrap_or(0);
-        *expected.entry(from).or_default() -= amount;
-        *expected.entry(to).or_default() += amount;
+    let mut ledger_rows = 0;
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let moved: Vec<(Uuid, Uuid, i64, i64)> = transfers::table
+            .filter(transfers::from_id.eq_any(chunk))
+            .group_by((transfers::from_id, transfers::to_id))
+            .select((
+                transfers::from_id,
+                transfers::to_id,
+                count_star(),
+                // SUM(INT8) is NUMERIC on both servers; back to INT8.
+                sql::<BigInt>("COALESCE(SUM(amount), 0)::INT8"),
+            ))
+            .load(conn)?;
+        for (from, to, count, amount) in moved {
+            ledger_rows += u64::try_from(count).unwrap_or(0);
+            *expected.entry(from).or_default() -= amount;
+            *expected.entry(to).or_default() += amount;
+        }
     }
-    let now: Vec<Account> = accounts::table
-        .filter(accounts::id.eq_any(ids))
-        .select(Account::as_select())
-        .load(conn)?;
-    let matching = now
-        .iter()
-        .filter(|a| expected.get(&a.id) == Some(&a.balance))
-        .count();
-    Ok(Reconciled {
-        rows,
+    let (mut total, mut negative, mut matching) = (0i64, 0, 0);
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let now: Vec<Account> = accounts::table
+            .filter(accounts::id.eq_any(chunk))
+            .select(Account::as_select())
+            .load(conn)?;
+        for account in now {
+            total = total.checked_add(account.balance).ok_or_else(|| {
+                diesel::result::Error::DeserializationError(
+                    "the sum of the balances overflows INT8".into(),
+                )
+            })?;
+            negative += i64::from(account.balance < 0);
+            matching += usize::from(expected.get(&account.id) == Some(&account.balance));
+        }
+    }
+    Ok(Audit {
+        total,
+        negative,
+        ledger_rows,
         mismatched_accounts: (ids.len() - matching) as u64,
     })
 }
@@ -573,6 +585,49 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a statement's messages carry at the most: its text (in Parse)
+    /// plus, per bound value, its bytes, a 4-byte length, a 4-byte type
+    /// (Parse) and a 2-byte format code (Bind).
+    fn message_bytes(sql: &str, values: &[usize]) -> usize {
+        sql.len() + values.iter().map(|v| v + 4 + 4 + 2).sum::<usize>()
+    }
+
+    #[test]
+    fn no_statement_comes_near_cockroachdbs_16_mib_message_limit_at_any_flag_value() {
+        const QUARTER_LIMIT: usize = (16 << 20) / 4;
+        // The largest INSERT --rows-per-insert allows: a UUID (16 bytes) and
+        // an INT8 (8) a row.
+        let rows = vec![
+            Account {
+                id: Uuid::nil(),
+                balance: 0
+            };
+            MAX_ROWS_PER_INSERT
+        ];
+        let insert =
+            diesel::debug_query::<Pg, _>(&diesel::insert_into(accounts::table).values(&rows))
+                .to_string();
+        let sql = insert.split(" -- binds").next().unwrap();
+        let values: Vec<usize> = rows.iter().flat_map(|_| [16, 8]).collect();
+        let bytes = message_bytes(sql, &values);
+        assert!(bytes < QUARTER_LIMIT, "the largest INSERT: {bytes} bytes");
+        // The largest list of ids: one array parameter, 20 bytes an id,
+        // whatever --accounts or --rows-per-transaction says (the callers
+        // chunk by IDS_PER_STATEMENT).
+        let ids = vec![Uuid::nil(); IDS_PER_STATEMENT];
+        let delete = diesel::debug_query::<Pg, _>(
+            &diesel::delete(accounts::table.filter(accounts::id.eq_any(&ids)))
+                .returning(accounts::id),
+        )
+        .to_string();
+        let sql = delete.split(" -- binds").next().unwrap();
+        let bytes = message_bytes(sql, &[20 + IDS_PER_STATEMENT * 20]);
+        assert!(
+            bytes < QUARTER_LIMIT,
+            "the largest list of ids: {bytes} bytes"
+        );
+    }
 
     #[test]
     fn move_funds_is_one_fixed_statement_over_the_schemas_columns() {

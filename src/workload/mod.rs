@@ -176,19 +176,15 @@ pub fn run(
         let _watch = watchdog.watch("checking the balances", retrier.policy());
         pool.get()
             .context("checking the balances")
-            .and_then(|mut conn| {
-                let summary = bank::balance_summary(&mut conn, &ids)?;
-                let ledger = bank::reconcile(&mut conn, &ids, &created.balances)?;
-                Ok((summary, ledger))
-            })
+            .and_then(|mut conn| Ok(bank::audit(&mut conn, &ids, &created.balances)?))
             .context("checking the balances")
     };
     let (balances, ledger) = match checked {
-        Ok((summary, ledger)) => (
-            Some(summary),
+        Ok(audit) => (
+            Some((audit.total, audit.negative)),
             Some(Ledger {
-                rows: ledger.rows,
-                mismatched_accounts: ledger.mismatched_accounts,
+                rows: audit.ledger_rows,
+                mismatched_accounts: audit.mismatched_accounts,
             }),
         ),
         Err(err) => {

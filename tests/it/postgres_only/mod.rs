@@ -4,6 +4,7 @@
 //! them by this module's name.
 
 mod bounded_waits;
+mod cockroach_behaviours;
 mod commits_in_doubt;
 mod connection_strings;
 mod jepsen;
@@ -16,4 +17,5 @@ mod read_committed;
 mod restarts;
 mod retry_faults;
 mod round_trips;
+mod server_errors;
 mod workload_faults;
