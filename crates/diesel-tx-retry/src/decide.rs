@@ -35,13 +35,20 @@ pub enum Class {
     /// last one. The statement did not run; on a connection that no longer
     /// names its statements, the unit can run again.
     StaleStatement,
+    /// SQLSTATE 25P02: the transaction is aborted, and the server ignores
+    /// every statement until it ends. At the commit this means the unit
+    /// caught a database error and returned `Ok`: nothing was committed
+    /// (PostgreSQL would answer a plain `COMMIT` with `ROLLBACK`, and no
+    /// error).
+    Aborted,
     /// Anything else, 40003 ("result is ambiguous") among them: Diesel has no
     /// kind for it.
     Other,
 }
 
 /// Classifies by Diesel's `DatabaseErrorKind`, which Diesel derives from the
-/// SQLSTATE, never by message text.
+/// SQLSTATE, and, for the SQLSTATEs Diesel has no kind for, by the server's
+/// message ([`by_message`]).
 pub fn classify(err: &DieselError) -> Class {
     match err {
         DieselError::DatabaseError(kind, info) => match kind {
@@ -56,8 +63,7 @@ pub fn classify(err: &DieselError) -> Class {
             | DatabaseErrorKind::RestrictViolation
             | DatabaseErrorKind::ExclusionViolation
             | DatabaseErrorKind::ReadOnlyTransaction => Class::Definite,
-            _ if stale_statement(info.message()) => Class::StaleStatement,
-            _ => Class::Other,
+            _ => by_message(info.message()).unwrap_or(Class::Other),
         },
         // Diesel's word for "this connection's state is lost": only a new
         // connection helps.
@@ -69,18 +75,73 @@ pub fn classify(err: &DieselError) -> Class {
     }
 }
 
-/// Whether `message` is the server's for a named prepared statement that
-/// means nothing, or something else, on this server session: SQLSTATE 26000
-/// (`prepared statement "name" does not exist`), 42P05 (`... already
-/// exists`), or a Bind whose parameters do not fit the statement of that
-/// name (08P01, `bind message supplies 2 parameters, but prepared statement
-/// "name" requires 9`). Diesel maps none of these SQLSTATEs to a kind and
-/// does not expose the code, so this is the one class read from the message.
-fn stale_statement(message: &str) -> bool {
-    (message.starts_with("prepared statement \"")
+/// The class of a server error whose SQLSTATE Diesel maps to no kind (and
+/// does not expose), read from the message's start: the one place the
+/// helper reads message text. The messages are PostgreSQL's and
+/// CockroachDB's in English; a PostgreSQL whose `lc_messages` translates
+/// them gets `None` here, and the error is read as "other" (not retried),
+/// the safe side.
+///
+/// - 40P01, `deadlock detected`: PostgreSQL aborted this transaction to
+///   break a lock cycle; its docs advise retrying it like a serialization
+///   failure. A conflict. (CockroachDB breaks cycles with 40001.)
+/// - 57P01 (`terminating connection due to administrator command`, and
+///   CockroachDB's `server is shutting down` when a node drains), 57P02
+///   (`terminating connection because of crash of another server
+///   process`), the other `terminating connection ...` (idle timeouts,
+///   recovery conflicts), and 57P03 (`the database system is starting up`,
+///   `... shutting down`, `... in recovery mode`, `... not yet accepting
+///   connections`): the server ends this session. The connection is lost,
+///   whether or not libpq has read the end of the stream yet.
+/// - 25P02, `current transaction is aborted, commands ignored until end of
+///   transaction block`: [`Class::Aborted`].
+/// - 26000 (`prepared statement "name" does not exist`), 42P05 (`...
+///   already exists`), or a Bind whose parameters do not fit the statement
+///   of that name (08P01, `bind message supplies 2 parameters, but prepared
+///   statement "name" requires 9`): [`Class::StaleStatement`].
+pub fn by_message(message: &str) -> Option<Class> {
+    const LOST: [&str; 4] = [
+        "terminating connection ",
+        "the database system is ",
+        "server is shutting down",
+        "server is not accepting clients",
+    ];
+    if message.starts_with("deadlock detected") {
+        Some(Class::Conflict)
+    } else if LOST.iter().any(|start| message.starts_with(start)) {
+        Some(Class::ConnectionLost)
+    } else if message.starts_with("current transaction is aborted") {
+        Some(Class::Aborted)
+    } else if (message.starts_with("prepared statement \"")
         && (message.ends_with("\" does not exist") || message.ends_with("\" already exists")))
         || (message.starts_with("bind message supplies ")
             && message.contains(" parameters, but prepared statement \""))
+    {
+        Some(Class::StaleStatement)
+    } else {
+        None
+    }
+}
+
+/// Which statement failed when `RELEASE SAVEPOINT cockroach_restart;
+/// COMMIT`, sent as one message, returned an error, given what libpq knows
+/// of the transaction afterwards (`open_after`: `Some(true)` still open,
+/// `Some(false)` closed, `None` unknown).
+///
+/// On CockroachDB it is the RELEASE, whatever libpq says: CockroachDB's docs
+/// do not say in which state a non-retry error at RELEASE leaves the
+/// session, and a successful RELEASE is the commit, so a COMMIT that fails
+/// after it changes nothing. Reading an error of the COMMIT as the
+/// RELEASE's reports a committed transaction as ambiguous (never wrong);
+/// the other way round would report a transaction that did not commit as
+/// committed. On PostgreSQL the session's state after each error is
+/// documented: a failed RELEASE leaves the (aborted) transaction open, a
+/// failed COMMIT ends it.
+pub fn failed_at_savepoint_commit(server: Server, open_after: Option<bool>) -> Stage {
+    match (server, open_after) {
+        (Server::PostgreSql, Some(false)) => Stage::Commit,
+        _ => Stage::Release,
+    }
 }
 
 /// What the helper does after a failure; the module docs describe each.
@@ -229,7 +290,9 @@ fn decide_alone(s: &Situation) -> Step {
         // Nothing was committed: the server drops a dead connection's
         // transaction.
         Class::ConnectionLost => reconnect_or(Step::Fail),
-        Class::Other | Class::StaleStatement => Step::Fail,
+        // At the commit: nothing committed, the unit swallowed the error
+        // that aborted the transaction; running it again would do the same.
+        Class::Aborted | Class::Other | Class::StaleStatement => Step::Fail,
     }
 }
 
@@ -237,6 +300,72 @@ fn decide_alone(s: &Situation) -> Step {
 mod tests {
     use super::*;
     use crate::{Protocol, Server};
+
+    #[test]
+    fn messages_name_the_classes_diesel_has_no_kind_for() {
+        for (message, class) in [
+            ("deadlock detected", Some(Class::Conflict)),
+            (
+                "terminating connection due to administrator command",
+                Some(Class::ConnectionLost),
+            ),
+            (
+                "terminating connection because of crash of another server process",
+                Some(Class::ConnectionLost),
+            ),
+            (
+                "terminating connection due to idle-in-transaction timeout",
+                Some(Class::ConnectionLost),
+            ),
+            (
+                "the database system is shutting down",
+                Some(Class::ConnectionLost),
+            ),
+            (
+                "the database system is starting up",
+                Some(Class::ConnectionLost),
+            ),
+            ("server is shutting down", Some(Class::ConnectionLost)),
+            (
+                "current transaction is aborted, commands ignored until end of transaction block",
+                Some(Class::Aborted),
+            ),
+            (
+                "prepared statement \"__diesel_stmt_1\" does not exist",
+                Some(Class::StaleStatement),
+            ),
+            ("relation \"accounts\" does not exist", None),
+            ("result is ambiguous (error=rpc error)", None),
+            // Not the server's own start: a quoted message, say.
+            ("error: deadlock detected", None),
+        ] {
+            assert_eq!(by_message(message), class, "{message}");
+        }
+    }
+
+    #[test]
+    fn an_error_of_the_savepoint_commit_is_the_releases_on_cockroachdb_whatever_libpq_says() {
+        for open_after in [Some(true), Some(false), None] {
+            assert_eq!(
+                failed_at_savepoint_commit(Server::CockroachDb, open_after),
+                Stage::Release
+            );
+        }
+        // PostgreSQL documents the state after each: a failed RELEASE
+        // leaves the transaction open, a failed COMMIT ends it.
+        assert_eq!(
+            failed_at_savepoint_commit(Server::PostgreSql, Some(true)),
+            Stage::Release
+        );
+        assert_eq!(
+            failed_at_savepoint_commit(Server::PostgreSql, Some(false)),
+            Stage::Commit
+        );
+        assert_eq!(
+            failed_at_savepoint_commit(Server::PostgreSql, None),
+            Stage::Release
+        );
+    }
 
     #[test]
     fn serialization_failures_are_conflicts_and_constraints_are_definite() {
@@ -290,12 +419,13 @@ mod tests {
         Stage::Release,
         Stage::Commit,
     ];
-    const CLASSES: [Class; 5] = [
+    const CLASSES: [Class; 6] = [
         Class::Conflict,
         Class::ConnectionLost,
         Class::Definite,
         Class::Other,
         Class::StaleStatement,
+        Class::Aborted,
     ];
     type Setup = (Server, Protocol, Isolation);
     const SER: Isolation = Isolation::Serializable;
@@ -402,14 +532,14 @@ mod tests {
     const ROWS: [Row; 18] = [
         Row {
             stages: &STAGES,
-            classes: &[Class::Definite],
+            classes: &[Class::Definite, Class::Aborted],
             setups: &NOT_CRDB,
             expect: |_| Step::Fail,
         },
         // (the same row on CockroachDB, where the RELEASE was the commit)
         Row {
             stages: &[Stage::Begin, Stage::Statement, Stage::Release],
-            classes: &[Class::Definite],
+            classes: &[Class::Definite, Class::Aborted],
             setups: &[CRDB],
             expect: |_| Step::Fail,
         },

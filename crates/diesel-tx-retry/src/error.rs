@@ -67,6 +67,16 @@ pub enum TxError<E> {
         /// What the driver reported.
         cause: E,
     },
+    /// The unit returned `Ok`, but one of its statements had failed and
+    /// aborted the transaction (it caught the error and went on), so the
+    /// server did not commit it: PostgreSQL answers the `COMMIT` of an
+    /// aborted transaction with `ROLLBACK` and no error. The unit's value is
+    /// not returned, since what it describes was not committed.
+    #[error("the unit of work returned Ok on attempt {attempts}, but a statement of its transaction had failed and aborted it, so nothing was committed; return the database error from the unit (with ?), or catch it inside a nested conn.transaction(..), which rolls back to a savepoint")]
+    SwallowedError {
+        /// The attempt whose transaction was aborted.
+        attempts: u32,
+    },
     /// The connection was already inside a transaction, which the helper
     /// cannot restart; run the helper outside any other transaction.
     #[error("the connection is already inside a transaction; call the retry helper outside any transaction")]

@@ -220,7 +220,10 @@ pub mod testing;
 pub use clock::{Clock, SystemClock};
 #[cfg(feature = "r2d2")]
 pub use connections::{Connections, Held};
-pub use decide::{classify, commit_in_doubt, decide, framing, Class, Situation, Stage, Step};
+pub use decide::{
+    by_message, classify, commit_in_doubt, decide, failed_at_savepoint_commit, framing, Class,
+    Situation, Stage, Step,
+};
 pub use doubt::{Context, Resolution};
 pub use error::{AsDieselError, Budget, Committed, TxError};
 pub use observe::{Attempt, Observer, Outcome};

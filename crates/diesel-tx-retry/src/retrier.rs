@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 use tracing::{debug, debug_span, warn};
@@ -26,9 +26,9 @@ use crate::connections::Connections;
 use crate::doubt::Verdict;
 use crate::session::{open_transaction, Cause, Failure, Nowhere, OpenError, Session, Source};
 use crate::{
-    classify, commit_in_doubt, decide, framing, AsDieselError, Attempt, Budget, Class, Committed,
-    Context, Isolation, Observer, Outcome, Protocol, Resolution, RetryPolicy, Server, Situation,
-    Stage, Step, TxError, TxOptions,
+    classify, commit_in_doubt, decide, failed_at_savepoint_commit, framing, AsDieselError, Attempt,
+    Budget, Class, Committed, Context, Isolation, Observer, Outcome, Protocol, Resolution,
+    RetryPolicy, Server, Situation, Stage, Step, TxError, TxOptions,
 };
 
 /// Runs units of work in retried transactions. Cheap to clone and share
@@ -321,6 +321,12 @@ impl Retrier {
                         cause: error,
                     });
                 }
+                // The unit returned Ok from a transaction an error had
+                // aborted: its value is not to be returned.
+                (Step::Fail, Some(_)) if class == Class::Aborted => {
+                    tell(stage_, class_, Outcome::Failed);
+                    return Err(TxError::SwallowedError { attempts });
+                }
                 // `Committed` comes only after a COMMIT, which only a
                 // finished unit reaches; without a value, fail safe.
                 (Step::Fail | Step::Committed, _) => {
@@ -361,7 +367,7 @@ impl Retrier {
                 doubt.opened(error);
             }
             match step {
-                Step::Rewind => session.rewind(),
+                Step::Rewind => session.rewind(&self.rewind_sql(start)),
                 Step::Reconnect => session.discard(),
                 _ => session.rollback(),
             }
@@ -414,14 +420,7 @@ impl Retrier {
     /// the savepoint protocol, the restart savepoint, after the timeout so
     /// that a rewind keeps it.
     fn begin_sql(&self, opts: TxOptions, isolation: Isolation, start: Instant) -> Cow<'_, str> {
-        let left = self.policy.deadline.map(|deadline| {
-            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
-        });
-        let (limit, nearer) = match (self.policy.statement_timeout, left) {
-            (Some(bound), Some(left)) if left < bound => (Some(left), true),
-            (None, Some(left)) => (Some(left), true),
-            (bound, _) => (bound, false),
-        };
+        let (limit, nearer) = self.statement_limit(start);
         if nearer {
             return Cow::Owned(self.format_begin(opts, isolation, limit));
         }
@@ -431,6 +430,35 @@ impl Retrier {
             self.begin.0[slot]
                 .get_or_init(|| self.format_begin(opts, isolation, limit).into_boxed_str()),
         )
+    }
+
+    /// The statements that rewind an attempt, sent as one message: back to
+    /// the restart savepoint, then the statement bound again, for the time
+    /// left. CockroachDB's docs say a `ROLLBACK TO SAVEPOINT` rolls back
+    /// what `SET LOCAL` set (the set-vars page), which would leave the
+    /// retry unbounded; and the time left is shorter now anyway.
+    fn rewind_sql(&self, start: Instant) -> String {
+        let mut sql = String::from("ROLLBACK TO SAVEPOINT cockroach_restart");
+        if let Some(limit) = self.statement_limit(start).0 {
+            sql.push_str(&format!(
+                "; SET LOCAL statement_timeout = {}",
+                limit.as_millis().max(1)
+            ));
+        }
+        sql
+    }
+
+    /// The bound of the next statement: the policy's, or the time left
+    /// before the deadline where that is nearer (then `true`).
+    fn statement_limit(&self, start: Instant) -> (Option<Duration>, bool) {
+        let left = self.policy.deadline.map(|deadline| {
+            deadline.saturating_sub(self.clock.now().saturating_duration_since(start))
+        });
+        match (self.policy.statement_timeout, left) {
+            (Some(bound), Some(left)) if left < bound => (Some(left), true),
+            (None, Some(left)) => (Some(left), true),
+            (bound, _) => (bound, false),
+        }
     }
 
     fn format_begin(
@@ -518,22 +546,26 @@ impl Retrier {
         };
         if framed == Protocol::Savepoint {
             // One message, one round trip. The server stops at the first
-            // statement that fails: if the transaction is still open, that
-            // was the RELEASE; if it is closed, the COMMIT; if the
-            // connection is gone, nobody knows, and the commit was sent:
-            // that counts as the RELEASE, which the table makes ambiguous.
+            // statement that fails; which one that was is the RELEASE on
+            // CockroachDB, and what libpq says on PostgreSQL
+            // (`failed_at_savepoint_commit`). A RELEASE in a transaction the
+            // unit let abort fails with 25P02: nothing committed.
             return match conn.batch_execute("RELEASE SAVEPOINT cockroach_restart; COMMIT") {
                 Ok(()) => Ok(value),
                 Err(err) => {
-                    let stage = match open_transaction(conn) {
-                        Some(false) => Stage::Commit,
-                        Some(true) | None => Stage::Release,
-                    };
+                    let stage = failed_at_savepoint_commit(self.server, open_transaction(conn));
                     Err(Failure::At(stage, E::from(err), Some(value)))
                 }
             };
         }
-        match AnsiTransactionManager::commit_transaction(conn) {
+        // `SELECT 1` first, in the same message: in a transaction that a
+        // statement's error aborted (the unit caught the error and returned
+        // Ok), PostgreSQL answers a plain COMMIT with the tag ROLLBACK and
+        // no error, and nothing would tell the commit from a rollback here.
+        // The SELECT fails there with 25P02 instead, and the COMMIT is never
+        // run. Any other error of the message is the COMMIT's, or the
+        // connection's, which may have taken the COMMIT with it.
+        match conn.batch_execute("SELECT 1; COMMIT") {
             Ok(()) => Ok(value),
             Err(err) => Err(Failure::At(Stage::Commit, E::from(err), Some(value))),
         }

@@ -133,15 +133,13 @@ impl<'a, S: Source + 'a> Session<'a, S> {
         Ok(conn)
     }
 
-    /// `ROLLBACK TO SAVEPOINT cockroach_restart`, or a full rollback if that
-    /// fails.
-    pub(crate) fn rewind(&mut self) {
-        let rewound = self.conn.as_mut().is_some_and(|handle| {
-            handle
-                .get()
-                .batch_execute("ROLLBACK TO SAVEPOINT cockroach_restart")
-                .is_ok()
-        });
+    /// `sql` (`ROLLBACK TO SAVEPOINT cockroach_restart` and the statement
+    /// bound), or a full rollback if that fails.
+    pub(crate) fn rewind(&mut self, sql: &str) {
+        let rewound = self
+            .conn
+            .as_mut()
+            .is_some_and(|handle| handle.get().batch_execute(sql).is_ok());
         if !rewound {
             self.rollback();
         }
@@ -171,7 +169,12 @@ impl<'a, S: Source + 'a> Session<'a, S> {
     /// socket died as broken and r2d2 closes broken connections instead of
     /// pooling them; a `Held` gives it to the pool rather than keep it.
     pub(crate) fn discard(&mut self) {
-        if let Some(Handle::Pooled(conn)) = self.conn.take() {
+        if let Some(Handle::Pooled(mut conn)) = self.conn.take() {
+            // Broken in Diesel's eyes too, whatever libpq saw so far (a
+            // server's 57P01 can arrive before the connection closes): a
+            // pool asks Diesel whether a connection is broken before it
+            // takes it back, and closes it if so.
+            AnsiTransactionManager::transaction_manager_status_mut(&mut *conn).set_in_error();
             S::forget(conn);
         }
     }

@@ -85,6 +85,8 @@ struct Outcomes {
     committed: Vec<Planned>,
     failed: Vec<Planned>,
     ambiguous: Vec<Planned>,
+    /// Why each of them stayed in doubt.
+    ambiguous_causes: Vec<String>,
     /// Committed after a commit in doubt, by how the retry resolved it.
     applied_earlier: u32,
     applied_on_retry: u32,
@@ -306,7 +308,8 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
                                 assert_eq!(done.value.amount, planned.amount);
                                 outcomes.committed.push(planned);
                             }
-                            Err(TxError::AmbiguousCommit { .. }) => {
+                            Err(err @ TxError::AmbiguousCommit { .. }) => {
+                                outcomes.ambiguous_causes.push(err.to_string());
                                 outcomes.ambiguous.push(planned)
                             }
                             // Every other error is definite: refused for
@@ -415,7 +418,8 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
     assert_eq!(
         outcomes.ambiguous.len(),
         0,
-        "every commit in doubt was resolved by its key: {:?}",
-        outcomes.ambiguous
+        "every commit in doubt was resolved by its key: {:?} {:?}",
+        outcomes.ambiguous,
+        outcomes.ambiguous_causes
     );
 }

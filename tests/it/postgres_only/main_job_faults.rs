@@ -34,7 +34,7 @@ fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
     );
     assert!(
         stderr.contains(
-            "tx_attempt{attempt=2 protocol=Restart isolation=\"SERIALIZABLE\"}: bank::sql: COMMIT"
+            "tx_attempt{attempt=2 protocol=Restart isolation=\"SERIALIZABLE\"}: bank::sql: SELECT 1; COMMIT"
         ),
         "{stderr}"
     );

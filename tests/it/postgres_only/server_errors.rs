@@ -1,0 +1,287 @@
+//! What the server says that Diesel has no kind for, met for real: a unit
+//! that swallowed a database error (PostgreSQL then answers COMMIT with
+//! ROLLBACK), a deadlock (40P01), a drain or restart (57P01, sent by the
+//! server without closing the connection), and the statement bound after a
+//! rewind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+use diesel::sql_types::{BigInt, Text};
+use diesel_tx_retry::testing;
+use diesel_tx_retry::{Backoff, Protocol, Retrier, RetryPolicy, Server, TxError, TxOptions};
+
+use crate::helpers::*;
+use crate::proxy::{Faults, Injection, Proxy};
+
+/// A helper under `server`'s rules that never sleeps for real.
+fn retrier(server: Server, protocol: Protocol) -> (Retrier, Arc<FakeClock>) {
+    let clock = FakeClock::new();
+    let policy = RetryPolicy {
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(100),
+            first_retry_immediate: true,
+        },
+        ..RetryPolicy::default()
+    };
+    let retrier = Retrier::new(policy, server)
+        .with_protocol(protocol)
+        .with_clock(clock.clone());
+    (retrier, clock)
+}
+
+/// Sessions of `db` left inside a transaction.
+fn open_transactions(db: &TestDb, watcher: &mut PgConnection) -> i64 {
+    scalar::<BigInt, i64>(
+        watcher,
+        &format!(
+            "(SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+             AND state LIKE 'idle in transaction%')",
+            db.name
+        ),
+    )
+    .unwrap()
+}
+
+fn a_unit_that_swallows_a_database_error_commits_nothing_and_says_so(protocol: Protocol) {
+    let db = TestDb::with_faults();
+    let pool = db.pool(1);
+    let (retrier, _) = retrier(Server::PostgreSql, protocol);
+    let mut runs = 0;
+    let result = retrier.run(&pool, TxOptions::default(), |conn| {
+        runs += 1;
+        mark(conn, "the order")?;
+        // "Ignore a duplicate": the error is caught, the unit goes on.
+        let _ = raise_error(conn, "23505");
+        Ok::<_, DieselError>("order placed")
+    });
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, TxError::SwallowedError { attempts: 1 }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("the unit of work returned Ok on attempt 1, but a statement"),
+        "{err}"
+    );
+    assert_eq!(runs, 1, "not retried: it would do the same again");
+    assert_eq!(db.count("marks"), 0, "nothing was committed");
+    // The connection went back clean: the next call commits.
+    retrier
+        .run(&pool, TxOptions::default(), |conn| mark(conn, "next"))
+        .unwrap();
+    assert_eq!(db.count("marks"), 1);
+}
+
+fn a_unit_that_catches_an_error_inside_a_nested_transaction_commits(protocol: Protocol) {
+    // What the error's message advises: a savepoint around the statement
+    // that may fail keeps the transaction alive.
+    let db = TestDb::with_faults();
+    let (retrier, _) = retrier(Server::PostgreSql, protocol);
+    let done = retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| {
+            mark(conn, "the order")?;
+            let nested = conn.transaction(|conn| raise_error(conn, "23505"));
+            assert!(nested.is_err());
+            Ok::<_, DieselError>("order placed")
+        })
+        .unwrap();
+    assert_eq!(done.value, "order placed");
+    assert_eq!(db.count("marks"), 1);
+}
+
+#[test]
+fn a_deadlock_between_two_units_is_retried_and_both_commit() {
+    let db = TestDb::migrated();
+    db.exec(&format!(
+        "ALTER DATABASE {} SET deadlock_timeout = '50ms';
+         CREATE TABLE locks (id INT8 PRIMARY KEY, n INT8 NOT NULL);
+         INSERT INTO locks VALUES (1, 0), (2, 0)",
+        db.name
+    ));
+    let pool = db.pool(2);
+    let (retrier, _) = retrier(Server::PostgreSql, Protocol::Restart);
+    let bump = |conn: &mut PgConnection, id: i64| {
+        diesel::sql_query("UPDATE locks SET n = n + 1 WHERE id = $1")
+            .bind::<BigInt, _>(id)
+            .execute(conn)
+    };
+    // Each locks its own row, meets the other, then wants the other's: a
+    // lock cycle PostgreSQL breaks by failing one of them with 40P01.
+    let [a, b] = testing::check(
+        &retrier,
+        &pool,
+        TxOptions::default(),
+        |conn, meet| {
+            bump(conn, 1)?;
+            meet.here();
+            bump(conn, 2)
+        },
+        |conn, meet| {
+            bump(conn, 2)?;
+            meet.here();
+            bump(conn, 1)
+        },
+        |conn| scalar::<BigInt, i64>(conn, "(SELECT sum(n)::INT8 FROM locks)").unwrap() == 4,
+    )
+    .unwrap();
+    // The victim's retry may meet the survivor's write (a 40001) before it
+    // commits: one retry or two.
+    assert!(
+        (1..=2).contains(&(a.retries() + b.retries())),
+        "{a:?} {b:?}"
+    );
+    // And the server did break a deadlock: its statistics, which a backend
+    // reports at the latest when it exits (looked for at most 50 times,
+    // 100 ms apart).
+    drop(pool);
+    let deadlocks = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            scalar::<BigInt, i64>(
+                &mut db.conn(),
+                &format!(
+                    "(SELECT deadlocks FROM pg_stat_database WHERE datname = '{}')",
+                    db.name
+                ),
+            )
+            .unwrap()
+        })
+        .find(|n| *n > 0);
+    assert_eq!(deadlocks, Some(1));
+}
+
+/// A proxy that answers every `every`-th simple query starting with
+/// `starting` with `message` as SQLSTATE 57P01, the connection left open.
+fn draining(db: &TestDb, starting: &'static str, message: &'static str) -> Proxy {
+    Proxy::with_faults(
+        db.tcp_addr(),
+        Faults {
+            inject: Some(Injection {
+                starting,
+                every: 1000,
+                code: "57P01",
+                message,
+            }),
+            ..Faults::default()
+        },
+    )
+    .unwrap()
+}
+
+/// PostgreSQL's word for a restart or a `pg_terminate_backend`, and
+/// CockroachDB's for a node that drains.
+const DRAINS: [&str; 2] = [
+    "terminating connection due to administrator command",
+    "server is shutting down",
+];
+
+fn a_drain_before_the_commit_reconnects_and_commits_once(protocol: Protocol) {
+    for message in DRAINS {
+        let db = TestDb::with_faults();
+        let proxy = draining(&db, "INSERT INTO marks", message);
+        let url = bank::db::DbUrl::parse(&db.url_via(proxy.port())).unwrap();
+        let pool = bank::db::pool(&url, 1).unwrap();
+        let mut watcher = db.conn();
+        let (retrier, _) = retrier(Server::PostgreSql, protocol);
+        let done = retrier
+            .run(&pool, TxOptions::default(), |conn| {
+                // A simple query, which the proxy can answer for the server.
+                conn.batch_execute("INSERT INTO marks (note) VALUES ('x')")
+            })
+            .unwrap();
+        assert_eq!((done.attempts, proxy.injected()), (2, 1), "{message}");
+        assert_eq!(
+            proxy.connections(),
+            2,
+            "{message}: the retry ran on a new connection"
+        );
+        assert_eq!(db.count("marks"), 1, "{message}");
+        // The connection that heard the error was closed, not pooled: its
+        // session's aborted transaction is gone with it.
+        drop(pool);
+        assert_eq!(open_transactions(&db, &mut watcher), 0, "{message}");
+    }
+}
+
+fn a_drain_at_the_commit_is_a_lost_connection_there(protocol: Protocol) {
+    let commit = match protocol {
+        Protocol::Restart => "SELECT 1; COMMIT",
+        Protocol::Savepoint => "RELEASE SAVEPOINT cockroach_restart; COMMIT",
+    };
+    for idempotent in [false, true] {
+        let db = TestDb::with_faults();
+        let proxy = draining(&db, commit, DRAINS[0]);
+        let url = bank::db::DbUrl::parse(&db.url_via(proxy.port())).unwrap();
+        let pool = bank::db::pool(&url, 1).unwrap();
+        let (retrier, _) = retrier(Server::PostgreSql, protocol);
+        let opts = if idempotent {
+            TxOptions::default().idempotent()
+        } else {
+            TxOptions::default()
+        };
+        let result = retrier.run_with(&pool, opts, |conn, ctx| {
+            if ctx.in_doubt() {
+                // The mark is the unit's key: none, so the earlier attempt
+                // did not commit.
+                assert_eq!(
+                    scalar::<BigInt, i64>(conn, "(SELECT count(*) FROM marks)")?,
+                    0
+                );
+                ctx.not_applied_earlier();
+            }
+            mark(conn, "x")
+        });
+        assert_eq!(proxy.injected(), 1);
+        if idempotent {
+            let done = result.unwrap();
+            assert_eq!((done.attempts, proxy.connections()), (2, 2));
+            assert_eq!(db.count("marks"), 1);
+        } else {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(&err, TxError::AmbiguousCommit { attempts: 1, cause }
+                    if cause.to_string() == DRAINS[0]),
+                "{err:?}"
+            );
+            assert_eq!(db.count("marks"), 0);
+        }
+    }
+}
+
+#[test]
+fn under_cockroachdb_rules_a_rewind_bounds_the_retry_by_the_time_left() {
+    // CockroachDB's docs: ROLLBACK TO SAVEPOINT rolls back what SET LOCAL
+    // set. The rewind sends the bound again, for the time left: 30 s of
+    // deadline, of which the first attempt used 25.
+    let db = TestDb::with_faults();
+    let (retrier, clock) = retrier(Server::CockroachDb, Protocol::Savepoint);
+    let mut bounds = Vec::new();
+    retrier
+        .run(&db.pool(1), TxOptions::default(), |conn| {
+            bounds.push(scalar::<Text, String>(
+                conn,
+                "current_setting('statement_timeout')",
+            )?);
+            if bounds.len() == 1 {
+                clock.advance(Duration::from_secs(25));
+            }
+            mark(conn, "x")?;
+            fail_first(conn, 1, "40001")
+        })
+        .unwrap();
+    assert!(clock.sleeps().is_empty(), "an immediate retry rewinds");
+    assert_eq!(bounds, ["20s", "5s"]);
+}
+
+for_each_protocol!(
+    a_unit_that_swallows_a_database_error_commits_nothing_and_says_so,
+    a_unit_that_catches_an_error_inside_a_nested_transaction_commits,
+    a_drain_before_the_commit_reconnects_and_commits_once,
+    a_drain_at_the_commit_is_a_lost_connection_there,
+);
