@@ -151,7 +151,7 @@ fn migrate(cli: &Cli, url: &DbUrl, out: &mut dyn Write) -> anyhow::Result<()> {
     // What was there before: the accounts migration creates the table only
     // where none exists, so on a table made elsewhere it applies nothing to
     // it, and must not be reported as if it had.
-    let before = db::inspect(&mut conn).context("asking the server what it is")?;
+    let before = db::inspect_fully(&mut conn).context("asking the server what it is")?;
     let applied = db::run_migrations(&mut conn)?;
     let mut blocked = None;
     if applied.is_empty() {

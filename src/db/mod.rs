@@ -438,17 +438,76 @@ pub struct Inspection {
     pub accounts: AccountsTable,
     /// Whether the `transfers` ledger is there (the second migration).
     pub ledger: bool,
-    /// The `accounts` table as the catalog describes it, when it is there.
+    /// The `accounts` table as the catalog describes it, when it is there
+    /// and was not made by the app's own DDL (which needs no comparing).
     pub shape: Option<shape::Shape>,
 }
 
-/// `accounts` is looked for in `pg_class`, which lists tables the user may
-/// not use (`information_schema` hides them, which made a missing privilege
-/// look like a missing table).
+/// Learns what [`Inspection`] says, cheaply where it can: one query that
+/// calls a few functions and looks up two constraints by their table
+/// ([`inspect_quickly`]) answers when both tables are there, usable, and
+/// were made by the app's own DDL; anything else gets the whole inspection
+/// ([`inspect_fully`]), which a table made elsewhere needs to be compared
+/// with what the app needs.
+///
+/// # Errors
+/// The whole inspection's error.
+pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
+    match inspect_quickly(conn) {
+        Ok(Some(inspection)) => Ok(inspection),
+        // A table is missing (the query fails on its name), a privilege is,
+        // or a table was made elsewhere: the whole inspection says which.
+        Ok(None) | Err(_) => inspect_fully(conn),
+    }
+}
+
+/// The start-up check of a set-up schema, in one query over no catalog
+/// scan: the server, the user's privileges on both tables (by name), and
+/// the constraints only the app's migrations and `dbinit.sql` create
+/// (`balance_non_negative`, `amount_non_negative`), looked up by their
+/// table: a table that has its constraint was made by the app's DDL, so its
+/// shape needs no comparing. `Some` only when all of that holds.
+///
+/// The whole inspection reads `information_schema`, whose views cost about
+/// 9 ms of PostgreSQL's time in a new session, against under 2 ms for this; on
+/// CockroachDB both catalogs are virtual tables built for each query, and
+/// `pg_constraint` looked up by `conrelid` is served by its virtual index
+/// on the table id (cockroachdb/cockroach#47316), so only the two tables
+/// concerned are described.
+///
+/// # Errors
+/// The query's error: a table that does not exist fails `::regclass`.
+pub fn inspect_quickly(conn: &mut PgConnection) -> QueryResult<Option<Inspection>> {
+    let (version, allowed, ours): (String, bool, bool) = diesel::select((
+        sql::<Text>("version()"),
+        sql::<Bool>(
+            "has_table_privilege('accounts', 'SELECT') AND has_table_privilege('accounts', 'INSERT') \
+             AND has_table_privilege('accounts', 'UPDATE') AND has_table_privilege('accounts', 'DELETE') \
+             AND has_table_privilege('transfers', 'SELECT') AND has_table_privilege('transfers', 'INSERT')",
+        ),
+        sql::<Bool>(
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
+             WHERE conrelid = 'accounts'::regclass AND conname = 'balance_non_negative') \
+             AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint \
+             WHERE conrelid = 'transfers'::regclass AND conname = 'amount_non_negative')",
+        ),
+    ))
+    .get_result(conn)?;
+    Ok((allowed && ours).then(|| Inspection {
+        server: Server::from_version(&version),
+        accounts: AccountsTable::Ready,
+        ledger: true,
+        shape: None,
+    }))
+}
+
+/// The whole inspection. `accounts` is looked for in `pg_class`, which
+/// lists tables the user may not use (`information_schema` hides them,
+/// which made a missing privilege look like a missing table).
 ///
 /// # Errors
 /// The query's error.
-pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
+pub fn inspect_fully(conn: &mut PgConnection) -> QueryResult<Inspection> {
     type Catalog = (Option<String>, Option<String>, Option<String>);
     let (version, present, allowed, ledger, (columns, key, checks)): (
         String,

@@ -171,6 +171,39 @@ fn the_migration_goes_down_and_up_again() {
 }
 
 #[test]
+fn the_start_up_check_is_one_cheap_query_on_the_apps_own_tables_only() {
+    // The app's own tables, from either path: the quick query answers.
+    for path in [Path::Migrate, Path::DbInit] {
+        let db = TestDb::empty();
+        apply(&db, path);
+        let quick = db::inspect_quickly(&mut db.conn()).unwrap();
+        assert_eq!(
+            quick.map(|i| (i.accounts, i.ledger, i.shape)),
+            Some((db::AccountsTable::Ready, true, None)),
+            "{path:?}"
+        );
+    }
+    // No tables: the quick query fails on the name, the whole inspection
+    // says which is missing.
+    let db = TestDb::empty();
+    assert!(db::inspect_quickly(&mut db.conn()).is_err());
+    assert_eq!(
+        db::inspect(&mut db.conn()).unwrap().accounts,
+        db::AccountsTable::Missing
+    );
+    // A table made elsewhere (no constraint of the app's): compared whole.
+    db.exec(
+        "CREATE TABLE accounts (id UUID PRIMARY KEY, balance INT8);
+         CREATE TABLE transfers (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, \
+         amount INT8 NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    );
+    assert_eq!(db::inspect_quickly(&mut db.conn()).unwrap(), None);
+    let whole = db::inspect(&mut db.conn()).unwrap();
+    assert_eq!(whole.accounts, db::AccountsTable::Ready);
+    assert!(whole.shape.is_some());
+}
+
+#[test]
 fn schema_rs_is_what_diesel_print_schema_generates() {
     let db = TestDb::migrated();
     let workdir = tempdir();
