@@ -153,7 +153,9 @@ impl DbUrl {
                 if !options.is_empty() {
                     options.push(' ');
                 }
-                options.push_str(&format!("-c {name}={}", timeout.as_millis().max(1)));
+                // With its unit: CockroachDB documents milliseconds for a
+                // bare statement_timeout only, not for the other.
+                options.push_str(&format!("-c {name}={}ms", timeout.as_millis().max(1)));
             }
         }
         self.with_param("options", &options)
@@ -292,8 +294,8 @@ mod tests {
         assert!(libpq.contains("tcp_user_timeout='1000'"), "{libpq}");
         assert!(
             libpq.contains(
-                "options='-c search_path=x -c statement_timeout=3000 \
-                 -c idle_in_transaction_session_timeout=3000'"
+                "options='-c search_path=x -c statement_timeout=3000ms \
+                 -c idle_in_transaction_session_timeout=3000ms'"
             ),
             "{libpq}"
         );
@@ -304,7 +306,7 @@ mod tests {
             .for_libpq();
         assert!(
             libpq.contains(
-                "options='-c statement_timeout=9 -c idle_in_transaction_session_timeout=3000'"
+                "options='-c statement_timeout=9 -c idle_in_transaction_session_timeout=3000ms'"
             ),
             "{libpq}"
         );
@@ -315,7 +317,7 @@ mod tests {
             .for_libpq();
         assert!(
             libpq.contains(
-                "options='-c idle_in_transaction_session_timeout=0 -c statement_timeout=3000'"
+                "options='-c idle_in_transaction_session_timeout=0 -c statement_timeout=3000ms'"
             ),
             "{libpq}"
         );

@@ -187,11 +187,11 @@ pub struct Situation {
 }
 
 /// How a transaction at `isolation` is framed by a helper whose protocol is
-/// `protocol`: the savepoint protocol under SERIALIZABLE only. CockroachDB
-/// documents `SAVEPOINT cockroach_restart` for SERIALIZABLE transactions and
-/// says nothing of it under READ COMMITTED (cockroachdb/cockroach#104233 is
-/// open), where the server retries each statement itself; there every
-/// retry the client makes is a new transaction.
+/// `protocol`: the savepoint protocol under SERIALIZABLE only. Under READ
+/// COMMITTED, CockroachDB cannot yet recover from a retry error by rolling
+/// back to a savepoint (cockroachdb/cockroach#104233, open), and it retries
+/// each statement itself; there every retry the client makes is a new
+/// transaction.
 pub fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
     match isolation {
         Isolation::Serializable => protocol,

@@ -61,7 +61,9 @@
 //!
 //! When an attempt fails, one pure function, [`decide`], picks the next
 //! [`Step`] from where the error came ([`Stage`]), what it means
-//! ([`Class`], from the SQLSTATE by [`classify`]), the server, the protocol,
+//! ([`Class`], from the SQLSTATE by [`classify`], and for the SQLSTATEs
+//! Diesel has no kind for, from the message by [`by_message`]: a deadlock
+//! is a conflict, a drain or restart a lost connection), the server, the protocol,
 //! the isolation level and the unit's options. This table is that function;
 //! its unit tests check it row by row. "Savepoint" in it means the savepoint
 //! protocol frames the transaction, which it does only under SERIALIZABLE
@@ -69,7 +71,7 @@
 //!
 //! | stage      | class           | server, protocol          | next step |
 //! |------------|-----------------|---------------------------|-----------|
-//! | any (but a commit on CockroachDB, below) | definite | any | fail |
+//! | any (but a commit on CockroachDB, below) | definite, aborted | any | fail (at the commit, aborted: [`TxError::SwallowedError`]) |
 //! | begin      | conflict        | any                       | restart |
 //! | begin, statement | lost      | any                       | reconnect; fail if the connection is the caller's |
 //! | begin, statement | other     | any                       | fail |
@@ -112,7 +114,19 @@
 //!   server rolls back a transaction whose connection died. The savepoint
 //!   protocol sends `RELEASE SAVEPOINT cockroach_restart; COMMIT` as one
 //!   message (one round trip), so a connection lost there may have taken the
-//!   COMMIT with it: ambiguous on either server.
+//!   COMMIT with it: ambiguous on either server. Any other error of that
+//!   message is the RELEASE's on CockroachDB, whose docs do not say what a
+//!   failed RELEASE leaves the session in ([`failed_at_savepoint_commit`]).
+//! - A unit that catches a database error and returns `Ok` leaves its
+//!   transaction aborted, and PostgreSQL answers the `COMMIT` of an aborted
+//!   transaction with the tag `ROLLBACK` and no error. So the restart
+//!   protocol commits with `SELECT 1; COMMIT` (one message): in an aborted
+//!   transaction the `SELECT` fails with 25P02 and the `COMMIT` never runs;
+//!   the savepoint protocol's `RELEASE` does the same. The call ends with
+//!   [`TxError::SwallowedError`], never with the unit's value.
+//! - A rewind sends the statement bound again, for the time left:
+//!   CockroachDB's docs say `ROLLBACK TO SAVEPOINT` rolls back what `SET
+//!   LOCAL` set.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.
 //!
 //! After a commit in doubt, until the unit resolves it (below), two rows
@@ -145,7 +159,12 @@
 //! attempt's write intent and waits for that transaction or pushes it
 //! (aborting it if its coordinator is gone), to the same effect
 //! (<https://www.cockroachlabs.com/docs/stable/architecture/transaction-layer#write-intents>).
-//! A plain read cannot decide it: it does not wait for an open transaction.
+//! On PostgreSQL a plain read cannot decide it: it does not wait for an
+//! open transaction, and sees the key absent while the first attempt may
+//! still commit. (On CockroachDB "non-locking reads wait for conflicting
+//! locks to be released", unlike on PostgreSQL, says its `lock_timeout`
+//! docs (<https://www.cockroachlabs.com/docs/stable/session-vars#lock-timeout>),
+//! but the rule holds on both servers only through the write.)
 //!
 //! # READ COMMITTED
 //!
@@ -162,9 +181,11 @@
 //!   The helper restarts the transaction after the backoff, as under
 //!   SERIALIZABLE.
 //! - The transaction is framed with `BEGIN ISOLATION LEVEL READ COMMITTED`
-//!   ... `COMMIT`, never the savepoint protocol: CockroachDB documents
-//!   `cockroach_restart` for SERIALIZABLE only (cockroachdb/cockroach#104233
-//!   is open). So the `COMMIT` is the commit on CockroachDB too.
+//!   ... `COMMIT`, never the savepoint protocol: under READ COMMITTED a
+//!   rollback to a savepoint cannot recover from a retry error yet; that
+//!   is cockroachdb/cockroach#104233, open ("support savepoint rollback
+//!   recovery from retry error under RC"). So the `COMMIT` is the commit on
+//!   CockroachDB too.
 //! - A read that a later write depends on must lock what it reads
 //!   (`SELECT ... FOR UPDATE`, rows in key order so that two transactions
 //!   queue instead of deadlocking), as CockroachDB's READ COMMITTED page

@@ -49,7 +49,10 @@ pub enum Protocol {
     /// CockroachDB's client-side retry protocol: `SAVEPOINT cockroach_restart`
     /// after `BEGIN`, `ROLLBACK TO SAVEPOINT cockroach_restart` to retry at
     /// once in the same transaction, `RELEASE SAVEPOINT cockroach_restart` to
-    /// commit. The transaction keeps its priority across rewinds, so it is
-    /// not starved under contention.
+    /// commit. A rewound transaction "holds its place in line" between
+    /// attempts, in CockroachDB's words
+    /// (<https://www.cockroachlabs.com/docs/stable/advanced-client-side-transaction-retries>);
+    /// it no longer raises its priority on each retry, which CockroachDB
+    /// removed (cockroachdb/cockroach#117020).
     Savepoint,
 }
