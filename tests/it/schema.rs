@@ -192,9 +192,11 @@ fn the_start_up_check_is_one_cheap_query_on_the_apps_own_tables_only() {
         db::AccountsTable::Missing
     );
     // A table made elsewhere (no constraint of the app's): compared whole.
+    // One statement each: CockroachDB runs DDL in implicit transactions of
+    // one statement.
+    db.exec("CREATE TABLE accounts (id UUID PRIMARY KEY, balance INT8)");
     db.exec(
-        "CREATE TABLE accounts (id UUID PRIMARY KEY, balance INT8);
-         CREATE TABLE transfers (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, \
+        "CREATE TABLE transfers (id UUID PRIMARY KEY, from_id UUID NOT NULL, to_id UUID NOT NULL, \
          amount INT8 NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     );
     assert_eq!(db::inspect_quickly(&mut db.conn()).unwrap(), None);
