@@ -1,4 +1,4 @@
-//! `latency_proxy`: the tests' latency proxy (tests/it/proxy.rs) as a
+//! `latency_proxy`: the tests' latency proxy (`testbed::proxy`) as a
 //! program, for bench/run.
 //!
 //!     latency_proxy UPSTREAM_PORT DELAY_MS [MAX_SECONDS]
@@ -8,9 +8,7 @@
 //! closes, or after MAX_SECONDS (3600 by default), it prints the round trips
 //! it counted, per phase of the bank's main job, and exits.
 
-#[path = "../tests/it/proxy.rs"]
-#[allow(dead_code)] // the tests use more of it than this program
-mod proxy;
+use testbed::proxy;
 
 use std::io::{self, Write};
 use std::process::ExitCode;

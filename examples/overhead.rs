@@ -1,6 +1,6 @@
-//! The helper's own cost: the bank's transfer run through `Retrier::run_on`,
-//! through `Retrier::run` on the app's pool and on a `Held` connection from
-//! it, and through Diesel's bare
+//! The helper's own cost: the bank's transfer run through
+//! `Retrier::idempotent_transaction` on one connection, on the app's pool and
+//! on a `Held` connection from it, and through Diesel's bare
 //! `build_transaction().serializable().run(..)`, on one connection each, one
 //! client, alternated in rounds. Prints the client CPU (user + system, of
 //! the one thread that runs them all) and the wall time per transaction of
@@ -21,7 +21,7 @@ use bank::bank::{delete_accounts, insert_accounts, transfer, Amount, BankError};
 use bank::db::{self, DbUrl, Manager};
 use bank::models::Account;
 use diesel::prelude::*;
-use diesel_tx_retry::{Context, Held, Retrier, RetryPolicy, Server, TxOptions};
+use diesel_tx_retry::{Held, Keyed, Retrier, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -105,13 +105,16 @@ fn run() -> Result<(), String> {
         .map_err(|_| "set DATABASE_URL to a database with the app's schema".to_owned())?;
     let url = DbUrl::parse(&raw)?;
     let mut conn = db::establish(&url).map_err(|err| err.to_string())?;
-    let server = Server::detect(&mut conn).map_err(|err| err.to_string())?;
+    let version: String = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("version()"))
+        .get_result(&mut conn)
+        .map_err(|err| err.to_string())?;
+    let server = Server::from_version(&version);
     // Two connections: one that `run` checks out on each call, one that the
     // `Held` keeps.
     let pool = db::pool_of(Manager::new(&url), 2, Duration::from_secs(15))
         .map_err(|err| err.to_string())?;
     let held = Held::new(&pool);
-    let retrier = Retrier::new(RetryPolicy::default(), server);
+    let retrier = Retrier::default().for_server(server);
 
     let mut rng = StdRng::seed_from_u64(17);
     let accounts: Vec<Account> = (0..ACCOUNTS)
@@ -129,25 +132,26 @@ fn run() -> Result<(), String> {
         let (from, to) = (ids[from], ids[to]);
         let amount = Amount::Exactly(rng.random_range(1..=100));
         let key = Uuid::new_v4();
-        let unit =
-            |c: &mut PgConnection| transfer(c, key, from, to, amount, &Context::new(1, false));
+        let unit = |c: &mut PgConnection, attempt: &Keyed<'_, Uuid>| {
+            transfer(c, attempt, from, to, amount)
+        };
         match mode {
             Mode::Bare => conn
                 .build_transaction()
                 .serializable()
-                .run::<_, BankError, _>(unit)
+                .run::<_, BankError, _>(|c| unit(c, &Keyed::new(&key)))
                 .map(drop)
                 .map_err(|err| err.to_string()),
             Mode::HelperOnConnection => retrier
-                .run_on(&mut conn, TxOptions::default(), unit)
+                .idempotent_transaction(&mut conn, key, |c, attempt| unit(c, attempt))
                 .map(drop)
                 .map_err(|err| err.to_string()),
             Mode::HelperOnPool => retrier
-                .run(&pool, TxOptions::default(), unit)
+                .idempotent_transaction(&pool, key, |c, attempt| unit(c, attempt))
                 .map(drop)
                 .map_err(|err| err.to_string()),
             Mode::HelperOnHeld => retrier
-                .run(&held, TxOptions::default(), unit)
+                .idempotent_transaction(&held, key, |c, attempt| unit(c, attempt))
                 .map(drop)
                 .map_err(|err| err.to_string()),
         }
@@ -177,7 +181,7 @@ fn run() -> Result<(), String> {
             wall[i].push((w1 - w0).as_secs_f64() * 1e6 / per_round as f64);
         }
     }
-    delete_accounts(&mut conn, &ids, &Context::new(1, false)).map_err(|err| err.to_string())?;
+    delete_accounts(&mut conn, &ids, false).map_err(|err| err.to_string())?;
     let bare_cpu = if cpu[0].is_empty() {
         f64::NAN
     } else {

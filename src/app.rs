@@ -14,7 +14,7 @@ use crate::job;
 use crate::plan::{Plan, Settings};
 use crate::watchdog::Watchdog;
 use crate::workload;
-use diesel_tx_retry::{Protocol, Retrier, Server};
+use diesel_tx_retry::{Retrier, Server};
 
 /// Where results go: shared, so that the watchdog's thread can write the
 /// workload's report so far if it has to end a stalled run. Each write
@@ -86,9 +86,15 @@ fn work_for(args: &WorkloadArgs) -> anyhow::Result<Work> {
 /// One line for stderr: the context chain. Messages that mention the
 /// database name it by [`DbUrl::redacted`], so no password is in them.
 pub fn error_line(err: &anyhow::Error) -> String {
-    let mut causes = Vec::new();
+    let mut causes: Vec<String> = Vec::new();
     for cause in err.chain() {
-        causes.push(cause.to_string());
+        // A wrapper that shows its source's message (the bank's database
+        // errors do, so that the retry helper finds them as their source)
+        // is followed by that source: said once.
+        let said = cause.to_string();
+        if causes.last() != Some(&said) {
+            causes.push(said);
+        }
         // A connection error already says, explained, what its source said.
         if cause.is::<db::ConnectError>() {
             break;
@@ -363,24 +369,15 @@ fn null_balances(conn: &mut diesel::PgConnection, shape: &db::shape::Shape) -> O
 }
 
 fn retrier(cli: &Cli, server: Server) -> anyhow::Result<Retrier> {
-    let protocol = match (cli.retry.protocol, server) {
-        (ProtocolChoice::Auto, _) => server.retry_protocol(),
+    let retrier = cli.retry.retrier().for_server(server);
+    match (cli.retry.protocol, server) {
+        (ProtocolChoice::Restart, _) => Ok(retrier.with_restart_protocol()),
         // On PostgreSQL a rollback to a savepoint keeps the snapshot that
-        // conflicted, so the protocol would only add round trips; the library
-        // still allows it, for tests.
-        (ProtocolChoice::Savepoint, Server::PostgreSql) => {
-            return Err(usage(
-                "--protocol savepoint needs CockroachDB, and this server is PostgreSQL; \
-                 use --protocol restart or auto",
-            ))
-        }
-        (ProtocolChoice::Savepoint, Server::CockroachDb) => Protocol::Savepoint,
-        (ProtocolChoice::Restart, _) => Protocol::Restart,
-    };
-    let retrier =
-        Retrier::new(cli.retry.policy(), server).with_isolation(cli.retry.isolation.into());
-    Ok(match protocol {
-        Protocol::Restart => retrier.with_restart_protocol(),
-        Protocol::Savepoint => retrier,
-    })
+        // conflicted, so the protocol would only add round trips.
+        (ProtocolChoice::Savepoint, Server::PostgreSql) => Err(usage(
+            "--protocol savepoint needs CockroachDB, and this server is PostgreSQL; \
+             use --protocol restart or auto",
+        )),
+        _ => Ok(retrier),
+    }
 }

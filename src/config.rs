@@ -12,7 +12,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use diesel_tx_retry::{Backoff, Isolation, RetryPolicy};
+use diesel_tx_retry::{Backoff, Isolation, Retrier};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
 ///
@@ -384,18 +384,19 @@ pub struct RetryArgs {
 }
 
 impl RetryArgs {
-    /// The policy these flags describe.
-    pub fn policy(&self) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: self.max_retries.saturating_add(1),
-            deadline: Some(self.tx_deadline),
-            statement_timeout: Some(self.statement_timeout),
-            backoff: Backoff {
-                base: self.backoff_base_ms,
-                cap: self.backoff_cap_ms.max(self.backoff_base_ms),
-                first_retry_immediate: !self.delay_first_retry,
-            },
-        }
+    /// The helper these flags describe, for a server not yet named.
+    pub fn retrier(&self) -> Retrier {
+        let backoff = Backoff::exponential(self.backoff_base_ms, self.backoff_cap_ms);
+        Retrier::default()
+            .with_max_attempts(self.max_retries.saturating_add(1))
+            .with_deadline(self.tx_deadline)
+            .with_statement_timeout(self.statement_timeout)
+            .with_backoff(if self.delay_first_retry {
+                backoff.delay_first_retry()
+            } else {
+                backoff
+            })
+            .with_isolation(self.isolation.into())
     }
 }
 
@@ -505,7 +506,12 @@ mod tests {
     #[test]
     fn the_command_line_defaults_are_the_library_defaults() {
         let cli = Cli::try_parse_from(["bank"]).unwrap();
-        assert_eq!(cli.retry.policy(), RetryPolicy::default());
+        let (ours, theirs) = (cli.retry.retrier(), Retrier::default());
+        assert_eq!(ours.max_attempts(), theirs.max_attempts());
+        assert_eq!(ours.deadline(), theirs.deadline());
+        assert_eq!(ours.statement_timeout(), theirs.statement_timeout());
+        assert_eq!(ours.backoff(), theirs.backoff());
+        assert_eq!(ours.isolation(), theirs.isolation());
         assert_eq!(cli.retry.pool_timeout, crate::db::POOL_CHECKOUT_WAIT);
         assert_eq!(cli.retry.watchdog_slack, crate::watchdog::DEFAULT_SLACK);
     }

@@ -16,7 +16,7 @@ use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::Plan;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Retrier, TxOptions};
+use diesel_tx_retry::{Resolution, Retrier};
 
 /// What the main job did, for callers that check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,8 @@ pub struct Report {
     pub created: Created,
     /// The transfer as committed.
     pub transfer: Transfer,
+    /// How a commit in doubt of the transfer ended, if it had one.
+    pub transfer_doubt: Option<Resolution>,
     /// The ids deleted.
     pub deleted: Vec<Uuid>,
     /// Retries across all transactions.
@@ -90,16 +92,18 @@ pub fn run(
     // The transfer's ledger key, drawn before the helper like the ids: a
     // retry after a commit in doubt finds it instead of moving money twice.
     let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
-    let watch = watchdog.watch("transferring funds", retrier.policy());
+    let watch = watchdog.watch("transferring funds", retrier);
     let done = retrier
-        .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
-            bank::transfer(conn, key, from, to, Amount::HalfOfSource, ctx)
+        .build_transaction()
+        .run_idempotent(pool, key, |conn, attempt| {
+            bank::transfer(conn, attempt, from, to, Amount::HalfOfSource)
         })
         .context("transferring funds")?;
     drop(watch);
-    bank::log_doubt("transferring funds", done.doubt);
+    bank::log_doubt("transferring funds", done.doubt());
     retries += done.retries();
-    let transfer = done.value;
+    let transfer_doubt = done.doubt();
+    let transfer = done.into_value().into_inner();
     writeln!(out, "Random account balances:")?;
     account_line(out, &transfer.from)?;
     account_line(out, &transfer.to)?;
@@ -123,10 +127,11 @@ pub fn run(
     // In batches, one transaction each, as creation goes: a transaction that
     // held every row lock at once would block everything else for as long.
     for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
-        let _watch = watchdog.watch("deleting accounts", retrier.policy());
+        let _watch = watchdog.watch("deleting accounts", retrier);
         let done = retrier
-            .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
-                bank::delete_accounts(conn, batch, ctx)
+            .build_transaction()
+            .run_idempotent(pool, batch, |conn, attempt| {
+                bank::delete_accounts(conn, attempt.key(), attempt.in_doubt())
             })
             .with_context(|| {
                 format!(
@@ -135,19 +140,20 @@ pub fn run(
                 )
             })?;
         retries += done.retries();
-        bank::log_doubt("deleting accounts", done.doubt);
+        bank::log_doubt("deleting accounts", done.doubt());
+        let batch_deleted = done.into_value().into_inner();
         if deleted.is_empty() {
             writeln!(out, "Deleting existing accounts...")?;
         }
         if list {
-            for id in &done.value {
+            for id in &batch_deleted {
                 writeln!(out, "Deleted account {id}.")?;
             }
         }
         // What committed is on stdout before the next batch begins, so a
         // run that dies later still shows it.
         out.flush()?;
-        deleted.extend(done.value);
+        deleted.extend(batch_deleted);
     }
     if !list {
         writeln!(out, "Deleted {} accounts.", deleted.len())?;
@@ -157,6 +163,7 @@ pub fn run(
     Ok(Report {
         created,
         transfer,
+        transfer_doubt,
         deleted,
         retries,
     })

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use diesel_tx_retry::RetryPolicy;
+use diesel_tx_retry::Retrier;
 
 /// The slack by default (`--watchdog-slack`): the time the last answer may
 /// take to arrive once every limit of the transaction has passed.
@@ -89,11 +89,11 @@ impl Watchdog {
         Self(Some(shared))
     }
 
-    /// Watches `what`, one retried transaction under `policy`: it should end
-    /// within the deadline and one statement's wait after it (not watched
-    /// without a deadline). Dropping the watch ends it.
-    pub fn watch(&self, what: &'static str, policy: &RetryPolicy) -> Watch {
-        let (Some(shared), Some(bound)) = (&self.0, worst_case(policy)) else {
+    /// Watches `what`, one call of `retrier`: it should end within the
+    /// deadline and one statement's wait after it (not watched without a
+    /// deadline). Dropping the watch ends it.
+    pub fn watch(&self, what: &'static str, retrier: &Retrier) -> Watch {
+        let (Some(shared), Some(bound)) = (&self.0, worst_case(retrier)) else {
             return Watch(None);
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -114,9 +114,9 @@ impl Watchdog {
 
 /// The longest one retried transaction may take when the server answers at
 /// once: the deadline, then one statement's wait. `None` without a deadline.
-pub fn worst_case(policy: &RetryPolicy) -> Option<Duration> {
-    let deadline = policy.deadline?;
-    Some(deadline + policy.statement_timeout.unwrap_or(deadline))
+pub fn worst_case(retrier: &Retrier) -> Option<Duration> {
+    let deadline = retrier.deadline()?;
+    Some(deadline + retrier.statement_timeout().unwrap_or(deadline))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,7 +178,7 @@ mod tests {
     fn with_the_defaults_a_stall_ends_the_run_after_55_seconds() {
         // The deadline (30 s), one statement's wait (20 s), the slack (5 s).
         assert_eq!(
-            worst_case(&RetryPolicy::default()).map(|bound| bound + DEFAULT_SLACK),
+            worst_case(&Retrier::default()).map(|bound| bound + DEFAULT_SLACK),
             Some(Duration::from_secs(55))
         );
     }
@@ -199,12 +199,10 @@ mod tests {
         let _words = watchdog.last_words(move |line| {
             let _ = said.send(line.to_owned());
         });
-        let policy = RetryPolicy {
-            deadline: Some(Duration::from_millis(50)),
-            statement_timeout: Some(Duration::from_millis(50)),
-            ..RetryPolicy::default()
-        };
-        let _watch = watchdog.watch("testing", &policy);
+        let retrier = Retrier::default()
+            .with_deadline(Duration::from_millis(50))
+            .with_statement_timeout(Duration::from_millis(50));
+        let _watch = watchdog.watch("testing", &retrier);
         let line = stalled_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(
             line.starts_with("testing: no answer from the server within "),

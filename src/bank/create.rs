@@ -12,7 +12,7 @@ use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::Batches;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Retrier, TxOptions};
+use diesel_tx_retry::Retrier;
 
 /// Up to this many accounts, each one gets its line as in the tutorial;
 /// beyond it (or with `--quiet`) one summary line stands for them.
@@ -77,18 +77,11 @@ pub fn create_accounts(
         // rows the earlier attempt committed instead of inserting them again.
         // The first attempt inserts plainly, so that a repeated --seed is a
         // definite duplicate, as it should be.
-        let _watch = watchdog.watch("creating accounts", retrier.policy());
+        let _watch = watchdog.watch("creating accounts", retrier);
         let done = retrier
-            .run_with(pool, TxOptions::default().idempotent(), |conn, ctx| {
-                if ctx.in_doubt() {
-                    super::insert_accounts_resolving(conn, &rows, batches.rows_per_insert(), ctx)
-                } else {
-                    Ok(super::insert_accounts(
-                        conn,
-                        &rows,
-                        batches.rows_per_insert(),
-                    )?)
-                }
+            .build_transaction()
+            .run_idempotent(pool, &rows[..], |conn, attempt| {
+                super::create_batch(conn, attempt, batches.rows_per_insert())
             })
             .with_context(|| {
                 format!(
@@ -97,7 +90,7 @@ pub fn create_accounts(
                 )
             })?;
         created.retries += done.retries();
-        super::log_doubt("creating accounts", done.doubt);
+        super::log_doubt("creating accounts", done.doubt());
         on_commit(&rows)?;
         created.total_balance += rows.iter().map(|a| a.balance).sum::<i64>();
         created.ids.extend(rows.iter().map(|a| a.id));

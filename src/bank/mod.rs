@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::models::Account;
 use crate::schema::{accounts, transfers};
-use diesel_tx_retry::{AsDieselError, Context};
+use diesel_tx_retry::{Applied, Keyed, Resolution};
 
 /// Rows per multi-row `INSERT` by default: past a few thousand rows larger
 /// statements stop saving time (bench/RESULTS.md has the sweep).
@@ -59,18 +59,11 @@ pub enum BankError {
     /// this run's earlier attempt, someone else's rows.
     #[error("accounts with this run's ids exist with other balances (account {0}); use another seed, or none")]
     NotOurs(Uuid),
-    /// The database refused or failed.
-    #[error(transparent)]
+    /// The database refused or failed. Its own message, and its source, so
+    /// that the retry helper finds it (a transparent variant would hide
+    /// it).
+    #[error("{0}")]
     Database(#[from] diesel::result::Error),
-}
-
-impl AsDieselError for BankError {
-    fn as_diesel(&self) -> Option<&diesel::result::Error> {
-        match self {
-            BankError::Database(err) => Some(err),
-            _ => None,
-        }
-    }
 }
 
 /// Inserts `rows` in multi-row statements of at most `rows_per_insert` rows
@@ -93,22 +86,22 @@ pub fn insert_accounts(
 }
 
 /// Inserts `rows` like [`insert_accounts`], in a retry after a commit in
-/// doubt (`ctx`): `ON CONFLICT (id) DO NOTHING`, so that rows the earlier
-/// attempt committed are met, not duplicated. An `INSERT` of a key that an
-/// earlier transaction still holds uncommitted waits for it, so what it
-/// meets is settled. All rows new: the earlier attempt did not commit, and
-/// they are inserted now. None new: it did, if the rows there hold the
-/// balances this run drew (checked). Anything else is someone else's rows.
+/// doubt: `ON CONFLICT (id) DO NOTHING`, so that rows the earlier attempt
+/// committed are met, not duplicated. An `INSERT` of a key that an earlier
+/// transaction still holds uncommitted waits for it, so what it meets is
+/// settled. All rows new: the earlier attempt did not commit, and they are
+/// inserted now. None new: it did, if the rows there hold the balances this
+/// run drew (checked). Anything else is someone else's rows.
 ///
 /// # Errors
 /// [`BankError::NotOurs`] for rows that are not this run's; the database's
 /// error.
 pub fn insert_accounts_resolving(
     conn: &mut PgConnection,
-    rows: &[Account],
+    attempt: &Keyed<'_, &[Account]>,
     rows_per_insert: usize,
-    ctx: &Context,
-) -> Result<usize, BankError> {
+) -> Result<Applied<usize>, BankError> {
+    let rows = attempt.key();
     let mut inserted = 0;
     for chunk in rows.chunks(rows_per_insert.clamp(1, MAX_ROWS_PER_INSERT)) {
         inserted += diesel::insert_into(accounts::table)
@@ -118,9 +111,10 @@ pub fn insert_accounts_resolving(
             .execute(conn)?;
     }
     if inserted == rows.len() {
-        ctx.not_applied_earlier();
-        return Ok(inserted);
+        return Ok(Applied::Now(inserted));
     }
+    // Every row is settled (each insert waited for an earlier attempt
+    // holding its key): a refusal below is definite, not in doubt.
     let ids: Vec<Uuid> = rows.iter().map(|a| a.id).collect();
     let mut found = std::collections::HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(IDS_PER_STATEMENT) {
@@ -131,29 +125,53 @@ pub fn insert_accounts_resolving(
         found.extend(accounts.into_iter().map(|a| (a.id, a.balance)));
     }
     if let Some(other) = rows.iter().find(|a| found.get(&a.id) != Some(&a.balance)) {
-        ctx.not_applied_earlier();
+        attempt.not_applied_earlier();
         return Err(BankError::NotOurs(other.id));
     }
     if inserted > 0 {
         // Some of the rows were there and some not: the earlier attempt was
         // one transaction, so those were someone else's.
-        ctx.not_applied_earlier();
+        attempt.not_applied_earlier();
         return Err(BankError::NotOurs(rows[0].id));
     }
-    ctx.applied_earlier();
-    Ok(rows.len())
+    Ok(Applied::Earlier(rows.len()))
+}
+
+/// Creates the rows of `attempt`'s key, drawn before the transaction (the
+/// batch is its own key): a plain insert unless an earlier attempt's commit
+/// is in doubt, so that
+/// rows already there (a repeated `--seed`) are a definite duplicate, and
+/// [`insert_accounts_resolving`] after a commit in doubt.
+///
+/// # Errors
+/// The database's error (a duplicate id is a `UniqueViolation`), or
+/// [`BankError::NotOurs`].
+pub fn create_batch(
+    conn: &mut PgConnection,
+    attempt: &Keyed<'_, &[Account]>,
+    rows_per_insert: usize,
+) -> Result<Applied<usize>, BankError> {
+    if attempt.in_doubt() {
+        insert_accounts_resolving(conn, attempt, rows_per_insert)
+    } else {
+        Ok(Applied::Now(insert_accounts(
+            conn,
+            attempt.key(),
+            rows_per_insert,
+        )?))
+    }
 }
 
 /// Says at debug level (`-v`) how a commit in doubt of `phase` ended.
-pub fn log_doubt(phase: &str, doubt: Option<diesel_tx_retry::Resolution>) {
+pub fn log_doubt(phase: &str, doubt: Option<Resolution>) {
     match doubt {
-        Some(diesel_tx_retry::Resolution::AppliedEarlier) => tracing::debug!(
+        Some(Resolution::AppliedEarlier) => tracing::debug!(
             "{phase}: the commit was in doubt; the retry found it applied by the earlier attempt"
         ),
-        Some(diesel_tx_retry::Resolution::AppliedNow) => tracing::debug!(
+        Some(Resolution::AppliedNow) => tracing::debug!(
             "{phase}: the commit was in doubt; the earlier attempt had not applied it, the retry did"
         ),
-        None => {}
+        _ => {}
     }
 }
 
@@ -181,11 +199,6 @@ pub struct Transfer {
     pub from_after: Account,
     /// The destination after the transfer.
     pub to_after: Account,
-    /// Whether an earlier attempt, whose commit was in doubt, had applied it
-    /// (its ledger row was there): then nothing was applied now, `amount` is
-    /// the ledger's, the balances after are those in the table now, and the
-    /// balances before are worked back from them.
-    pub applied_earlier: bool,
 }
 
 /// Moves money between two accounts in two statements: one `SELECT ... FOR
@@ -203,35 +216,32 @@ pub struct Transfer {
 /// primary index in key order, which is the same order (CockroachDB also
 /// detects and breaks lock cycles by itself).
 ///
-/// Idempotent by its key. In a retry after a commit in doubt (`ctx`), the
-/// ledger is read for `key` (found: the earlier attempt committed, and the
-/// transfer reports it applied, with the ledger's amount and the balances
-/// now, and applies nothing); if it is not there, the key is claimed with an
-/// insert, which waits for an earlier attempt still holding it and then
-/// either claims it (that attempt did not commit: the doubt is over, and a
-/// refusal after it is definite) or meets it (it did). On every attempt the
-/// ledger row's insert is `ON CONFLICT DO NOTHING` and the balances move
-/// only if it inserted, so the key's uniqueness, not a read, is what keeps a
-/// transfer from applying twice.
+/// Idempotent by its `key`, drawn by the caller before the retry helper. In
+/// a retry after a commit in doubt (`in_doubt`), the ledger is read for
+/// the key (found: the earlier attempt committed, and the transfer is
+/// [`Applied::Earlier`], with the ledger's amount and the balances now, and
+/// applies nothing); if it is not there, the key is claimed with an insert,
+/// which waits for an earlier attempt still holding it and then either
+/// claims it (that attempt did not commit) or meets it (it did). On every
+/// attempt the ledger row's insert is `ON CONFLICT DO NOTHING` and the
+/// balances move only if it inserted, so the key's uniqueness, not a read,
+/// is what keeps a transfer from applying twice. An earlier transfer's
+/// balances before it are worked back from the balances now.
 ///
 /// # Errors
 /// [`BankError`]; nothing is changed when it fails.
 pub fn transfer(
     conn: &mut PgConnection,
-    key: Uuid,
+    attempt: &Keyed<'_, Uuid>,
     from: Uuid,
     to: Uuid,
     amount: Amount,
-    ctx: &Context,
-) -> Result<Transfer, BankError> {
-    // Refused before anything is read: an earlier attempt was refused the
-    // same way, so it committed nothing.
+) -> Result<Applied<Transfer>, BankError> {
+    let key = *attempt.key();
     if from == to {
-        ctx.not_applied_earlier();
         return Err(BankError::SameAccount(from));
     }
     if let Amount::Exactly(amount @ ..=0) = amount {
-        ctx.not_applied_earlier();
         return Err(BankError::NotPositive(amount));
     }
     // `id = ANY(ARRAY[$1, $2])`, two parameters in an array of known length:
@@ -248,7 +258,7 @@ pub fn transfer(
             .copied()
             .ok_or(BankError::AccountNotFound(id))
     };
-    if ctx.in_doubt() {
+    if attempt.in_doubt() {
         // First the ledger, without locks: an earlier attempt that committed
         // is found at once, whatever contention the accounts are under.
         let amount = match ledger_amount(conn, key)? {
@@ -259,7 +269,9 @@ pub fn transfer(
             // the transfer writes its real row, in this same transaction.
             None => match claim(conn, key, from, to)? {
                 true => {
-                    ctx.not_applied_earlier();
+                    // The earlier attempt did not commit, and cannot now: a
+                    // refusal below (insufficient funds) is definite.
+                    attempt.not_applied_earlier();
                     unclaim(conn, key)?;
                     None
                 }
@@ -267,12 +279,16 @@ pub fn transfer(
             },
         };
         if let Some(amount) = amount {
-            ctx.applied_earlier();
             let now: Vec<Account> = accounts::table
                 .filter(both)
                 .select(Account::as_select())
                 .load(conn)?;
-            return applied_earlier(key, find(&now, from)?, find(&now, to)?, amount);
+            return Ok(applied_earlier(
+                key,
+                find(&now, from)?,
+                find(&now, to)?,
+                amount,
+            ));
         }
     }
     let rows: Vec<Account> = accounts::table
@@ -304,18 +320,16 @@ pub fn transfer(
         // The ledger row was there: an earlier attempt committed it, seen
         // only now (READ COMMITTED sees what committed while it waited).
         let amount = ledger_amount(conn, key)?.ok_or(BankError::AccountNotFound(from))?;
-        ctx.applied_earlier();
-        return applied_earlier(key, source, destination, amount);
+        return Ok(applied_earlier(key, source, destination, amount));
     }
-    Ok(Transfer {
+    Ok(Applied::Now(Transfer {
         key,
         from: source,
         to: destination,
         amount,
         from_after: find(&after, from)?,
         to_after: find(&after, to)?,
-        applied_earlier: false,
-    })
+    }))
 }
 
 /// Inserts a placeholder ledger row for `key` unless the key is there;
@@ -355,8 +369,8 @@ fn applied_earlier(
     from_now: Account,
     to_now: Account,
     amount: i64,
-) -> Result<Transfer, BankError> {
-    Ok(Transfer {
+) -> Applied<Transfer> {
+    Applied::Earlier(Transfer {
         key,
         from: Account {
             balance: from_now.balance + amount,
@@ -369,7 +383,6 @@ fn applied_earlier(
         amount,
         from_after: from_now,
         to_after: to_now,
-        applied_earlier: true,
     })
 }
 
@@ -474,18 +487,18 @@ impl RunQueryDsl<PgConnection> for MoveFunds {}
 /// delete, in the order given.
 ///
 /// Idempotent by the ids, chosen before the transaction: in a retry after a
-/// commit in doubt (`ctx`) they are gone either way once the statement ran
-/// (it waits for an earlier attempt still holding their rows), so all of
+/// commit in doubt (`in_doubt`) they are gone either way once the statement
+/// ran (it waits for an earlier attempt still holding their rows), so all of
 /// them are reported deleted; none found means the earlier attempt had
-/// deleted them.
+/// deleted them ([`Applied::Earlier`]).
 ///
 /// # Errors
 /// The database's error.
 pub fn delete_accounts(
     conn: &mut PgConnection,
     ids: &[Uuid],
-    ctx: &Context,
-) -> QueryResult<Vec<Uuid>> {
+    in_doubt: bool,
+) -> QueryResult<Applied<Vec<Uuid>>> {
     let mut deleted = HashSet::with_capacity(ids.len());
     for chunk in ids.chunks(IDS_PER_STATEMENT) {
         deleted.extend(
@@ -494,19 +507,18 @@ pub fn delete_accounts(
                 .get_results::<Uuid>(conn)?,
         );
     }
-    if ctx.in_doubt() {
+    if in_doubt {
         if deleted.is_empty() && !ids.is_empty() {
-            ctx.applied_earlier();
-        } else {
-            ctx.not_applied_earlier();
+            return Ok(Applied::Earlier(ids.to_vec()));
         }
-        return Ok(ids.to_vec());
+        return Ok(Applied::Now(ids.to_vec()));
     }
-    Ok(ids
-        .iter()
-        .copied()
-        .filter(|id| deleted.contains(id))
-        .collect())
+    Ok(Applied::Now(
+        ids.iter()
+            .copied()
+            .filter(|id| deleted.contains(id))
+            .collect(),
+    ))
 }
 
 /// A run's accounts after its transfers, against their initial balances

@@ -17,7 +17,7 @@ use crate::bank::{self, Amount, BankError};
 use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Held, Resolution, Retrier, TxError, TxOptions};
+use diesel_tx_retry::{Held, Resolution, Retrier, TxError};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -173,7 +173,7 @@ pub fn run(
         ));
     }
     let checked = {
-        let _watch = watchdog.watch("checking the balances", retrier.policy());
+        let _watch = watchdog.watch("checking the balances", retrier);
         pool.get()
             .context("checking the balances")
             .and_then(|mut conn| Ok(bank::audit(&mut conn, &ids, &created.balances)?))
@@ -202,7 +202,7 @@ pub fn run(
         ledger,
     );
     report.set_client_cpu(cpu);
-    report.error = error.as_ref().map(|err| format!("{err:#}"));
+    report.error = error.as_ref().map(crate::app::error_line);
     Ok(Finished { report, error })
 }
 
@@ -269,19 +269,21 @@ fn transfer_loop(
         // idempotent, so a commit in doubt is retried and resolved.
         let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
         let began = Instant::now();
-        let _watch = watchdog.watch("transferring", retrier.policy());
+        let _watch = watchdog.watch("transferring", retrier);
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = retrier.run_with(&held, TxOptions::default().idempotent(), |conn, ctx| {
-            bank::transfer(conn, key, from, to, amount, ctx)
-        });
+        let result = retrier
+            .build_transaction()
+            .run_idempotent(&held, key, |conn, attempt| {
+                bank::transfer(conn, attempt, from, to, amount)
+            });
         in_flight.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok(done) => count(&|t| {
                 t.committed += 1;
-                match done.doubt {
+                match done.doubt() {
                     Some(Resolution::AppliedEarlier) => t.resolved.applied_earlier += 1,
                     Some(Resolution::AppliedNow) => t.resolved.applied_on_retry += 1,
-                    None => {}
+                    _ => {}
                 }
                 let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
                 t.latency_us.saturating_record(micros.max(1));

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::plan::Settings;
-use diesel_tx_retry::{Attempt, Class, Observer, Outcome};
+use diesel_tx_retry::{Attempt, Cause, Observer};
 
 /// What happened, in the shape `--json` prints.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -112,20 +112,25 @@ pub(super) struct Attempts {
 
 impl Observer for Attempts {
     fn attempt(&self, attempt: &Attempt) {
-        if let Outcome::Retry { delay, .. } = attempt.outcome {
-            let counter = match attempt.cause {
-                Some(Class::Conflict) => &self.conflict,
-                Some(Class::ConnectionLost) => &self.connection_lost,
-                _ => &self.other,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
-            self.backoff_us.fetch_add(micros, Ordering::Relaxed);
+        if attempt.outcome().is_retry() {
+            self.retried(attempt.cause(), attempt.backoff());
         }
     }
 }
 
 impl Attempts {
+    /// A retry for `cause`, after `backoff`.
+    fn retried(&self, cause: Option<Cause>, backoff: std::time::Duration) {
+        let counter = match cause {
+            Some(Cause::Conflict) => &self.conflict,
+            Some(Cause::ConnectionLost) => &self.connection_lost,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(backoff.as_micros()).unwrap_or(u64::MAX);
+        self.backoff_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
     fn by_cause(&self) -> RetriesByCause {
         RetriesByCause {
             conflict: self.conflict.load(Ordering::Relaxed),
@@ -389,34 +394,12 @@ mod tests {
     fn the_observer_counts_retries_by_cause_and_their_backoff() {
         let attempts = Attempts::default();
         let ms = std::time::Duration::from_millis;
-        for (cause, outcome) in [
-            (
-                Class::Conflict,
-                Outcome::Retry {
-                    step: diesel_tx_retry::Step::Restart,
-                    delay: ms(2),
-                },
-            ),
-            (
-                Class::Conflict,
-                Outcome::Retry {
-                    step: diesel_tx_retry::Step::Restart,
-                    delay: ms(0),
-                },
-            ),
-            (
-                Class::ConnectionLost,
-                Outcome::Retry {
-                    step: diesel_tx_retry::Step::Reconnect,
-                    delay: ms(3),
-                },
-            ),
-            (
-                Class::Conflict,
-                Outcome::GaveUp(diesel_tx_retry::Budget::Attempts),
-            ),
+        for (cause, backoff) in [
+            (Cause::Conflict, ms(2)),
+            (Cause::Conflict, ms(0)),
+            (Cause::ConnectionLost, ms(3)),
         ] {
-            attempts.attempt(&attempt(cause, outcome));
+            attempts.retried(Some(cause), backoff);
         }
         assert_eq!(
             attempts.by_cause(),
@@ -429,16 +412,5 @@ mod tests {
         let settings = Settings::new(1, 2, Length::Transfers(1), None).unwrap();
         let report = Report::new(&settings, &Tally::new(), &attempts, ms(10), 0, None, None);
         assert_eq!((report.retries, report.backoff_ms), (3, 5.0));
-    }
-
-    /// An attempt as the helper would report it.
-    fn attempt(cause: Class, outcome: Outcome) -> Attempt {
-        Attempt::new(
-            2,
-            std::time::Duration::ZERO,
-            Some(diesel_tx_retry::Stage::Statement),
-            Some(cause),
-            outcome,
-        )
     }
 }

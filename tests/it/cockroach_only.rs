@@ -3,9 +3,7 @@
 //! this was written, as no CockroachDB binary could be installed there.
 
 use diesel::prelude::*;
-use diesel_tx_retry::TxOptions;
-use diesel_tx_retry::{Backoff, Protocol, Retrier, RetryPolicy, Server};
-use std::time::Duration;
+use diesel_tx_retry::{Backoff, Protocol, Retrier, Server};
 
 use crate::helpers::*;
 
@@ -26,25 +24,20 @@ fn injected_retry_errors_rewind_to_the_savepoint_and_commit_once() {
         .url
         .with_param("options", "-c inject_retry_errors_enabled=true");
     let pool = bank::db::pool(&url, 1).unwrap();
-    let immediate = RetryPolicy {
-        backoff: Backoff {
-            base: Duration::ZERO,
-            cap: Duration::ZERO,
-            first_retry_immediate: true,
-        },
-        ..RetryPolicy::default()
-    };
-    let retrier = Retrier::new(immediate, Server::CockroachDb);
-    assert_eq!(retrier.protocol(), Protocol::Savepoint);
+    let retrier = Retrier::default()
+        .for_server(Server::CockroachDb)
+        .with_backoff(Backoff::none());
+    assert_eq!(retrier.protocol(), Some(Protocol::Savepoint));
     let id = uuid::Uuid::new_v4();
     let committed = retrier
-        .run(&pool, TxOptions::default(), |conn| {
+        .build_transaction()
+        .run(&pool, |conn| {
             diesel::sql_query(format!(
                 "INSERT INTO accounts (id, balance) VALUES ('{id}', 1)"
             ))
             .execute(conn)
         })
         .unwrap();
-    assert_eq!(committed.attempts, 4);
+    assert_eq!(committed.attempts(), 4);
     assert_eq!(db.accounts(), vec![(id, 1)]);
 }

@@ -8,7 +8,7 @@ use std::thread;
 
 use bank::bank::{insert_accounts, transfer, Amount, BankError};
 use bank::models::Account;
-use diesel_tx_retry::{Retrier, RetryPolicy, TxError, TxOptions};
+use diesel_tx_retry::{Retrier, TxError};
 use rand::Rng;
 
 use crate::helpers::*;
@@ -26,13 +26,9 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
         .collect();
     insert_accounts(&mut db.conn(), &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
     let pool = db.pool(THREADS as u32);
-    let retrier = Retrier::new(
-        RetryPolicy {
-            max_attempts: 100,
-            ..RetryPolicy::default()
-        },
-        db.server,
-    );
+    let retrier = Retrier::default()
+        .for_server(db.server)
+        .with_max_attempts(100);
     let retries = AtomicU32::new(0);
     let committed = AtomicU32::new(0);
 
@@ -46,9 +42,11 @@ fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
                     let amount = Amount::Exactly(rng.random_range(1..=10));
                     let (from, to) = (accounts[from].id, accounts[to].id);
                     let key = uuid::Uuid::new_v4();
-                    match retrier.run_with(&pool, TxOptions::default().idempotent(), |conn, ctx| {
-                        transfer(conn, key, from, to, amount, ctx)
-                    }) {
+                    match retrier
+                        .build_transaction()
+                        .run_idempotent(&pool, key, |conn, attempt| {
+                            transfer(conn, attempt, from, to, amount)
+                        }) {
                         Ok(done) => {
                             retries.fetch_add(done.retries(), Ordering::Relaxed);
                             committed.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
@@ -14,26 +13,8 @@ use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
 use diesel::query_dsl::LoadQuery;
 use diesel::sql_types::{BigInt, Text};
-use diesel_tx_retry::{Clock, Server, TxError};
+use diesel_tx_retry::Server;
 use rand::Rng;
-
-/// Two tests from one body taking the protocol: `NAME::restart` and
-/// `NAME::savepoint`, so that a failure names its protocol.
-macro_rules! for_each_protocol {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn restart() {
-                super::$name(diesel_tx_retry::Protocol::Restart)
-            }
-            #[test]
-            fn savepoint() {
-                super::$name(diesel_tx_retry::Protocol::Savepoint)
-            }
-        }
-    )*};
-}
-pub(crate) use for_each_protocol;
 
 /// The value of one SQL expression, e.g.
 /// `scalar::<BigInt, i64>(conn, "(SELECT count(*) FROM marks)")`.
@@ -53,6 +34,12 @@ pub fn admin_url() -> DbUrl {
     DbUrl::parse(&raw).expect("DATABASE_URL does not parse")
 }
 
+/// The server `conn` is connected to, as the helper would find it.
+pub fn detect(conn: &mut PgConnection) -> Server {
+    let version: String = scalar::<Text, _>(conn, "version()").expect("ask the server its version");
+    Server::from_version(&version)
+}
+
 pub struct TestDb {
     pub name: String,
     pub url: DbUrl,
@@ -65,7 +52,7 @@ impl TestDb {
         let admin = admin_url();
         let name = format!("bank_test_{:016x}", rand::rng().random::<u64>());
         let mut conn = db::establish(&admin).expect("connect to DATABASE_URL");
-        let server = Server::detect(&mut conn).expect("detect server");
+        let server = detect(&mut conn);
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .expect("create database");
@@ -157,65 +144,11 @@ impl TestDb {
             .expect("count")
     }
 
-    /// Calls made so far to a fault installed by [`TestDb::install_faults`].
-    pub fn fault_calls(&self, sequence: &str) -> i64 {
-        scalar::<BigInt, i64>(
-            &mut self.conn(),
-            &format!("(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {sequence})"),
-        )
-        .expect("read fault sequence")
-    }
-
-    /// Installs the test-only fault machinery (PL/pgSQL, PostgreSQL only):
-    /// - `raise_error(code)`: raises SQLSTATE `code`; writes nothing, so it
-    ///   also works in read-only transactions.
-    /// - `fail_first(k, code)`: raises SQLSTATE `code` on its first `k` calls.
-    ///   Its counter is a sequence because sequences ignore rollbacks, so the
-    ///   count survives the retries it causes.
-    /// - table `marks`: a row per committed unit of work; `at_commit(...)`
-    ///   adds a deferred trigger on it that fires at COMMIT.
+    /// Installs the test-only fault machinery (`testbed::faults`,
+    /// PL/pgSQL, PostgreSQL only).
     fn install_faults(&self) {
         self.require_postgres("fault injection (PL/pgSQL, pg_terminate_backend)");
-        self.exec(
-            "CREATE SEQUENCE statement_faults;
-             CREATE SEQUENCE commit_faults;
-             CREATE TABLE marks (id SERIAL PRIMARY KEY, note TEXT NOT NULL DEFAULT '');
-             CREATE FUNCTION fail_first(k INT8, code TEXT) RETURNS INT8 AS $$
-             DECLARE n INT8 := nextval('statement_faults');
-             BEGIN
-                 IF n <= k THEN
-                     RAISE EXCEPTION 'injected fault % of %', n, k USING ERRCODE = code;
-                 END IF;
-                 RETURN n;
-             END $$ LANGUAGE plpgsql;
-             CREATE FUNCTION raise_error(code TEXT) RETURNS INT8 AS $$
-             BEGIN
-                 RAISE EXCEPTION 'injected fault' USING ERRCODE = code;
-             END $$ LANGUAGE plpgsql;
-             CREATE FUNCTION commit_fault() RETURNS trigger AS $$
-             DECLARE n INT8 := nextval('commit_faults');
-             BEGIN
-                 IF n <= TG_ARGV[0]::INT8 THEN
-                     IF TG_ARGV[1] = 'terminate' THEN
-                         PERFORM pg_terminate_backend(pg_backend_pid());
-                     ELSE
-                         RAISE EXCEPTION 'injected commit fault % of %', n, TG_ARGV[0]
-                             USING ERRCODE = TG_ARGV[1];
-                     END IF;
-                 END IF;
-                 RETURN NULL;
-             END $$ LANGUAGE plpgsql;",
-        );
-    }
-
-    /// Makes the first `k` commits that inserted into `marks` fail with
-    /// `action`: a SQLSTATE, or `terminate` to kill the backend mid-commit.
-    pub fn fail_commits(&self, k: u32, action: &str) {
-        self.exec(&format!(
-            "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON marks
-             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-             EXECUTE FUNCTION commit_fault('{k}', '{action}')"
-        ));
+        testbed::faults::install(&mut self.conn());
     }
 }
 
@@ -227,7 +160,7 @@ impl Drop for TestDb {
         }
         let drop_sql = match self.server {
             Server::PostgreSql => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            Server::CockroachDb => format!("DROP DATABASE IF EXISTS {} CASCADE", self.name),
+            _ => format!("DROP DATABASE IF EXISTS {} CASCADE", self.name),
         };
         if let Ok(mut conn) = db::establish(&admin_url()) {
             let _ = diesel::sql_query(drop_sql).execute(&mut conn);
@@ -235,70 +168,8 @@ impl Drop for TestDb {
     }
 }
 
-/// The kind of the database error a helper call returned untouched, if any.
-pub fn failed_kind<T>(
-    result: &Result<T, TxError<diesel::result::Error>>,
-) -> Option<diesel::result::DatabaseErrorKind> {
-    match result {
-        Err(TxError::Failed(diesel::result::Error::DatabaseError(kind, _))) => Some(*kind),
-        _ => None,
-    }
-}
-
-/// Inserts a mark, through the unit of work's own connection.
-pub fn mark(conn: &mut PgConnection, note: &str) -> QueryResult<()> {
-    diesel::sql_query("INSERT INTO marks (note) VALUES ($1)")
-        .bind::<Text, _>(note)
-        .execute(conn)
-        .map(drop)
-}
-
-/// Calls `fail_first(k, code)`.
-pub fn fail_first(conn: &mut PgConnection, k: u32, code: &str) -> QueryResult<()> {
-    diesel::sql_query("SELECT fail_first($1, $2)")
-        .bind::<BigInt, _>(i64::from(k))
-        .bind::<Text, _>(code)
-        .execute(conn)
-        .map(drop)
-}
-
-/// The backend pid of a connection.
-pub fn backend_pid(conn: &mut PgConnection) -> i32 {
-    scalar::<diesel::sql_types::Integer, i32>(conn, "pg_backend_pid()").expect("pg_backend_pid")
-}
-
-/// A clock whose `sleep` only records the delay and moves time forward.
-#[derive(Debug)]
-pub struct FakeClock {
-    now: Mutex<Instant>,
-    pub sleeps: Mutex<Vec<Duration>>,
-}
-
-impl FakeClock {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            now: Mutex::new(Instant::now()),
-            sleeps: Mutex::new(Vec::new()),
-        })
-    }
-    pub fn sleeps(&self) -> Vec<Duration> {
-        self.sleeps.lock().unwrap().clone()
-    }
-    /// Moves time forward by `by`, as work that takes that long would.
-    pub fn advance(&self, by: Duration) {
-        *self.now.lock().unwrap() += by;
-    }
-}
-
-impl Clock for FakeClock {
-    fn now(&self) -> Instant {
-        *self.now.lock().unwrap()
-    }
-    fn sleep(&self, duration: Duration) {
-        *self.now.lock().unwrap() += duration;
-        self.sleeps.lock().unwrap().push(duration);
-    }
-}
+pub use testbed::faults::backend_pid;
+pub use testbed::process::{is_root, run, tempdir};
 
 /// Runs diesel CLI with `args` on `url` and the migrations in `migrations`,
 /// from an empty directory, so that it finds no diesel.toml and leaves
@@ -345,14 +216,6 @@ pub fn assert_ok(out: &Output) {
     );
 }
 
-/// An empty directory, removed when the value is dropped.
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("bank-test-")
-        .tempdir()
-        .expect("temp dir")
-}
-
 /// A port on 127.0.0.1 that refuses connections, reserved for as long as the
 /// returned socket lives: bound, never listening, so no other test can take
 /// it in the meantime.
@@ -376,61 +239,6 @@ pub fn lines(bytes: &[u8]) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-/// Calls `raise_error(code)`.
-pub fn raise_error(conn: &mut PgConnection, code: &str) -> QueryResult<()> {
-    diesel::sql_query("SELECT raise_error($1)")
-        .bind::<Text, _>(code)
-        .execute(conn)
-        .map(drop)
-}
-
-/// Whether the tests run as root.
-pub fn is_root() -> bool {
-    // `id -u` rather than libc: the test needs nothing unsafe.
-    let uid = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .expect("id -u");
-    String::from_utf8_lossy(&uid.stdout).trim() == "0"
-}
-
-/// Runs a server tool as the postgres user when we are root (initdb and
-/// postgres refuse to run as root).
-pub fn as_postgres(program: &Path) -> std::process::Command {
-    if is_root() {
-        let mut cmd = std::process::Command::new("runuser");
-        cmd.args(["-u", "postgres", "--"]).arg(program);
-        cmd
-    } else {
-        std::process::Command::new(program)
-    }
-}
-
-pub fn run(cmd: &mut std::process::Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn pg_bindir() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries under /usr/lib/postgresql (./dev installs them)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("initdb").exists())
-        .collect();
-    dirs.sort_by_key(|p| {
-        p.to_string_lossy()
-            .split('/')
-            .nth(4)
-            .and_then(|v| v.parse::<u32>().ok())
-    });
-    dirs.pop().expect("an initdb")
 }
 
 /// The one line a failed run printed on stderr, which must be one line.

@@ -8,7 +8,7 @@ use bank::plan::{Batches, Plan};
 use diesel::connection::InstrumentationEvent;
 use diesel::prelude::*;
 use diesel::r2d2::{CustomizeConnection, Pool};
-use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
+use diesel_tx_retry::{internal, Protocol, Retrier};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -272,8 +272,10 @@ fn the_savepoint_protocol_sends_no_more_statements_than_restart() {
         .connection_customizer(Box::new(recorder.clone()))
         .build(bank::db::Manager::new(&db.url))
         .unwrap();
-    let retrier =
-        Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
+    let retrier = internal::with_protocol(
+        Retrier::default().for_server(db.server),
+        Protocol::Savepoint,
+    );
     let plan = Plan::new(100, 5, Batches::default())
         .unwrap()
         .seeded(Some(1));

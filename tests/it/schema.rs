@@ -31,7 +31,7 @@ fn apply(db: &TestDb, path: Path) {
                     .arg(repo_root().join("dbinit.sql"))
                     .arg(db.url_string())
                     .status(),
-                diesel_tx_retry::Server::CockroachDb => Command::new("cockroach")
+                _ => Command::new("cockroach")
                     .args(["sql", "--url", &db.url_string(), "--file"])
                     .arg(repo_root().join("dbinit.sql"))
                     .status(),

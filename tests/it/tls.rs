@@ -14,8 +14,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::helpers::*;
-use crate::private_server::Cluster;
-use crate::proxy::Proxy;
+use testbed::cluster::Cluster;
+use testbed::proxy::Proxy;
 
 const SENTINEL: &str = "Sentinel-tls-Pa55";
 

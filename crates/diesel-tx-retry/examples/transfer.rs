@@ -1,86 +1,125 @@
-//! The bank's transfer through the helper, against the `accounts` table of
-//! the database `DATABASE_URL` names (create it with the repository's
-//! migrations or `dbinit.sql`):
+//! A transfer between two accounts through the helper, on its own two tables
+//! (created if missing) in the database `DATABASE_URL` names:
 //!
 //!     DATABASE_URL=postgresql://root@127.0.0.1:26257/defaultdb?sslmode=disable \
 //!         cargo run -p diesel-tx-retry --example transfer
 //!
-//! It opens two accounts, moves 10 from one to the other in a retried
-//! transaction, prints what the committed attempt returned, and removes the
-//! two accounts again (in a retried transaction too).
+//! It opens two accounts in one retried transaction, moves 10 from one to
+//! the other in an idempotent one (the transfer's id, drawn before the call,
+//! is its key: after a commit in doubt the unit finds out whether it is
+//! there), prints what the committed attempt returned, and removes what it
+//! wrote.
 
 use std::process::ExitCode;
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Text};
-use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxError, TxOptions};
+use diesel_tx_retry::{Applied, Retrier, TxError};
+use uuid::Uuid;
 
-#[derive(Debug, QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = BigInt)]
-    balance: i64,
+diesel::table! {
+    demo_accounts (id) {
+        id -> Uuid,
+        balance -> Int8,
+    }
 }
 
-/// Moves `amount` from `from` to `to` if `from` holds enough; returns both
-/// rows as they are after the move.
-fn transfer(conn: &mut PgConnection, from: &str, to: &str, amount: i64) -> QueryResult<Vec<Row>> {
-    diesel::sql_query(
-        "UPDATE accounts SET balance = balance + CASE WHEN id = CAST($1 AS UUID) THEN -$3 ELSE $3 END \
-         WHERE id IN (CAST($1 AS UUID), CAST($2 AS UUID)) \
-         RETURNING CAST(id AS TEXT) AS id, balance",
-    )
-    .bind::<Text, _>(from)
-    .bind::<Text, _>(to)
-    .bind::<BigInt, _>(amount)
-    .load(conn)
+diesel::table! {
+    demo_transfers (id) {
+        id -> Uuid,
+        amount -> Int8,
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS demo_accounts (id UUID PRIMARY KEY, balance INT8 NOT NULL CHECK (balance >= 0)); \
+     CREATE TABLE IF NOT EXISTS demo_transfers (id UUID PRIMARY KEY, amount INT8 NOT NULL);";
+
+/// Moves `amount` from `from` to `to` under the key `id`: nothing if the
+/// transfer `id` is already there (a commit in doubt that did commit).
+fn transfer(
+    conn: &mut PgConnection,
+    id: Uuid,
+    in_doubt: bool,
+    [from, to]: [Uuid; 2],
+    amount: i64,
+) -> QueryResult<Applied<()>> {
+    if in_doubt && demo_transfers::table.find(id).execute(conn)? == 1 {
+        return Ok(Applied::Earlier(()));
+    }
+    diesel::insert_into(demo_transfers::table)
+        .values((demo_transfers::id.eq(id), demo_transfers::amount.eq(amount)))
+        .execute(conn)?;
+    diesel::update(demo_accounts::table.find(from))
+        .set(demo_accounts::balance.eq(demo_accounts::balance - amount))
+        .execute(conn)?;
+    diesel::update(demo_accounts::table.find(to))
+        .set(demo_accounts::balance.eq(demo_accounts::balance + amount))
+        .execute(conn)?;
+    Ok(Applied::Now(()))
 }
 
 fn run() -> Result<(), String> {
     let url = std::env::var("DATABASE_URL")
-        .map_err(|_| "set DATABASE_URL to the database that holds the accounts table".to_owned())?;
+        .map_err(|_| "set DATABASE_URL to the database to run the example in".to_owned())?;
     let pool = Pool::builder()
-        .max_size(1)
+        .max_size(2)
         .build(ConnectionManager::<PgConnection>::new(url))
         .map_err(|err| format!("could not connect: {err}"))?;
-    let mut conn = pool
-        .get()
-        .map_err(|err| format!("could not connect: {err}"))?;
-    let server =
-        Server::detect(&mut conn).map_err(|err| format!("asking the server what it is: {err}"))?;
-    drop(conn);
-    let retrier = Retrier::new(RetryPolicy::default(), server);
+    pool.get()
+        .map_err(|err| format!("could not connect: {err}"))?
+        .batch_execute(SCHEMA)
+        .map_err(|err| format!("could not create the example's tables: {err}"))?;
+    let retrier = Retrier::default();
     let show = |err: TxError<diesel::result::Error>| err.to_string();
 
-    let opened = retrier
-        .run(&pool, TxOptions::default(), |conn| {
-            diesel::sql_query(
-                "INSERT INTO accounts (id, balance) VALUES (gen_random_uuid(), 100), (gen_random_uuid(), 0) \
-                 RETURNING CAST(id AS TEXT) AS id, balance",
-            )
-            .load::<Row>(conn)
-        })
-        .map_err(show)?;
-    let [from, to] = [&opened.value[0].id, &opened.value[1].id];
-    let moved = retrier
-        .run(&pool, TxOptions::default(), |conn| {
-            transfer(conn, from, to, 10)
-        })
-        .map_err(show)?;
-    println!("moved 10 in {} attempt(s):", moved.attempts);
-    for row in &moved.value {
-        println!("  account {} now holds {}", row.id, row.balance);
-    }
+    let accounts = [Uuid::new_v4(), Uuid::new_v4()];
     retrier
-        .run(&pool, TxOptions::default(), |conn| {
-            diesel::sql_query(
-                "DELETE FROM accounts WHERE id IN (CAST($1 AS UUID), CAST($2 AS UUID))",
-            )
-            .bind::<Text, _>(from)
-            .bind::<Text, _>(to)
-            .execute(conn)
+        .transaction(&pool, |conn| {
+            diesel::insert_into(demo_accounts::table)
+                .values(&[
+                    (
+                        demo_accounts::id.eq(accounts[0]),
+                        demo_accounts::balance.eq(100),
+                    ),
+                    (
+                        demo_accounts::id.eq(accounts[1]),
+                        demo_accounts::balance.eq(0),
+                    ),
+                ])
+                .execute(conn)
+        })
+        .map_err(show)?;
+
+    let id = Uuid::new_v4();
+    let moved = retrier
+        .build_transaction()
+        .run_idempotent(&pool, id, |conn, attempt| {
+            transfer(conn, *attempt.key(), attempt.in_doubt(), accounts, 10)
+        })
+        .map_err(show)?;
+    let balances: Vec<(Uuid, i64)> = demo_accounts::table
+        .filter(demo_accounts::id.eq_any(accounts))
+        .load(&mut pool.get().map_err(|err| err.to_string())?)
+        .map_err(|err| err.to_string())?;
+    println!(
+        "transfer {id}: {} in {} attempt(s)",
+        if moved.value().was_earlier() {
+            "found committed after a commit in doubt"
+        } else {
+            "moved 10"
+        },
+        moved.attempts()
+    );
+    for (account, balance) in balances {
+        println!("  account {account} holds {balance}");
+    }
+
+    retrier
+        .transaction(&pool, |conn| {
+            diesel::delete(demo_transfers::table.find(id)).execute(conn)?;
+            diesel::delete(demo_accounts::table.filter(demo_accounts::id.eq_any(accounts)))
+                .execute(conn)
         })
         .map_err(show)?;
     Ok(())

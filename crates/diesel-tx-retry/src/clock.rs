@@ -1,8 +1,10 @@
-//! Time as the helper sees it: the real clock, or a test's.
+//! Time as the helper sees it: the real clock, or a test's
+//! (`internal::FakeClock`).
 
 use std::time::{Duration, Instant};
 
-/// Time as the helper sees it; tests swap in a clock that does not sleep.
+/// Time as the helper sees it; the crate's tests swap in a clock that does
+/// not sleep.
 pub trait Clock: Send + Sync {
     /// The current instant.
     fn now(&self) -> Instant;
@@ -12,7 +14,7 @@ pub trait Clock: Send + Sync {
 
 /// The real clock.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Instant {

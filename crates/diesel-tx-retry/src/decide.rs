@@ -1,6 +1,6 @@
 //! The decision table: from where an error came, what it means, the server,
 //! the protocol and the unit's options, the next step. Pure, and tested row
-//! by row.
+//! by row; the crate docs print the same table.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
@@ -8,7 +8,7 @@ use crate::{Isolation, Protocol, Server};
 
 /// Where in an attempt an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// `BEGIN` (and `SAVEPOINT cockroach_restart`), or getting a connection.
     Begin,
     /// The unit of work.
@@ -21,7 +21,7 @@ pub enum Stage {
 
 /// What an error means for a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     /// SQLSTATE 40001: the transaction did not commit; run it again.
     Conflict,
     /// The connection is gone.
@@ -44,12 +44,15 @@ pub enum Class {
     /// Anything else, 40003 ("result is ambiguous") among them: Diesel has no
     /// kind for it.
     Other,
+    /// Not a database error: the unit's own (its error carries no
+    /// `diesel::result::Error`). Running it again would refuse the same way.
+    Domain,
 }
 
 /// Classifies by Diesel's `DatabaseErrorKind`, which Diesel derives from the
 /// SQLSTATE, and, for the SQLSTATEs Diesel has no kind for, by the server's
 /// message ([`by_message`]).
-pub fn classify(err: &DieselError) -> Class {
+pub(crate) fn classify(err: &DieselError) -> Class {
     match err {
         DieselError::DatabaseError(kind, info) => match kind {
             DatabaseErrorKind::SerializationFailure => Class::Conflict,
@@ -99,7 +102,7 @@ pub fn classify(err: &DieselError) -> Class {
 ///   already exists`), or a Bind whose parameters do not fit the statement
 ///   of that name (08P01, `bind message supplies 2 parameters, but prepared
 ///   statement "name" requires 9`): [`Class::StaleStatement`].
-pub fn by_message(message: &str) -> Option<Class> {
+pub(crate) fn by_message(message: &str) -> Option<Class> {
     const LOST: [&str; 4] = [
         "terminating connection ",
         "the database system is ",
@@ -137,7 +140,7 @@ pub fn by_message(message: &str) -> Option<Class> {
 /// committed. On PostgreSQL the session's state after each error is
 /// documented: a failed RELEASE leaves the (aborted) transaction open, a
 /// failed COMMIT ends it.
-pub fn failed_at_savepoint_commit(server: Server, open_after: Option<bool>) -> Stage {
+pub(crate) fn failed_at_savepoint_commit(server: Server, open_after: Option<bool>) -> Stage {
     match (server, open_after) {
         (Server::PostgreSql, Some(false)) => Stage::Commit,
         _ => Stage::Release,
@@ -146,7 +149,7 @@ pub fn failed_at_savepoint_commit(server: Server, open_after: Option<bool>) -> S
 
 /// What the helper does after a failure; the module docs describe each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Roll back to the restart savepoint and run the unit again at once.
     Rewind,
     /// Roll the transaction back, wait, begin again.
@@ -163,27 +166,27 @@ pub enum Step {
 
 /// Everything the next step depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Situation {
+pub(crate) struct Situation {
     /// Where the error came from.
-    pub stage: Stage,
+    pub(crate) stage: Stage,
     /// What the error means.
-    pub class: Class,
+    pub(crate) class: Class,
     /// The server.
-    pub server: Server,
+    pub(crate) server: Server,
     /// The helper's protocol (what frames the transaction is
     /// [`framing`] of it and the isolation).
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// The isolation level the transaction asked for.
-    pub isolation: Isolation,
+    pub(crate) isolation: Isolation,
     /// Whether the unit may be applied twice.
-    pub idempotent: bool,
+    pub(crate) idempotent: bool,
     /// Whether an earlier attempt's commit is in doubt, not yet resolved by
     /// the unit (see [`Context`](crate::Context)).
-    pub in_doubt: bool,
+    pub(crate) in_doubt: bool,
     /// Whether the next retry waits first (its backoff delay is not zero).
-    pub waits: bool,
+    pub(crate) waits: bool,
     /// Whether another connection can be had (a pool, not the caller's own).
-    pub replaceable: bool,
+    pub(crate) replaceable: bool,
 }
 
 /// How a transaction at `isolation` is framed by a helper whose protocol is
@@ -192,7 +195,7 @@ pub struct Situation {
 /// back to a savepoint (cockroachdb/cockroach#104233, open), and it retries
 /// each statement itself; there every retry the client makes is a new
 /// transaction.
-pub fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
+pub(crate) fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
     match isolation {
         Isolation::Serializable => protocol,
         _ => Protocol::Restart,
@@ -203,7 +206,7 @@ pub fn framing(protocol: Protocol, isolation: Isolation) -> Protocol {
 /// commit was sent and no verdict came back. The helper retries an
 /// idempotent unit after it and keeps the call in doubt until the unit
 /// resolves it.
-pub fn commit_in_doubt(s: &Situation) -> bool {
+pub(crate) fn commit_in_doubt(s: &Situation) -> bool {
     // Where the commit happens: the RELEASE on CockroachDB with the
     // savepoint protocol, the COMMIT everywhere else.
     let framed = framing(s.protocol, s.isolation);
@@ -223,7 +226,7 @@ pub fn commit_in_doubt(s: &Situation) -> bool {
 }
 
 /// The decision table of the module docs, as code.
-pub fn decide(s: &Situation) -> Step {
+pub(crate) fn decide(s: &Situation) -> Step {
     let step = decide_alone(s);
     if !s.in_doubt {
         return step;
@@ -292,7 +295,7 @@ fn decide_alone(s: &Situation) -> Step {
         Class::ConnectionLost => reconnect_or(Step::Fail),
         // At the commit: nothing committed, the unit swallowed the error
         // that aborted the transaction; running it again would do the same.
-        Class::Aborted | Class::Other | Class::StaleStatement => Step::Fail,
+        Class::Aborted | Class::Domain | Class::Other | Class::StaleStatement => Step::Fail,
     }
 }
 
@@ -419,13 +422,14 @@ mod tests {
         Stage::Release,
         Stage::Commit,
     ];
-    const CLASSES: [Class; 6] = [
+    const CLASSES: [Class; 7] = [
         Class::Conflict,
         Class::ConnectionLost,
         Class::Definite,
         Class::Other,
         Class::StaleStatement,
         Class::Aborted,
+        Class::Domain,
     ];
     type Setup = (Server, Protocol, Isolation);
     const SER: Isolation = Isolation::Serializable;
@@ -532,14 +536,14 @@ mod tests {
     const ROWS: [Row; 18] = [
         Row {
             stages: &STAGES,
-            classes: &[Class::Definite, Class::Aborted],
+            classes: &[Class::Definite, Class::Aborted, Class::Domain],
             setups: &NOT_CRDB,
             expect: |_| Step::Fail,
         },
         // (the same row on CockroachDB, where the RELEASE was the commit)
         Row {
             stages: &[Stage::Begin, Stage::Statement, Stage::Release],
-            classes: &[Class::Definite, Class::Aborted],
+            classes: &[Class::Definite, Class::Aborted, Class::Domain],
             setups: &[CRDB],
             expect: |_| Step::Fail,
         },

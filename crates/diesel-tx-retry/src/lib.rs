@@ -2,47 +2,17 @@
 //! counterpart of cockroach-go's `crdb.ExecuteTx` and
 //! sqlalchemy-cockroachdb's `run_transaction`.
 //!
-//! What it promises:
-//! - a unit of work runs in a SERIALIZABLE transaction (or READ COMMITTED,
-//!   [`Isolation`]), again after each
-//!   serialization failure (SQLSTATE 40001), within a bound on attempts and
-//!   on time ([`RetryPolicy`]), with capped, jittered backoff, never
-//!   sleeping inside a transaction;
-//! - only the value of the attempt that committed is returned
-//!   ([`Committed`]); every failure is one [`TxError`];
-//! - a commit whose outcome is unknown (the connection lost during COMMIT,
-//!   or 40003) is reported as [`TxError::AmbiguousCommit`], never retried
-//!   behind the caller's back, unless the unit is declared idempotent
-//!   ([`TxOptions::idempotent`]): then it is retried, the unit resolves the
-//!   doubt by its key ([`Context`], "Commits in doubt" below), and the
-//!   outcome says how ([`Committed::doubt`]);
-//! - every statement of an attempt is bounded by the time left before the
-//!   deadline (`SET LOCAL statement_timeout`, in the `BEGIN` message);
-//! - on CockroachDB, its savepoint protocol (`SAVEPOINT cockroach_restart`),
-//!   whose `RELEASE` is the commit; on PostgreSQL, and under READ COMMITTED
-//!   everywhere, `BEGIN` ... `COMMIT`.
-//!
-//! Add it with one line (`r2d2` pools are a default feature):
-//!
-//! ```toml
-//! [dependencies]
-//! diesel-tx-retry = { git = "https://github.com/cockroachdb/example-app-rust-diesel" }
-//! ```
-//!
-//! A transfer between two accounts, on a connection from an r2d2 pool:
-//!
 //! ```no_run
 //! use diesel::prelude::*;
 //! use diesel::r2d2::{ConnectionManager, Pool};
-//! use diesel_tx_retry::{Retrier, RetryPolicy, Server, TxOptions};
+//! use diesel_tx_retry::Retrier;
 //!
 //! diesel::table! { accounts (id) { id -> Int8, balance -> Int8 } }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let pool = Pool::new(ConnectionManager::<PgConnection>::new(std::env::var("DATABASE_URL")?))?;
-//! let server = Server::detect(&mut *pool.get()?)?;
-//! let retrier = Retrier::new(RetryPolicy::default(), server);
-//! let done = retrier.run(&pool, TxOptions::default(), |conn| {
+//! let retrier = Retrier::default();
+//! let moved = retrier.transaction(&pool, |conn| {
 //!     diesel::update(accounts::table.find(1))
 //!         .set(accounts::balance.eq(accounts::balance - 10))
 //!         .execute(conn)?;
@@ -50,31 +20,78 @@
 //!         .set(accounts::balance.eq(accounts::balance + 10))
 //!         .execute(conn)
 //! })?;
-//! println!("moved 10 in {} attempt(s)", done.attempts);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! `examples/transfer.rs` runs a whole transfer against `DATABASE_URL`.
+//! What it promises:
+//! - a unit of work runs in a SERIALIZABLE transaction (or READ COMMITTED,
+//!   [`Isolation`]), again after each serialization failure (40001) or
+//!   deadlock (40P01), within a bound on attempts and on time, with capped,
+//!   jittered backoff ([`Backoff`]), never sleeping inside a transaction;
+//! - only the value of the attempt that committed is returned; every
+//!   failure is one [`TxError`], and a unit that swallowed a database error
+//!   (its transaction aborted) never has its value returned
+//!   ([`TxError::SwallowedError`]);
+//! - a commit whose outcome is unknown (the connection lost during COMMIT,
+//!   or 40003) is reported as [`TxError::AmbiguousCommit`], never retried
+//!   behind the caller's back, unless the unit is idempotent by a key the
+//!   caller drew before the call ([`Retrier::idempotent_transaction`]): then
+//!   it runs again, finds out by its key whether the earlier attempt
+//!   committed, and says so ([`Applied`]);
+//! - every statement of an attempt is bounded by the time left before the
+//!   deadline (`SET LOCAL statement_timeout`, in the `BEGIN` message);
+//! - on CockroachDB, its savepoint protocol (`SAVEPOINT cockroach_restart`),
+//!   whose `RELEASE` is the commit; on PostgreSQL, and under READ COMMITTED
+//!   everywhere, `BEGIN` ... `COMMIT`. The server is detected on first use
+//!   (`SELECT version()`, once) unless told ([`Retrier::for_server`]).
+//!
+//! # Entry points
+//!
+//! | call | the unit | returns |
+//! |---|---|---|
+//! | [`Retrier::transaction`] | `\|conn\| -> Result<T, E>` | `T` |
+//! | [`Retrier::idempotent_transaction`] | `\|conn, attempt\| -> Result<Applied<T>, E>`, with the key in `attempt` | `Applied<T>` |
+//! | [`Retrier::build_transaction`] then [`run`](TransactionBuilder::run) or [`run_idempotent`](TransactionBuilder::run_idempotent) | the same, with per-call options (read-only, isolation) | [`Committed`]: the value, the attempts, how a doubt ended |
+//!
+//! Each takes its connections from a [`Source`]: `&pool` (an r2d2 pool,
+//! feature `r2d2`), `&held` (a [`Held`] connection a worker keeps between
+//! calls), `&mut conn` (the caller's own, which a lost connection cannot
+//! replace), or a pool of your own. A unit's error type may be any `E:
+//! From<diesel::result::Error>` in which the helper can find the database
+//! error again ([`UnitError`]): Diesel's own, a `thiserror` enum, `anyhow::Error`.
+//!
+//! # Coming from cockroach-go or sqlalchemy-cockroachdb
+//!
+//! | cockroach-go `crdb.ExecuteTx` | sqlalchemy-cockroachdb `run_transaction` | here |
+//! |---|---|---|
+//! | `crdb.ExecuteTx(ctx, db, nil, func(tx *sql.Tx) error {...})` | `run_transaction(sessionmaker, lambda s: ...)` | `retrier.transaction(&pool, \|conn\| {...})` |
+//! | `*sql.TxOptions` | `sessionmaker` options | `retrier.build_transaction().read_only().isolation(..)` |
+//! | `crdb.AmbiguousCommitError` | the driver's error | [`TxError::AmbiguousCommit`]; an idempotent unit resolves it ([`Retrier::idempotent_transaction`]) |
+//! | `crdb.MaxRetriesExceededError` (50 by default) | `max_retries` (unbounded by default) | [`TxError::GaveUp`], after attempts *and* a deadline ([`Retrier::with_max_attempts`], [`Retrier::with_deadline`]) |
+//! | no backoff | `max_backoff` | [`Backoff`] |
+//! | the callback's error | the callback's exception | [`TxError::Failed`] |
 //!
 //! # The decision table
 //!
-//! When an attempt fails, one pure function, [`decide`], picks the next
-//! [`Step`] from where the error came ([`Stage`]), what it means
-//! ([`Class`], from the SQLSTATE by [`classify`], and for the SQLSTATEs
-//! Diesel has no kind for, from the message by [`by_message`]: a deadlock
-//! is a conflict, a drain or restart a lost connection), the server, the protocol,
-//! the isolation level and the unit's options. This table is that function;
-//! its unit tests check it row by row. "Savepoint" in it means the savepoint
-//! protocol frames the transaction, which it does only under SERIALIZABLE
-//! ([`framing`]); under READ COMMITTED read the rows for "otherwise":
+//! When an attempt fails, one pure function picks the next step from where
+//! the error came (begin, a statement, `RELEASE`, `COMMIT`), what it means
+//! (from the error's kind, and for the SQLSTATEs Diesel has no kind for,
+//! from the start of the server's message: a deadlock is a conflict, a
+//! drain or restart a lost connection, 25P02 an aborted transaction), the
+//! server, the protocol, the isolation level and whether the unit is
+//! idempotent. This table is that function; its unit tests check it row by
+//! row, and that the rows cover every case once. "Savepoint" in it means the
+//! savepoint protocol frames the transaction, which it does only under
+//! SERIALIZABLE; under READ COMMITTED read the rows for "otherwise":
 //!
 //! | stage      | class           | server, protocol          | next step |
 //! |------------|-----------------|---------------------------|-----------|
-//! | any (but a commit on CockroachDB, below) | definite, aborted | any | fail (at the commit, aborted: [`TxError::SwallowedError`]) |
+//! | any (but a commit on CockroachDB, below) | definite, aborted, domain | any | fail (at the commit, aborted: [`TxError::SwallowedError`]) |
 //! | begin      | conflict        | any                       | restart |
 //! | begin, statement | lost      | any                       | reconnect; fail if the connection is the caller's |
 //! | begin, statement | other     | any                       | fail |
+//! | begin, statement | stale statement | any                 | restart, statements unnamed |
 //! | statement  | conflict        | CockroachDB, savepoint    | rewind if the retry would not wait, else restart |
 //! | statement  | conflict        | otherwise (READ COMMITTED included) | restart |
 //! | release    | conflict        | CockroachDB               | rewind if the retry would not wait, else restart |
@@ -86,15 +103,16 @@
 //! | commit     | conflict        | otherwise (READ COMMITTED included) | restart |
 //! | commit     | lost, other     | otherwise (READ COMMITTED included) | ambiguous; if idempotent: reconnect (lost) or restart (other) |
 //!
-//! The steps: **rewind** is `ROLLBACK TO SAVEPOINT cockroach_restart` and an
-//! immediate retry inside the same transaction, which keeps its place in line
-//! (the savepoint protocol's one advantage); **restart** rolls the whole
-//! transaction back, waits the backoff, and begins again; **reconnect** drops
-//! the connection (the server rolls back whatever it had open), waits, and
-//! retries on a fresh one; **ambiguous** reports [`TxError::AmbiguousCommit`];
-//! **fail** rolls back and returns the error; **committed** returns the value.
-//! Any retry first checks the budgets ([`RetryPolicy`]) and gives up with
-//! [`TxError::GaveUp`] when one ran out.
+//! The steps: **rewind** is `ROLLBACK TO SAVEPOINT cockroach_restart` (with
+//! the statement bound again) and an immediate retry inside the same
+//! transaction, which keeps its place in line; **restart** rolls the whole
+//! transaction back, waits the backoff, and begins again; **reconnect**
+//! drops the connection (the server rolls back whatever it had open), waits,
+//! and retries on a fresh one; **ambiguous** reports
+//! [`TxError::AmbiguousCommit`]; **fail** rolls back and returns the error;
+//! **committed** returns the value. Any retry first checks the budgets
+//! (attempts, the deadline) and gives up with [`TxError::GaveUp`] when one
+//! ran out.
 //!
 //! The rules behind the rows:
 //! - The helper never sleeps inside a transaction: a transaction left open
@@ -108,46 +126,44 @@
 //! - On PostgreSQL a RELEASE commits nothing, and rolling back to a savepoint
 //!   keeps the transaction's snapshot, which cannot clear a real
 //!   serialization failure: there every conflict restarts. These rules follow
-//!   the server, not the protocol, so that tests may force the savepoint
-//!   protocol on PostgreSQL.
+//!   the server, not the protocol.
 //! - A lost connection before the commit was sent is safe to retry: the
 //!   server rolls back a transaction whose connection died. The savepoint
 //!   protocol sends `RELEASE SAVEPOINT cockroach_restart; COMMIT` as one
 //!   message (one round trip), so a connection lost there may have taken the
 //!   COMMIT with it: ambiguous on either server. Any other error of that
 //!   message is the RELEASE's on CockroachDB, whose docs do not say what a
-//!   failed RELEASE leaves the session in ([`failed_at_savepoint_commit`]).
+//!   failed RELEASE leaves the session in (read so, a failing COMMIT after a
+//!   successful RELEASE is reported ambiguous, never wrong); on PostgreSQL,
+//!   the one libpq's transaction status names.
 //! - A unit that catches a database error and returns `Ok` leaves its
 //!   transaction aborted, and PostgreSQL answers the `COMMIT` of an aborted
 //!   transaction with the tag `ROLLBACK` and no error. So the restart
 //!   protocol commits with `SELECT 1; COMMIT` (one message): in an aborted
 //!   transaction the `SELECT` fails with 25P02 and the `COMMIT` never runs;
-//!   the savepoint protocol's `RELEASE` does the same. The call ends with
-//!   [`TxError::SwallowedError`], never with the unit's value.
-//! - A rewind sends the statement bound again, for the time left:
-//!   CockroachDB's docs say `ROLLBACK TO SAVEPOINT` rolls back what `SET
-//!   LOCAL` set.
+//!   the savepoint protocol's `RELEASE` fails the same way.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.
 //!
 //! After a commit in doubt, until the unit resolves it (below), two rows
-//! change and the rest hold ([`Situation::in_doubt`]): a database error
-//! before the commit is retried within the budgets (the retry may have
-//! waited on the earlier attempt's locks until its statement bound), and
-//! every other failure, a spent budget included, is **ambiguous**, never
-//! "failed" or "gave up": the earlier attempt may have committed.
+//! change and the rest hold: a database error before the commit is retried
+//! within the budgets (the retry may have waited on the earlier attempt's
+//! locks until its statement bound), and every other failure, a spent budget
+//! included, is **ambiguous**, never "failed" or "gave up": the earlier
+//! attempt may have committed.
 //!
 //! # Commits in doubt
 //!
 //! CockroachDB's docs allow retrying a transaction whose commit is in doubt
 //! (a lost connection, 40003) only if it is idempotent
 //! (<https://www.cockroachlabs.com/docs/stable/transaction-retry-error-reference#result_is_ambiguous>).
-//! A unit makes itself so with a key it draws *before* the call (an id, an
-//! idempotency key) and writes in its transaction. Run it with
-//! [`Retrier::run_with`] and [`TxOptions::idempotent`]: after a commit in
-//! doubt the helper retries it on a fresh connection, and the retry, told
-//! by [`Context::in_doubt`], looks for its key and says what it found
-//! ([`Context::applied_earlier`], [`Context::not_applied_earlier`]); the
-//! call's [`Committed::doubt`] reports the [`Resolution`].
+//! A unit makes itself so with a key the caller draws *before* the call (an
+//! id, an idempotency key) and that the unit writes in its transaction under
+//! a unique constraint: [`Retrier::idempotent_transaction`]. After a commit
+//! in doubt the helper retries it on a fresh connection, and the retry,
+//! told by [`Keyed::in_doubt`], looks for its key and returns what it found
+//! ([`Applied::Earlier`], or [`Applied::Now`] when it applied the change).
+//! There is no flag to forget and no setter to skip: a plain unit
+//! ([`Retrier::transaction`]) is never retried after a doubt.
 //!
 //! The rule that makes this safe is the key's uniqueness, not a read after
 //! the fact. The first attempt's transaction may still be open on the server
@@ -168,10 +184,11 @@
 //!
 //! # READ COMMITTED
 //!
-//! [`Retrier::with_isolation`] or [`TxOptions::isolation`] asks for it;
-//! SERIALIZABLE stays the default, as CockroachDB advises for a workload that
-//! runs well under it (<https://www.cockroachlabs.com/docs/stable/read-committed>).
-//! The rules the helper follows there, and where they come from:
+//! [`Retrier::with_isolation`] or [`TransactionBuilder::isolation`] asks
+//! for it; SERIALIZABLE stays the default, as CockroachDB advises for a
+//! workload that runs well under it
+//! (<https://www.cockroachlabs.com/docs/stable/read-committed>). The rules the
+//! helper follows there, and where they come from:
 //! - CockroachDB retries each statement of a READ COMMITTED transaction by
 //!   itself (up to the session's `max_retries_for_read_committed`), yet a
 //!   40001 still reaches the client: a deadlock broken by aborting one
@@ -202,16 +219,19 @@
 //! # Watching it
 //!
 //! An [`Observer`] given to [`Retrier::with_observer`] is told of every
-//! attempt ([`Attempt`]): how it ended, why, and the backoff that follows.
-//! Each attempt is also a `tracing` span (`tx_attempt`) with debug events.
+//! attempt ([`Attempt`]): how it ended ([`Outcome`]), why ([`Cause`], which
+//! tells the unit's own errors from the database's), the backoff that
+//! follows, and how a commit in doubt was resolved ([`Resolution`]); all of
+//! them are `Display + Hash`, ready to be metric labels. Each call is a
+//! `tracing` span (`tx`) with a child span per attempt (`tx_attempt`) and
+//! debug events.
 //!
 //! # Features
-//! - `r2d2` (default): [`Retrier::run`] on an r2d2 pool, which replaces a
-//!   connection lost before the commit, or on a [`Held`] connection from
-//!   one, which a worker keeps between calls.
+//! - `r2d2` (default): r2d2 pools and [`Held`] connections as a [`Source`].
+//! - `anyhow` (default): `anyhow::Error` as a unit's error.
 //! - `testing`: [`testing::race`] and [`testing::check`], which force a
-//!   genuine conflict between two units of yours; and, for the helper's own
-//!   tests, `Retrier::with_protocol`, `with_clock` and `with_jitter`.
+//!   genuine conflict between two units of yours.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![warn(
@@ -221,33 +241,33 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-// Public only with `testing`; the helper uses it either way.
-#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+mod blocking;
+// Public for `internal` (the crate's tests); the helper uses it either way.
+#[cfg_attr(not(any(test, feature = "testing")), allow(unreachable_pub))]
 mod clock;
-#[cfg(feature = "r2d2")]
-mod connections;
+mod core;
 mod decide;
-mod doubt;
 mod error;
+mod idempotent;
 mod observe;
 mod policy;
 mod retrier;
 mod server;
-mod session;
-#[cfg(all(feature = "testing", feature = "r2d2"))]
+mod source;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
-#[cfg(feature = "testing")]
-pub use clock::{Clock, SystemClock};
-#[cfg(feature = "r2d2")]
-pub use connections::{Connections, Held};
-pub use decide::{
-    by_message, classify, commit_in_doubt, decide, failed_at_savepoint_commit, framing, Class,
-    Situation, Stage, Step,
-};
-pub use doubt::{Context, Resolution};
-pub use error::{AsDieselError, Budget, Committed, TxError};
-pub use observe::{Attempt, Observer, Outcome};
-pub use policy::{Backoff, Isolation, RetryPolicy, TxOptions};
-pub use retrier::Retrier;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod internal;
+
+pub use error::{via, Budget, Committed, TxError, UnitError};
+pub use idempotent::{Applied, Keyed};
+pub use observe::{Attempt, Cause, Observer, Outcome, Resolution};
+pub use policy::{Backoff, Isolation};
+pub use retrier::{Retrier, TransactionBuilder};
 pub use server::{Protocol, Server};
+pub use source::Source;
+#[cfg(feature = "r2d2")]
+pub use source::{Held, Lent};

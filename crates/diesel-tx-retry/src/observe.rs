@@ -1,65 +1,93 @@
 //! The observer of every attempt: how callers count retries by cause, time
 //! spent backing off, commits in doubt and outcomes without parsing logs.
+//! Causes, outcomes and resolutions are `Display + Hash`, so they serve as
+//! metric labels as they are.
 
+use std::fmt;
 use std::time::Duration;
 
-use crate::{Budget, Class, Stage, Step};
+use crate::decide::Class;
+use crate::Budget;
 
-/// One attempt of one call, as it ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What an attempt's error meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub struct Attempt {
-    /// 1 for the first attempt of a call.
-    pub number: u32,
-    /// Time since the call's first attempt began.
-    pub elapsed: Duration,
-    /// Where the error came from, when there was one.
-    pub stage: Option<Stage>,
-    /// What the error meant, when there was one.
-    pub cause: Option<Class>,
-    /// What the helper did next.
-    pub outcome: Outcome,
+pub enum Cause {
+    /// A serialization failure (40001) or a deadlock (40P01).
+    Conflict,
+    /// The connection was lost, or the server ended the session (a restart,
+    /// a node that drains).
+    ConnectionLost,
+    /// A transaction-mode pooler gave the connection another server session
+    /// (a named statement missing or already there).
+    StaleStatement,
+    /// The transaction had been aborted by an error the unit swallowed.
+    Aborted,
+    /// The database refused the data (a constraint, a read-only
+    /// transaction).
+    Refused,
+    /// Any other database error.
+    Database,
+    /// Not a database error: the unit's own.
+    Domain,
 }
 
-impl Attempt {
-    /// An attempt as the helper reports it, for tests of an [`Observer`].
-    pub fn new(
-        number: u32,
-        elapsed: Duration,
-        stage: Option<Stage>,
-        cause: Option<Class>,
-        outcome: Outcome,
-    ) -> Self {
-        Self {
-            number,
-            elapsed,
-            stage,
-            cause,
-            outcome,
+impl Cause {
+    pub(crate) fn of(class: Class) -> Self {
+        match class {
+            Class::Conflict => Cause::Conflict,
+            Class::ConnectionLost => Cause::ConnectionLost,
+            Class::StaleStatement => Cause::StaleStatement,
+            Class::Aborted => Cause::Aborted,
+            Class::Definite => Cause::Refused,
+            Class::Other => Cause::Database,
+            Class::Domain => Cause::Domain,
         }
+    }
+
+    /// Whether the error came from the database, not from the unit itself.
+    pub fn is_database_error(self) -> bool {
+        self != Cause::Domain
+    }
+}
+
+impl fmt::Display for Cause {
+    /// `conflict`, `connection_lost`, `stale_statement`, `aborted`,
+    /// `refused`, `database`, `domain`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cause::Conflict => "conflict",
+            Cause::ConnectionLost => "connection_lost",
+            Cause::StaleStatement => "stale_statement",
+            Cause::Aborted => "aborted",
+            Cause::Refused => "refused",
+            Cause::Database => "database",
+            Cause::Domain => "domain",
+        })
     }
 }
 
 /// How an attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Outcome {
     /// It committed; the call returns its value.
     Committed,
-    /// Another attempt follows: a rewind, a restart or a reconnect, after
-    /// `delay`.
-    Retry {
-        /// [`Step::Rewind`], [`Step::Restart`] or [`Step::Reconnect`].
-        step: Step,
-        /// The backoff before the next attempt.
-        delay: Duration,
-    },
-    /// A retry was due but a budget had run out.
-    GaveUp(Budget),
+    /// Another attempt follows at once, in the same transaction, rolled back
+    /// to its savepoint (CockroachDB).
+    Rewound,
+    /// Another attempt follows in a new transaction, after the backoff.
+    Restarted,
+    /// Another attempt follows on a new connection, after the backoff.
+    Reconnected,
+    /// A retry was due but a budget had run out ([`Attempt::budget`]).
+    GaveUp,
     /// The commit was sent and its outcome is unknown.
     Ambiguous,
     /// The error is not retryable; the call returns it.
     Failed,
+    /// The unit returned `Ok` from a transaction an error had aborted.
+    Swallowed,
     /// No connection could be had.
     NoConnection,
     /// The unit panicked; the panic goes on once the transaction is rolled
@@ -67,19 +95,121 @@ pub enum Outcome {
     Panicked,
 }
 
-/// Told of every attempt as it ends, on the caller's thread, before the
-/// helper sleeps or returns. Keep it cheap: it runs inside the retry loop.
+impl Outcome {
+    /// Whether another attempt follows.
+    pub fn is_retry(self) -> bool {
+        matches!(
+            self,
+            Outcome::Rewound | Outcome::Restarted | Outcome::Reconnected
+        )
+    }
+}
+
+impl fmt::Display for Outcome {
+    /// `committed`, `rewound`, `restarted`, `reconnected`, `gave_up`,
+    /// `ambiguous`, `failed`, `swallowed`, `no_connection`, `panicked`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Committed => "committed",
+            Outcome::Rewound => "rewound",
+            Outcome::Restarted => "restarted",
+            Outcome::Reconnected => "reconnected",
+            Outcome::GaveUp => "gave_up",
+            Outcome::Ambiguous => "ambiguous",
+            Outcome::Failed => "failed",
+            Outcome::Swallowed => "swallowed",
+            Outcome::NoConnection => "no_connection",
+            Outcome::Panicked => "panicked",
+        })
+    }
+}
+
+/// How a commit in doubt ended, in a call that then committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Resolution {
+    /// The unit found its earlier attempt's writes: that attempt had
+    /// committed, and the retry applied nothing.
+    AppliedEarlier,
+    /// The retry applied the unit: its earlier attempt had not committed.
+    AppliedNow,
+}
+
+impl fmt::Display for Resolution {
+    /// `applied_earlier` or `applied_now`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resolution::AppliedEarlier => "applied_earlier",
+            Resolution::AppliedNow => "applied_now",
+        })
+    }
+}
+
+/// One attempt of one call, as it ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attempt {
+    pub(crate) number: u32,
+    pub(crate) elapsed: Duration,
+    pub(crate) cause: Option<Cause>,
+    pub(crate) outcome: Outcome,
+    pub(crate) backoff: Duration,
+    pub(crate) budget: Option<Budget>,
+    pub(crate) resolution: Option<Resolution>,
+}
+
+impl Attempt {
+    /// 1 for the first attempt of a call.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// Time since the call's first attempt began.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// What the error meant, when there was one.
+    pub fn cause(&self) -> Option<Cause> {
+        self.cause
+    }
+
+    /// How the attempt ended.
+    pub fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// The wait before the next attempt (zero when none follows, or it
+    /// follows at once).
+    pub fn backoff(&self) -> Duration {
+        self.backoff
+    }
+
+    /// The budget that ran out, when the outcome is [`Outcome::GaveUp`].
+    pub fn budget(&self) -> Option<Budget> {
+        self.budget
+    }
+
+    /// How a commit in doubt of an earlier attempt ended, on the attempt
+    /// that committed after it.
+    pub fn resolution(&self) -> Option<Resolution> {
+        self.resolution
+    }
+}
+
+/// Told of every attempt as it ends, on the caller's thread (or task),
+/// before the helper waits or returns. Keep it cheap: it runs inside the
+/// retry loop.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
-/// use diesel_tx_retry::{Attempt, Observer, Outcome};
+/// use diesel_tx_retry::{Attempt, Observer};
 ///
 /// #[derive(Default)]
 /// struct Retries(AtomicU64);
 ///
 /// impl Observer for Retries {
 ///     fn attempt(&self, attempt: &Attempt) {
-///         if matches!(attempt.outcome, Outcome::Retry { .. }) {
+///         if attempt.outcome().is_retry() {
 ///             self.0.fetch_add(1, Ordering::Relaxed);
 ///         }
 ///     }
@@ -88,4 +218,19 @@ pub enum Outcome {
 pub trait Observer: Send + Sync {
     /// One attempt ended.
     fn attempt(&self, attempt: &Attempt);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_lowercase_words() {
+        assert_eq!(Cause::ConnectionLost.to_string(), "connection_lost");
+        assert_eq!(Outcome::GaveUp.to_string(), "gave_up");
+        assert_eq!(Resolution::AppliedEarlier.to_string(), "applied_earlier");
+        assert!(!Cause::Domain.is_database_error());
+        assert!(Cause::Conflict.is_database_error());
+        assert!(Outcome::Rewound.is_retry() && !Outcome::Failed.is_retry());
+    }
 }

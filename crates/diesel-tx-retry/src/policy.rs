@@ -1,33 +1,76 @@
-//! How long the helper keeps trying ([`RetryPolicy`], [`Backoff`]) and what
-//! each unit asks of its transaction ([`TxOptions`]).
+//! The wait between attempts ([`Backoff`]) and the isolation level a
+//! transaction asks for ([`Isolation`]).
 
 use std::time::Duration;
 
-/// Capped exponential backoff with full jitter.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Capped exponential backoff with full jitter: the wait before retry `n`
+/// is a uniform draw below `min(cap, base * 2^(n-1))`, so that clients that
+/// keep colliding spread apart
+/// (<https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/>).
+///
+/// The default retries the first time at once, then waits up to 2 ms,
+/// doubling to 500 ms: on PostgreSQL a 40001 from a row lock arrives after
+/// the winner committed, so the way is clear; on CockroachDB an immediate
+/// retry rewinds to the savepoint and keeps the transaction's place in line.
+///
+/// ```
+/// use std::time::Duration;
+/// use diesel_tx_retry::Backoff;
+///
+/// let backoff = Backoff::default();
+/// // The first retry goes at once; the second waits up to 2 ms.
+/// assert_eq!(backoff.delay(1, 0.99), Duration::ZERO);
+/// assert_eq!(backoff.delay(2, 0.5), Duration::from_millis(1));
+///
+/// let slow = Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1))
+///     .delay_first_retry();
+/// assert_eq!(slow.delay(1, 0.5), Duration::from_millis(5));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
-    /// The ceiling of the first delayed retry.
-    pub base: Duration,
-    /// No delay exceeds this.
-    pub cap: Duration,
-    /// Retry the first time without waiting: most conflicts are one-offs.
-    pub first_retry_immediate: bool,
+    base: Duration,
+    cap: Duration,
+    first_retry_immediate: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(2),
+            cap: Duration::from_millis(500),
+            first_retry_immediate: true,
+        }
+    }
 }
 
 impl Backoff {
+    /// Waits of up to `base` for the first delayed retry, doubling up to
+    /// `cap` (which is raised to `base` if lower); the first retry goes at
+    /// once unless [`Backoff::delay_first_retry`].
+    pub fn exponential(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap: cap.max(base),
+            first_retry_immediate: true,
+        }
+    }
+
+    /// No wait at all between attempts.
+    pub fn none() -> Self {
+        Self::exponential(Duration::ZERO, Duration::ZERO)
+    }
+
+    /// Waits before the first retry too.
+    #[must_use]
+    pub fn delay_first_retry(self) -> Self {
+        Self {
+            first_retry_immediate: false,
+            ..self
+        }
+    }
+
     /// The delay before retry number `retry` (1 for the first retry), given a
-    /// jitter draw `unit` in `[0, 1)`: `unit * min(cap, base * 2^(n-1))`.
-    /// Full jitter spreads competing clients apart; see
-    /// <https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/>.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use diesel_tx_retry::RetryPolicy;
-    /// let backoff = RetryPolicy::default().backoff;
-    /// // The first retry goes at once; the second waits up to 2 ms.
-    /// assert_eq!(backoff.delay(1, 0.99), Duration::ZERO);
-    /// assert_eq!(backoff.delay(2, 0.5), Duration::from_millis(1));
-    /// ```
+    /// jitter draw `unit` in `[0, 1)`.
     pub fn delay(&self, retry: u32, unit: f64) -> Duration {
         let n = if self.first_retry_immediate {
             retry.saturating_sub(1)
@@ -40,44 +83,6 @@ impl Backoff {
         let factor = 1u32.checked_shl(n - 1).unwrap_or(u32::MAX);
         let ceiling = self.base.saturating_mul(factor).min(self.cap);
         ceiling.mul_f64(unit.clamp(0.0, 1.0))
-    }
-}
-
-/// How long the helper keeps trying.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included; at least 1.
-    pub max_attempts: u32,
-    /// Give up rather than start a retry that would begin after this much
-    /// time since the first attempt began. No statement waits past it
-    /// either: each attempt limits its statements to the time left.
-    pub deadline: Option<Duration>,
-    /// No statement of the unit waits longer than this (a lock held
-    /// elsewhere, a slow query): the server cancels it.
-    pub statement_timeout: Option<Duration>,
-    /// The wait between attempts.
-    pub backoff: Backoff,
-}
-
-impl Default for RetryPolicy {
-    /// Ten retries within 30 seconds, no statement waiting more than 20
-    /// seconds (nor past the deadline). The first retry goes at once: on
-    /// PostgreSQL a 40001 from a row lock arrives after the winner committed,
-    /// so the way is clear; on CockroachDB an immediate retry rewinds to the
-    /// savepoint and keeps the transaction's place in line. Later retries
-    /// wait up to 2 ms, doubling to 500 ms, so that clients that keep
-    /// colliding spread apart (bench/RESULTS.md has what that costs).
-    fn default() -> Self {
-        Self {
-            max_attempts: 11,
-            deadline: Some(Duration::from_secs(30)),
-            statement_timeout: Some(Duration::from_secs(20)),
-            backoff: Backoff {
-                base: Duration::from_millis(2),
-                cap: Duration::from_millis(500),
-                first_retry_immediate: true,
-            },
-        }
     }
 }
 
@@ -104,7 +109,7 @@ pub enum Isolation {
 
 impl Isolation {
     /// The level as SQL says it (`ISOLATION LEVEL ...`).
-    pub fn sql(self) -> &'static str {
+    pub(crate) fn sql(self) -> &'static str {
         match self {
             Isolation::Serializable => "SERIALIZABLE",
             Isolation::ReadCommitted => "READ COMMITTED",
@@ -117,7 +122,7 @@ impl Isolation {
     /// server likes). CockroachDB runs READ COMMITTED as SERIALIZABLE without
     /// a word when `sql.txn.read_committed_isolation.enabled` is off (and, in
     /// v24.1 and v24.2, without an enterprise licence).
-    pub fn upgraded_to(self, reported: &str) -> Option<Isolation> {
+    pub(crate) fn upgraded_to(self, reported: &str) -> Option<Isolation> {
         let reported = reported
             .trim()
             .to_ascii_lowercase()
@@ -129,81 +134,22 @@ impl Isolation {
     }
 }
 
-/// Per-unit options; they hold for every attempt. Built from
-/// [`TxOptions::default`] (a read-write, non-idempotent transaction at the
-/// helper's isolation level) with the methods below, so that options can be
-/// added without breaking callers.
-///
-/// ```
-/// use diesel_tx_retry::{Isolation, TxOptions};
-/// let opts = TxOptions::default().idempotent().isolation(Isolation::ReadCommitted);
-/// assert!(opts.is_idempotent() && !opts.is_read_only());
-/// assert_eq!(opts.isolation_level(), Some(Isolation::ReadCommitted));
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TxOptions {
-    read_only: bool,
-    idempotent: bool,
-    isolation: Option<Isolation>,
-}
-
-impl TxOptions {
-    /// Runs this unit at `level` instead of the helper's own level
-    /// ([`Retrier::with_isolation`](crate::Retrier::with_isolation)).
-    #[must_use]
-    pub fn isolation(self, level: Isolation) -> Self {
-        Self {
-            isolation: Some(level),
-            ..self
-        }
-    }
-
-    /// The level this unit asked for, if it asked for one.
-    pub fn isolation_level(&self) -> Option<Isolation> {
-        self.isolation
-    }
-
-    /// `BEGIN ... READ ONLY`: the server refuses writes.
-    #[must_use]
-    pub fn read_only(self) -> Self {
-        Self {
-            read_only: true,
-            ..self
-        }
-    }
-
-    /// The caller declares that applying the unit twice is harmless, so a
-    /// commit in doubt may be retried instead of reported.
-    #[must_use]
-    pub fn idempotent(self) -> Self {
-        Self {
-            idempotent: true,
-            ..self
-        }
-    }
-
-    /// Whether the transaction is read-only.
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
-    /// Whether the unit was declared idempotent.
-    pub fn is_idempotent(&self) -> bool {
-        self.idempotent
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.sql())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn backoff(first_retry_immediate: bool) -> Backoff {
-        Backoff {
-            base: Duration::from_millis(10),
-            cap: Duration::from_millis(100),
-            first_retry_immediate,
+        let b = Backoff::exponential(Duration::from_millis(10), Duration::from_millis(100));
+        if first_retry_immediate {
+            b
+        } else {
+            b.delay_first_retry()
         }
     }
 
@@ -234,6 +180,13 @@ mod tests {
     }
 
     #[test]
+    fn a_cap_below_the_base_is_the_base_and_none_never_waits() {
+        let b = Backoff::exponential(Duration::from_millis(10), Duration::from_millis(1));
+        assert_eq!(b.delay(5, 1.0), Duration::from_millis(10));
+        assert_eq!(Backoff::none().delay(7, 1.0), Duration::ZERO);
+    }
+
+    #[test]
     fn only_read_committed_run_as_serializable_is_an_upgrade() {
         use Isolation::*;
         assert_eq!(
@@ -250,18 +203,6 @@ mod tests {
         // A weaker level than asked is not an upgrade (nor a case the
         // helper can fix); CockroachDB never does it.
         assert_eq!(Serializable.upgraded_to("read committed"), None);
-    }
-
-    #[test]
-    fn a_unit_keeps_the_helpers_level_unless_it_asks() {
-        assert_eq!(TxOptions::default().isolation_level(), None);
-        let opts = TxOptions::default()
-            .read_only()
-            .isolation(Isolation::ReadCommitted);
-        assert!(opts.is_read_only());
-        assert_eq!(opts.isolation_level(), Some(Isolation::ReadCommitted));
-        assert_eq!(Isolation::default(), Isolation::Serializable);
-        assert_eq!(Isolation::ReadCommitted.sql(), "READ COMMITTED");
     }
 
     #[test]

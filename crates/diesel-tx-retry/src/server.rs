@@ -1,11 +1,8 @@
 //! Which server answers, and the retry protocol that works on it.
 
-use diesel::dsl::sql;
-use diesel::prelude::*;
-use diesel::sql_types::Text;
-
 /// Which server answered: the retry rules differ between them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Server {
     /// CockroachDB.
     CockroachDb,
@@ -14,15 +11,6 @@ pub enum Server {
 }
 
 impl Server {
-    /// Detects the server from `SELECT version()`.
-    ///
-    /// # Errors
-    /// The query's error.
-    pub fn detect(conn: &mut PgConnection) -> QueryResult<Self> {
-        let version: String = diesel::select(sql::<Text>("version()")).get_result(conn)?;
-        Ok(Self::from_version(&version))
-    }
-
     /// The server that answers `SELECT version()` with `version`.
     pub fn from_version(version: &str) -> Self {
         if version.contains("CockroachDB") {
@@ -33,7 +21,7 @@ impl Server {
     }
 
     /// The retry protocol that works on this server.
-    pub fn retry_protocol(self) -> Protocol {
+    pub(crate) fn retry_protocol(self) -> Protocol {
         match self {
             Server::CockroachDb => Protocol::Savepoint,
             Server::PostgreSql => Protocol::Restart,
@@ -41,8 +29,19 @@ impl Server {
     }
 }
 
+impl std::fmt::Display for Server {
+    /// `cockroachdb` or `postgresql`, OpenTelemetry's `db.system.name`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Server::CockroachDb => "cockroachdb",
+            Server::PostgreSql => "postgresql",
+        })
+    }
+}
+
 /// How a transaction is framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Protocol {
     /// `BEGIN` ... `COMMIT`; every retry is a new transaction.
     Restart,

@@ -3,144 +3,203 @@
 //! between two units instead of hoping contention produces one, and checks
 //! that they retried and kept the invariant the caller states.
 //!
-//! Each unit gets a [`Meet`]: it reads what its write depends on, calls
-//! [`Meet::here`], then writes. On their first attempts both units wait
-//! there until the other arrives, so both have read before either writes:
-//! under SERIALIZABLE one of them must then fail with a serialization
-//! failure and run again, and on its retry it sees the other's write.
+//! [`race`] runs two calls at once, each on its own thread, through any
+//! entry point (idempotent ones included), each unit with its own context.
+//! Each call gets a [`Meet`]: its unit reads what its write depends on,
+//! calls [`Meet::here`], then writes. The first time each side calls it,
+//! both wait there until the other arrives, so both have read before either
+//! writes: under SERIALIZABLE one of them must then fail with a
+//! serialization failure and run again, and on its retry it sees the other's
+//! write.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use diesel::prelude::*;
+//! use diesel::r2d2::{ConnectionManager, Pool};
+//! use diesel_tx_retry::{testing, Retrier};
+//!
+//! # fn demo(pool: &Pool<ConnectionManager<PgConnection>>) -> Result<(), String> {
+//! let retrier = Retrier::default();
+//! let bump = |meet: &testing::Meet| {
+//!     retrier.build_transaction().run(pool, |conn| {
+//!         let n: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("n").get_result(conn)?;
+//!         meet.here();
+//!         diesel::sql_query(format!("UPDATE counters SET n = {}", n + 1)).execute(conn)
+//!     })
+//! };
+//! testing::check(Duration::from_secs(5), bump, bump, || true)?;
+//! # Ok(())
+//! # }
+//! ```
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::any::Any;
+use std::cell::Cell;
+use std::fmt::Debug;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use diesel::PgConnection;
+use crate::{Committed, TxError};
 
-use crate::{AsDieselError, Committed, Retrier, TxError, TxOptions};
-
-/// How long a unit waits at the meeting point for the other one.
-const MEETING_WAIT: Duration = Duration::from_secs(30);
-
-/// The meeting point of one attempt (see the module docs).
+/// One side's meeting point (see the module docs).
 #[derive(Debug)]
 pub struct Meet<'a> {
-    barrier: Option<&'a Barrier>,
+    place: &'a Place,
+    /// Whether this side has met already.
+    met: Cell<bool>,
 }
 
 impl Meet<'_> {
-    /// Waits for the other unit on the first attempt; does nothing on
-    /// later ones. Panics (and so fails the unit, whose transaction is
-    /// rolled back) if the other unit does not arrive within 30 s.
+    /// Waits for the other side, the first time this side calls it; does
+    /// nothing on later calls (retries).
+    ///
+    /// # Panics
+    /// When the other side ends without reaching its meeting point (its
+    /// unit returned, failed or panicked first), at once; or when it has
+    /// not arrived within the race's bound. The panic fails this side's
+    /// unit, whose transaction is rolled back, and [`race`] reports it.
     pub fn here(&self) {
-        if let Some(barrier) = self.barrier {
-            barrier.wait();
+        if !self.met.replace(true) {
+            self.place.arrive();
         }
     }
 }
 
+/// Where both sides meet: how many arrived, and how many ended without.
 #[derive(Debug)]
-struct Barrier {
-    arrived: Mutex<usize>,
-    all_here: Condvar,
+struct Place {
+    state: Mutex<(usize, usize)>,
+    changed: Condvar,
+    bound: Duration,
 }
 
-impl Barrier {
-    fn wait(&self) {
-        let mut arrived = self.arrived.lock().unwrap_or_else(PoisonError::into_inner);
-        *arrived += 1;
-        self.all_here.notify_all();
-        let (arrived, timeout) = self
-            .all_here
-            .wait_timeout_while(arrived, MEETING_WAIT, |n| *n < 2)
+impl Place {
+    fn lock(&self) -> MutexGuard<'_, (usize, usize)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn arrive(&self) {
+        let mut state = self.lock();
+        state.0 += 1;
+        self.changed.notify_all();
+        let (state, timeout) = self
+            .changed
+            .wait_timeout_while(state, self.bound, |(arrived, gone)| {
+                *arrived < 2 && *gone == 0
+            })
             .unwrap_or_else(PoisonError::into_inner);
-        assert!(
-            !timeout.timed_out(),
-            "only {} of 2 units reached the meeting point within {MEETING_WAIT:?}",
-            *arrived
-        );
+        if state.0 < 2 {
+            drop(state);
+            if timeout.timed_out() {
+                panic!(
+                    "the other unit did not reach the meeting point within {:?}",
+                    self.bound
+                );
+            }
+            panic!("the other unit ended without reaching the meeting point");
+        }
+    }
+
+    /// One side ended (returned or panicked): whoever waits for it stops.
+    fn leave(&self) {
+        self.lock().1 += 1;
+        self.changed.notify_all();
     }
 }
 
-/// What each of the two units' calls returned.
-pub type Raced<T, E> = [Result<Committed<T>, TxError<E>>; 2];
-
-/// Runs `a` and `b` at once, each on its own thread and on a connection of
-/// its own from `pool`, through `retrier` with `opts`; their first
-/// attempts meet at [`Meet::here`]. Returns both calls' results, `a`'s
-/// first.
+/// Runs `a` and `b` at once, each on a thread of its own, each with its
+/// [`Meet`]; their units wait for each other at [`Meet::here`] for at most
+/// `bound`. Returns both calls' results, `a`'s first.
 ///
 /// # Panics
-/// If a unit panics (a unit that never calls [`Meet::here`] leaves the
-/// other waiting until it gives up, and panics).
-pub fn race<T, E, A, B, M>(
-    retrier: &Retrier,
-    pool: &r2d2::Pool<M>,
-    opts: TxOptions,
-    a: A,
-    b: B,
-) -> Raced<T, E>
+/// When a side panics (a unit that panicked, or a meeting that failed),
+/// with each side's own message, as soon as both sides ended: a side that
+/// waits for one that already ended stops waiting at once.
+pub fn race<RA, RB>(
+    bound: Duration,
+    a: impl FnOnce(&Meet<'_>) -> RA + Send,
+    b: impl FnOnce(&Meet<'_>) -> RB + Send,
+) -> (RA, RB)
 where
-    T: Send,
-    E: AsDieselError + Send,
-    A: FnMut(&mut PgConnection, &Meet<'_>) -> Result<T, E> + Send,
-    B: FnMut(&mut PgConnection, &Meet<'_>) -> Result<T, E> + Send,
-    M: r2d2::ManageConnection<Connection = PgConnection>,
+    RA: Send,
+    RB: Send,
 {
-    let barrier = Barrier {
-        arrived: Mutex::new(0),
-        all_here: Condvar::new(),
+    let place = Place {
+        state: Mutex::new((0, 0)),
+        changed: Condvar::new(),
+        bound,
     };
-    thread::scope(|scope| {
-        let barrier = &barrier;
-        let a = scope.spawn(move || run_meeting(retrier, pool, opts, barrier, a));
-        let b = scope.spawn(move || run_meeting(retrier, pool, opts, barrier, b));
-        [a, b].map(|unit| unit.join().expect("a unit panicked"))
-    })
+    let (ra, rb) = thread::scope(|scope| {
+        let place = &place;
+        let a = scope.spawn(move || side(place, a));
+        let b = scope.spawn(move || side(place, b));
+        (a.join(), b.join())
+    });
+    // A side's thread cannot panic outside `side`, which catches the
+    // unit's panic: both are reported the same way.
+    let ra = ra.unwrap_or_else(Err);
+    let rb = rb.unwrap_or_else(Err);
+    match (ra, rb) {
+        (Ok(ra), Ok(rb)) => (ra, rb),
+        (ra, rb) => {
+            let panicked = |name: &str, payload: Option<Box<dyn Any + Send>>| {
+                payload.map(|payload| format!("unit {name} panicked: {}", message(&*payload)))
+            };
+            let said: Vec<String> = [panicked("a", ra.err()), panicked("b", rb.err())]
+                .into_iter()
+                .flatten()
+                .collect();
+            panic!("{}", said.join("; "));
+        }
+    }
 }
 
-fn run_meeting<T, E, F, M>(
-    retrier: &Retrier,
-    pool: &r2d2::Pool<M>,
-    opts: TxOptions,
-    barrier: &Barrier,
-    mut unit: F,
-) -> Result<Committed<T>, TxError<E>>
-where
-    E: AsDieselError,
-    F: FnMut(&mut PgConnection, &Meet<'_>) -> Result<T, E>,
-    M: r2d2::ManageConnection<Connection = PgConnection>,
-{
-    let mut first = true;
-    retrier.run(pool, opts, |conn| {
-        let meet = Meet {
-            barrier: std::mem::take(&mut first).then_some(barrier),
-        };
-        unit(conn, &meet)
-    })
+/// One side: its call, then word that it ended, however it ended.
+fn side<R>(
+    place: &Place,
+    call: impl FnOnce(&Meet<'_>) -> R,
+) -> Result<R, Box<dyn Any + Send + 'static>> {
+    let meet = Meet {
+        place,
+        met: Cell::new(false),
+    };
+    let result = panic::catch_unwind(AssertUnwindSafe(|| call(&meet)));
+    place.leave();
+    result
 }
 
-/// [`race`], then checks what a correct pair of units must show: both
-/// committed, at least one of them retried (the conflict was real and the
-/// helper handled it), and `invariant` holds afterwards on a connection
-/// from `pool`.
+/// A panic's message, when it has one.
+fn message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_owned())
+}
+
+/// [`race`] two reported calls ([`TransactionBuilder::run`](crate::TransactionBuilder::run)
+/// or [`run_idempotent`](crate::TransactionBuilder::run_idempotent)), then
+/// checks what a correct pair of units must show: both committed, at least
+/// one of them retried (the conflict was real and the helper handled it),
+/// and `invariant` holds afterwards.
 ///
 /// # Errors
 /// A one-line description of what did not hold, with both results.
-pub fn check<T, E, A, B, M>(
-    retrier: &Retrier,
-    pool: &r2d2::Pool<M>,
-    opts: TxOptions,
-    a: A,
-    b: B,
-    invariant: impl FnOnce(&mut PgConnection) -> bool,
+///
+/// # Panics
+/// As [`race`] does.
+pub fn check<T, E>(
+    bound: Duration,
+    a: impl FnOnce(&Meet<'_>) -> Result<Committed<T>, TxError<E>> + Send,
+    b: impl FnOnce(&Meet<'_>) -> Result<Committed<T>, TxError<E>> + Send,
+    invariant: impl FnOnce() -> bool,
 ) -> Result<[Committed<T>; 2], String>
 where
-    T: Send + std::fmt::Debug,
-    E: AsDieselError + Send + std::fmt::Display,
-    A: FnMut(&mut PgConnection, &Meet<'_>) -> Result<T, E> + Send,
-    B: FnMut(&mut PgConnection, &Meet<'_>) -> Result<T, E> + Send,
-    M: r2d2::ManageConnection<Connection = PgConnection>,
+    T: Send + Debug,
+    E: Send + std::fmt::Display,
 {
-    let [a, b] = race(retrier, pool, opts, a, b);
+    let (a, b) = race(bound, a, b);
     let (a, b) = match (a, b) {
         (Ok(a), Ok(b)) => (a, b),
         (a, b) => {
@@ -161,11 +220,63 @@ where
              read what the write depends on before Meet::here"
         ));
     }
-    let mut conn = pool
-        .get()
-        .map_err(|err| format!("no connection to check the invariant: {err}"))?;
-    if !invariant(&mut conn) {
+    if !invariant() {
         return Err(format!("the invariant does not hold after {a:?}; {b:?}"));
     }
     Ok([a, b])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_sides_wait_for_each_other_once() {
+        let (a, b) = race(
+            Duration::from_secs(10),
+            |meet| {
+                meet.here();
+                meet.here();
+                1
+            },
+            |meet| {
+                meet.here();
+                2
+            },
+        );
+        assert_eq!((a, b), (1, 2));
+    }
+
+    #[test]
+    fn a_side_that_panics_ends_the_race_at_once_with_its_own_message() {
+        // A bound of a minute: had the other side waited it out, it would
+        // say so instead of what it says.
+        let outcome = panic::catch_unwind(|| {
+            race(
+                Duration::from_secs(60),
+                |_| -> u32 { panic!("no such account") },
+                |meet| meet.here(),
+            )
+        });
+        assert_eq!(
+            message(&*outcome.unwrap_err()),
+            "unit a panicked: no such account; unit b panicked: the other unit ended without \
+             reaching the meeting point"
+        );
+    }
+
+    #[test]
+    fn a_side_that_never_comes_is_waited_for_only_as_long_as_the_bound() {
+        let outcome = panic::catch_unwind(|| {
+            race(
+                Duration::from_millis(50),
+                |meet| meet.here(),
+                |_| thread::sleep(Duration::from_secs(2)),
+            )
+        });
+        assert_eq!(
+            message(&*outcome.unwrap_err()),
+            "unit a panicked: the other unit did not reach the meeting point within 50ms"
+        );
+    }
 }

@@ -14,8 +14,8 @@ use diesel::sql_types::{BigInt, Text};
 
 use crate::helpers::*;
 use crate::main_job::{check_story, parse};
-use crate::proxy::Proxy;
 use crate::schema::{describe, expected};
+use testbed::proxy::Proxy;
 
 /// The migration versions recorded, in order.
 fn versions(db: &TestDb) -> Vec<String> {

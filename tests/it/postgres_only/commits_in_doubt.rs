@@ -11,11 +11,11 @@ use std::thread;
 
 use bank::db::{self, DbUrl};
 use bank::plan::{Batches, Plan};
-use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
+use diesel_tx_retry::{internal, Protocol, Resolution, Retrier};
 
 use crate::helpers::*;
 use crate::main_job::{check_story, parse};
-use crate::proxy::{Cut, Proxy};
+use testbed::proxy::{Cut, Proxy};
 
 /// What `-v` says of each phase's commit, by where it was cut.
 fn resolved(cut: Cut) -> &'static str {
@@ -69,8 +69,10 @@ fn the_savepoint_protocol_through_every_other_commit_cut(cut: Cut) {
     let db = TestDb::migrated();
     let proxy = Proxy::cutting_commits(db.tcp_addr(), 2, cut).unwrap();
     let pool = db::pool(&DbUrl::parse(&db.url_via(proxy.port())).unwrap(), 2).unwrap();
-    let retrier =
-        Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
+    let retrier = internal::with_protocol(
+        Retrier::default().for_server(db.server),
+        Protocol::Savepoint,
+    );
     let plan = Plan::new(20, 3, Batches::default()).unwrap();
     let report = bank::job::run(
         &pool,
@@ -112,11 +114,12 @@ fn the_savepoint_protocol_through_every_other_commit_cut(cut: Cut) {
         }
     }
     assert_eq!(db.count("transfers"), 1);
-    assert_eq!(
-        report.transfer.applied_earlier,
-        cut == Cut::AfterForwarding,
-        "{report:?}"
-    );
+    // The cut commit is the transfer's: its retry found out how it ended.
+    let expected = match cut {
+        Cut::AfterForwarding => Resolution::AppliedEarlier,
+        Cut::BeforeForwarding => Resolution::AppliedNow,
+    };
+    assert_eq!(report.transfer_doubt, Some(expected), "{report:?}");
 }
 
 #[test]

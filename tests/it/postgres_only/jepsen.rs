@@ -28,7 +28,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ManageConnection, Pool};
 use diesel::sql_types::{Integer, Text};
-use diesel_tx_retry::{Resolution, Retrier, RetryPolicy, Server, TxError, TxOptions};
+use diesel_tx_retry::{Applied, Retrier, Server, TxError};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use uuid::Uuid;
@@ -235,15 +235,11 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
             namespace,
         })
         .unwrap();
-    let retrier = Retrier::new(
-        RetryPolicy {
-            max_attempts: 30,
-            deadline: Some(Duration::from_secs(20)),
-            statement_timeout: Some(Duration::from_secs(2)),
-            ..RetryPolicy::default()
-        },
-        Server::PostgreSql,
-    );
+    let retrier = Retrier::default()
+        .for_server(Server::PostgreSql)
+        .with_max_attempts(30)
+        .with_deadline(Duration::from_secs(20))
+        .with_statement_timeout(Duration::from_secs(2));
     let outcomes = Mutex::new(Outcomes::default());
     let retries = AtomicU32::new(0);
     let faults = Mutex::new(Faults::default());
@@ -282,30 +278,30 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
                             to: accounts[to].id,
                             amount: rng.random_range(1..=500),
                         };
-                        let opts = TxOptions::default().idempotent();
-                        let result = retrier.run_with(&pool, opts, |conn, ctx| {
-                            transfer(
-                                conn,
-                                planned.id,
-                                planned.from,
-                                planned.to,
-                                Amount::Exactly(planned.amount),
-                                ctx,
-                            )
-                        });
+                        let result = retrier.build_transaction().run_idempotent(
+                            &pool,
+                            planned.id,
+                            |conn, attempt| {
+                                transfer(
+                                    conn,
+                                    attempt,
+                                    planned.from,
+                                    planned.to,
+                                    Amount::Exactly(planned.amount),
+                                )
+                            },
+                        );
                         let mut outcomes = outcomes.lock().unwrap();
                         match result {
                             Ok(done) => {
                                 retries.fetch_add(done.retries(), Ordering::Relaxed);
-                                match done.doubt {
-                                    Some(Resolution::AppliedEarlier) => {
-                                        outcomes.applied_earlier += 1
-                                    }
-                                    Some(Resolution::AppliedNow) => outcomes.applied_on_retry += 1,
-                                    None => {}
+                                match (done.value(), done.doubt().is_some()) {
+                                    (Applied::Earlier(_), _) => outcomes.applied_earlier += 1,
+                                    (Applied::Now(_), true) => outcomes.applied_on_retry += 1,
+                                    _ => {}
                                 }
                                 // An earlier attempt's amount is the one planned.
-                                assert_eq!(done.value.amount, planned.amount);
+                                assert_eq!(done.value().value().amount, planned.amount);
                                 outcomes.committed.push(planned);
                             }
                             Err(err @ TxError::AmbiguousCommit { .. }) => {

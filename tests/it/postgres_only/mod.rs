@@ -15,7 +15,5 @@ mod partitions;
 mod pgbouncer;
 mod read_committed;
 mod restarts;
-mod retry_faults;
 mod round_trips;
-mod server_errors;
 mod workload_faults;

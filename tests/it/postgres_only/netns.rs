@@ -17,7 +17,7 @@ use diesel::connection::SimpleConnection;
 use diesel::PgConnection;
 
 use crate::helpers::*;
-use crate::private_server::Cluster;
+use testbed::cluster::Cluster;
 
 const SERVER_ADDR: &str = "10.99.0.1";
 const CLIENT_ADDR: &str = "10.99.0.2";

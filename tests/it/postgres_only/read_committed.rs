@@ -23,7 +23,7 @@ use bank::models::Account;
 use bank::schema::accounts;
 use diesel::prelude::*;
 use diesel::sql_types::{Integer, Nullable};
-use diesel_tx_retry::{Isolation, Retrier, RetryPolicy, TxOptions};
+use diesel_tx_retry::{Isolation, Retrier};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -78,8 +78,9 @@ fn two_transfers(locking: bool) -> (i64, i64) {
         .collect();
     insert_accounts(&mut db.conn(), &rows, 3).unwrap();
     let pool = db.pool(2);
-    let retrier = Retrier::new(RetryPolicy::default(), db.server);
-    let opts = TxOptions::default().isolation(Isolation::ReadCommitted);
+    let retrier = Retrier::default()
+        .for_server(db.server)
+        .with_isolation(Isolation::ReadCommitted);
     let watcher = std::sync::Mutex::new(db.conn());
     let (a_read, a_has_read) = mpsc::channel::<()>();
     let (b_read, b_has_read) = mpsc::channel::<()>();
@@ -88,7 +89,7 @@ fn two_transfers(locking: bool) -> (i64, i64) {
     let (pool, retrier, ids, watcher) = (&pool, &retrier, &ids, &watcher);
     std::thread::scope(|scope| {
         let a = scope.spawn(move || {
-            let result = retrier.run(pool, opts, |conn| {
+            let result = retrier.build_transaction().run(pool, |conn| {
                 read_then_write(
                     conn,
                     (ids[0], ids[1], 100),
@@ -123,7 +124,7 @@ fn two_transfers(locking: bool) -> (i64, i64) {
         });
         let b = scope.spawn(move || {
             a_has_read.recv_timeout(WAIT).expect("A read first");
-            retrier.run(pool, opts, |conn| {
+            retrier.build_transaction().run(pool, |conn| {
                 b_pid.send(backend_pid(conn)).unwrap();
                 read_then_write(
                     conn,
@@ -137,8 +138,8 @@ fn two_transfers(locking: bool) -> (i64, i64) {
             })
         });
         let (a, b) = (a.join().unwrap(), b.join().unwrap());
-        assert_eq!(a.expect("A commits").attempts, 1);
-        assert_eq!(b.expect("B commits").attempts, 1);
+        assert_eq!(a.expect("A commits").attempts(), 1);
+        assert_eq!(b.expect("B commits").attempts(), 1);
     });
     let total = db.accounts().iter().map(|(_, b)| b).sum::<i64>();
     (total, 3 * OPENING)

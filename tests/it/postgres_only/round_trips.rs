@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bank::plan::{Batches, Plan};
-use diesel_tx_retry::{Protocol, Retrier, RetryPolicy};
+use diesel_tx_retry::{internal, Protocol, Retrier};
 
 use crate::helpers::*;
-use crate::proxy::{per_phase, Proxy, RoundTrip};
+use testbed::proxy::{per_phase, Proxy, RoundTrip};
 
 fn main_job_through_proxy(params: &str) -> (Vec<RoundTrip>, usize) {
     let db = TestDb::migrated();
@@ -68,8 +68,10 @@ fn the_savepoint_protocol_costs_no_extra_round_trip() {
     .unwrap();
     let manager = bank::db::Manager::new(&url).without_statement_cache();
     let pool = bank::db::pool_of(manager, 1, bank::db::POOL_CHECKOUT_WAIT).unwrap();
-    let retrier =
-        Retrier::new(RetryPolicy::default(), db.server).with_protocol(Protocol::Savepoint);
+    let retrier = internal::with_protocol(
+        Retrier::default().for_server(db.server),
+        Protocol::Savepoint,
+    );
     let plan = Plan::new(100, 5, Batches::default()).unwrap();
     run_job_quietly(&pool, &retrier, plan);
     drop(pool);

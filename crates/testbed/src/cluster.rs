@@ -1,7 +1,8 @@
 //! A private PostgreSQL cluster for the tests that need a server of their
-//! own (TLS-only, or inside a network namespace): one launcher, so that
-//! `tls.rs` and `netns.rs` start, configure and stop it the same way.
-//! `./dev test` starts the suite's shared server in shell, beside it.
+//! own (TLS-only, inside a network namespace, or the test process's own when
+//! no `DATABASE_URL` is given): one launcher, so that they all start,
+//! configure and stop it the same way. `./dev test` starts the suite's
+//! shared server in shell, beside it.
 //!
 //! initdb and postgres refuse to run as root, so a root caller runs them as
 //! the postgres user; the cluster's directory is removed when it stops.
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 
-use crate::helpers::{as_postgres, is_root, pg_bindir, run, tempdir};
+use crate::process::{as_postgres, is_root, pg_bindir, run, tempdir};
 
 /// One cluster: its directory (data in `data/`, the log in `log`, the Unix
 /// socket in the directory itself) and, if it runs in one, its namespace.
@@ -78,6 +79,7 @@ impl Cluster {
         self
     }
 
+    /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
@@ -158,6 +160,7 @@ impl Cluster {
         );
     }
 
+    /// What the server logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
