@@ -16,7 +16,7 @@ use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::Plan;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Resolution, Retrier};
+use diesel_tx_retry::Retrier;
 
 /// What the main job did, for callers that check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +25,6 @@ pub struct Report {
     pub created: Created,
     /// The transfer as committed.
     pub transfer: Transfer,
-    /// How a commit in doubt of the transfer ended, if it had one.
-    pub transfer_doubt: Option<Resolution>,
     /// The ids deleted.
     pub deleted: Vec<Uuid>,
     /// Retries across all transactions.
@@ -102,7 +100,6 @@ pub fn run(
     drop(watch);
     bank::log_doubt("transferring funds", done.doubt());
     retries += done.retries();
-    let transfer_doubt = done.doubt();
     let transfer = done.into_value().into_inner();
     writeln!(out, "Random account balances:")?;
     account_line(out, &transfer.from)?;
@@ -163,7 +160,6 @@ pub fn run(
     Ok(Report {
         created,
         transfer,
-        transfer_doubt,
         deleted,
         retries,
     })

@@ -441,16 +441,3 @@ pub fn workload_args(
 pub fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
-
-/// The main job in-process through `retrier`, unwatched, its output thrown
-/// away (for tests that look at the statements it sends).
-pub fn run_job_quietly(pool: &PgPool, retrier: &diesel_tx_retry::Retrier, plan: bank::plan::Plan) {
-    bank::job::run(
-        pool,
-        retrier,
-        &bank::watchdog::Watchdog::off(),
-        plan,
-        &mut Vec::new(),
-    )
-    .expect("the main job");
-}

@@ -2,13 +2,7 @@
 //! and a database that holds exactly the story they tell.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
-use bank::plan::{Batches, Plan};
-use diesel::connection::InstrumentationEvent;
-use diesel::prelude::*;
-use diesel::r2d2::{CustomizeConnection, Pool};
-use diesel_tx_retry::{internal, Protocol, Retrier};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -217,22 +211,6 @@ fn statements(stderr: &str) -> Vec<String> {
         .collect()
 }
 
-/// Records the statements of every connection it is given.
-#[derive(Debug, Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<String>>>);
-
-impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Recorder {
-    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-        let seen = self.0.clone();
-        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::StartQuery { query, .. } = event {
-                seen.lock().unwrap().push(head(&query.to_string()));
-            }
-        });
-        Ok(())
-    }
-}
-
 const BEGIN: &str = "BEGIN ISOLATION";
 /// The commit, with the `SELECT 1` that finds an aborted transaction out
 /// in the same message.
@@ -258,37 +236,6 @@ fn each_phase_sends_the_fewest_statements() {
         .chain(PHASES.into_iter().flatten().copied())
         .collect();
     assert_eq!(statements(&String::from_utf8_lossy(&out.stderr)), expected);
-}
-
-#[test]
-fn the_savepoint_protocol_sends_no_more_statements_than_restart() {
-    // Through the library: the command line refuses this protocol on
-    // PostgreSQL, and the statements are the same on any server.
-    let db = TestDb::migrated();
-    let recorder = Recorder::default();
-    let pool = Pool::builder()
-        .max_size(1)
-        .test_on_check_out(false)
-        .connection_customizer(Box::new(recorder.clone()))
-        .build(bank::db::Manager::new(&db.url))
-        .unwrap();
-    let retrier = internal::with_protocol(
-        Retrier::default().for_server(db.server),
-        Protocol::Savepoint,
-    );
-    let plan = Plan::new(100, 5, Batches::default())
-        .unwrap()
-        .seeded(Some(1));
-    run_job_quietly(&pool, &retrier, plan);
-    let expected: Vec<&str> = PHASES
-        .iter()
-        .flat_map(|phase| {
-            let (_, rest) = phase.split_first().unwrap();
-            let (_, middle) = rest.split_last().unwrap();
-            [&["BEGIN ISOLATION"][..], middle, &["RELEASE SAVEPOINT"]].concat()
-        })
-        .collect();
-    assert_eq!(*recorder.0.lock().unwrap(), expected);
 }
 
 #[test]

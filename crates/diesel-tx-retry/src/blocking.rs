@@ -54,8 +54,8 @@ where
             }
             next = Some(step);
         }
-        let conn = match source.checkout() {
-            Ok(conn) => conn,
+        let mut lease = match source.checkout() {
+            Ok(conn) => Lease::<S>(Some(conn)),
             Err(err) => match &mut core {
                 Some(core) => {
                     core.no_connection(err);
@@ -65,24 +65,10 @@ where
                 None => return Err(TxError::NoConnection(err)),
             },
         };
-        let mut lease = Lease::<S>(Some(conn));
         let core = match &mut core {
             Some(core) => core,
             None => {
-                let conn = lease.0.as_deref_mut().unwrap_or_else(|| unreachable!());
-                // Refused before anything is sent: rolling back would end
-                // the caller's own transaction.
-                if open_transaction(conn) == Some(true) {
-                    drop(lease.0.take());
-                    return Err(TxError::AlreadyInTransaction);
-                }
-                let server = match retrier.server_on(conn) {
-                    Ok(server) => server,
-                    Err(err) => {
-                        lease.discard();
-                        return Err(TxError::NoConnection(Box::new(err)));
-                    }
-                };
+                let server = start(retrier, &mut lease)?;
                 let plan = plan.take().unwrap_or_else(|| unreachable!());
                 let core = core.insert(Core::new(retrier, plan(server, replaceable)));
                 call = Some(core.span().clone().entered());
@@ -98,19 +84,11 @@ where
                     Err(err) => failed(retrier, core, Stage::Begin, err),
                 },
                 Do::Run { attempt, in_doubt } => {
-                    match panic::catch_unwind(AssertUnwindSafe(|| unit(conn, attempt, in_doubt))) {
+                    let ran =
+                        panic::catch_unwind(AssertUnwindSafe(|| unit(conn, attempt, in_doubt)));
+                    match ran {
                         Ok(Ok((value, verdict))) => core.ran(value, verdict),
-                        Ok(Err((err, settled))) => match classify(&err) {
-                            Some(class) => {
-                                note_pooler(retrier, class, err.diesel_error());
-                                let said = err.diesel_error().map(ToString::to_string);
-                                if settled {
-                                    core.settled();
-                                }
-                                core.failed(Stage::Statement, class, err, said);
-                            }
-                            None => core.hidden(err),
-                        },
+                        Ok(Err((err, settled))) => unit_failed(retrier, core, err, settled),
                         Err(payload) => {
                             core.panicked();
                             // Rolled back, and handed back idle, first.
@@ -119,19 +97,14 @@ where
                         }
                     }
                 }
-                Do::Commit(sql) => match conn.batch_execute(sql) {
-                    Ok(()) => core.committed(),
-                    Err(err) => {
-                        let stage = match core.plan().framing() {
-                            Protocol::Savepoint => failed_at_savepoint_commit(
-                                core.plan().server,
-                                open_transaction(conn),
-                            ),
-                            Protocol::Restart => Stage::Commit,
-                        };
+                Do::Commit(sql) => {
+                    if let Err(err) = conn.batch_execute(sql) {
+                        let stage = commit_stage(core.plan(), conn);
                         failed(retrier, core, stage, err);
+                    } else {
+                        core.committed();
                     }
-                },
+                }
                 Do::Rewind(sql) => {
                     if conn.batch_execute(&sql).is_err() {
                         lease.rollback();
@@ -146,6 +119,54 @@ where
                 }
             }
         }
+    }
+}
+
+/// The server, on the call's first connection; the call is refused if that
+/// connection is inside a transaction already (rolling back would end the
+/// caller's own).
+fn start<S: Source, E>(
+    retrier: &Retrier,
+    lease: &mut Lease<'_, S>,
+) -> Result<crate::Server, TxError<E>> {
+    let conn = lease.0.as_deref_mut().unwrap_or_else(|| unreachable!());
+    if open_transaction(conn) == Some(true) {
+        // Handed back untouched: not rolled back.
+        drop(lease.0.take());
+        return Err(TxError::AlreadyInTransaction);
+    }
+    match retrier.server_on(conn) {
+        Ok(server) => Ok(server),
+        Err(err) => {
+            lease.discard();
+            Err(TxError::NoConnection(Box::new(err)))
+        }
+    }
+}
+
+/// The unit returned `err`, having settled a doubt first or not.
+fn unit_failed<V, E: UnitError<M>, M>(
+    retrier: &Retrier,
+    core: &mut Core<'_, V, E>,
+    err: E,
+    settled: bool,
+) {
+    let Some(class) = classify(&err) else {
+        return core.hidden(err);
+    };
+    note_pooler(retrier, class, err.diesel_error());
+    let said = err.diesel_error().map(ToString::to_string);
+    if settled {
+        core.settled();
+    }
+    core.failed(Stage::Statement, class, err, said);
+}
+
+/// Which statement of the commit message failed.
+fn commit_stage(plan: &Plan, conn: &mut PgConnection) -> Stage {
+    match plan.framing() {
+        Protocol::Savepoint => failed_at_savepoint_commit(plan.server, open_transaction(conn)),
+        Protocol::Restart => Stage::Commit,
     }
 }
 

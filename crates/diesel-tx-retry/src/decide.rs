@@ -524,17 +524,21 @@ mod tests {
     }
 
     struct Row {
+        /// The docs' row this entry checks (spaces collapsed).
+        doc: &'static str,
         stages: &'static [Stage],
         classes: &'static [Class],
         setups: &'static [Setup],
         expect: fn(&Situation) -> Step,
     }
 
-    /// The module docs' table in the same order, one entry a row; the first
-    /// row is split in two to leave out a commit on CockroachDB, which the
-    /// "committed" row covers.
-    const ROWS: [Row; 18] = [
+    /// The crate docs' table in the same order, each entry naming its row
+    /// there; a row is split in two where the code's inputs need it (the
+    /// first, to leave out a commit on CockroachDB, which the "committed"
+    /// row covers; READ COMMITTED's rows, by their setups).
+    const ROWS: [Row; 19] = [
         Row {
+            doc: "| any (but a commit on CockroachDB, below) | definite, aborted, domain | any | fail (at the commit, aborted: [`TxError::SwallowedError`]) |",
             stages: &STAGES,
             classes: &[Class::Definite, Class::Aborted, Class::Domain],
             setups: &NOT_CRDB,
@@ -542,24 +546,28 @@ mod tests {
         },
         // (the same row on CockroachDB, where the RELEASE was the commit)
         Row {
+            doc: "| any (but a commit on CockroachDB, below) | definite, aborted, domain | any | fail (at the commit, aborted: [`TxError::SwallowedError`]) |",
             stages: &[Stage::Begin, Stage::Statement, Stage::Release],
             classes: &[Class::Definite, Class::Aborted, Class::Domain],
             setups: &[CRDB],
             expect: |_| Step::Fail,
         },
         Row {
+            doc: "| begin | conflict | any | restart |",
             stages: &[Stage::Begin],
             classes: &[Class::Conflict],
             setups: &SETUPS,
             expect: |_| Step::Restart,
         },
         Row {
+            doc: "| begin, statement | lost | any | reconnect; fail if the connection is the caller's |",
             stages: &[Stage::Begin, Stage::Statement],
             classes: &[Class::ConnectionLost],
             setups: &SETUPS,
             expect: reconnect_or_fail,
         },
         Row {
+            doc: "| begin, statement | other | any | fail |",
             stages: &[Stage::Begin, Stage::Statement],
             classes: &[Class::Other],
             setups: &SETUPS,
@@ -568,18 +576,21 @@ mod tests {
         // A pooler moved the connection between server sessions: nothing
         // ran; begin again (never a rewind, which would keep the session).
         Row {
+            doc: "| begin, statement | stale statement | any | restart, statements unnamed |",
             stages: &[Stage::Begin, Stage::Statement],
             classes: &[Class::StaleStatement],
             setups: &SETUPS,
             expect: |_| Step::Restart,
         },
         Row {
+            doc: "| statement | conflict | CockroachDB, savepoint | rewind if the retry would not wait, else restart |",
             stages: &[Stage::Statement],
             classes: &[Class::Conflict],
             setups: &[CRDB],
             expect: rewind_unless_waiting,
         },
         Row {
+            doc: "| statement | conflict | otherwise (READ COMMITTED included) | restart |",
             stages: &[Stage::Statement],
             classes: &[Class::Conflict],
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
@@ -589,54 +600,63 @@ mod tests {
         // by aborting this transaction, the server's own statement retries
         // exhausted) restarts it, on CockroachDB too: never a rewind.
         Row {
+            doc: "| statement | conflict | otherwise (READ COMMITTED included) | restart |",
             stages: &[Stage::Statement],
             classes: &[Class::Conflict],
             setups: &RC_SETUPS,
             expect: |_| Step::Restart,
         },
         Row {
+            doc: "| release | conflict | CockroachDB | rewind if the retry would not wait, else restart |",
             stages: &[Stage::Release],
             classes: &[Class::Conflict],
             setups: &[CRDB],
             expect: rewind_unless_waiting,
         },
         Row {
+            doc: "| release | conflict | PostgreSQL | restart |",
             stages: &[Stage::Release],
             classes: &[Class::Conflict],
             setups: &[PG_SAVEPOINT],
             expect: |_| Step::Restart,
         },
         Row {
+            doc: "| release | lost | any | ambiguous; if idempotent: reconnect |",
             stages: &[Stage::Release],
             classes: &[Class::ConnectionLost],
             setups: &[CRDB, PG_SAVEPOINT],
             expect: ambiguous_unless_idempotent,
         },
         Row {
+            doc: "| release | other | PostgreSQL | fail |",
             stages: &[Stage::Release],
             classes: &[Class::Other, Class::StaleStatement],
             setups: &[PG_SAVEPOINT],
             expect: |_| Step::Fail,
         },
         Row {
+            doc: "| release | other | CockroachDB | ambiguous; if idempotent: restart |",
             stages: &[Stage::Release],
             classes: &[Class::Other, Class::StaleStatement],
             setups: &[CRDB],
             expect: ambiguous_unless_idempotent,
         },
         Row {
+            doc: "| commit | any | CockroachDB, savepoint | committed |",
             stages: &[Stage::Commit],
             classes: &CLASSES,
             setups: &[CRDB],
             expect: |_| Step::Committed,
         },
         Row {
+            doc: "| commit | conflict | otherwise (READ COMMITTED included) | restart |",
             stages: &[Stage::Commit],
             classes: &[Class::Conflict],
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
             expect: |_| Step::Restart,
         },
         Row {
+            doc: "| commit | lost, other | otherwise (READ COMMITTED included) | ambiguous; if idempotent: reconnect (lost) or restart (other) |",
             stages: &[Stage::Commit],
             classes: &[Class::ConnectionLost, Class::Other, Class::StaleStatement],
             setups: &[CRDB_RESTART, PG, PG_SAVEPOINT],
@@ -646,18 +666,18 @@ mod tests {
         // RELEASE was sent), so its conflict restarts and its silence is in
         // doubt, as with the restart protocol.
         Row {
+            doc: "| commit | conflict | otherwise (READ COMMITTED included) | restart |",
             stages: &[Stage::Commit],
-            classes: &[
-                Class::Conflict,
-                Class::ConnectionLost,
-                Class::Other,
-                Class::StaleStatement,
-            ],
+            classes: &[Class::Conflict],
             setups: &RC_SETUPS,
-            expect: |s| match s.class {
-                Class::Conflict => Step::Restart,
-                _ => ambiguous_unless_idempotent(s),
-            },
+            expect: |_| Step::Restart,
+        },
+        Row {
+            doc: "| commit | lost, other | otherwise (READ COMMITTED included) | ambiguous; if idempotent: reconnect (lost) or restart (other) |",
+            stages: &[Stage::Commit],
+            classes: &[Class::ConnectionLost, Class::Other, Class::StaleStatement],
+            setups: &RC_SETUPS,
+            expect: ambiguous_unless_idempotent,
         },
     ];
 
@@ -744,6 +764,35 @@ mod tests {
                 assert_eq!(decide(&s), (row.expect)(&s), "row {}: {s:?}", number + 1);
             }
         }
+    }
+
+    /// The table in the crate docs (lib.rs) is this one, row for row.
+    #[test]
+    fn the_docs_print_the_table_the_tests_check() {
+        let lib = include_str!("lib.rs");
+        let lines: Vec<&str> = lib.lines().collect();
+        let header = lines
+            .iter()
+            .position(|l| l.starts_with("//! | stage "))
+            .expect("the docs' table");
+        let printed: Vec<String> = lines[header + 2..]
+            .iter()
+            .take_while(|l| l.starts_with("//! |"))
+            .map(|l| {
+                l["//! ".len()..]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        // Each docs' row once, in the order the entries first name it.
+        let mut checked: Vec<String> = Vec::new();
+        for row in &ROWS {
+            if !checked.iter().any(|doc| doc == row.doc) {
+                checked.push(row.doc.to_owned());
+            }
+        }
+        assert_eq!(printed, checked);
     }
 
     #[test]

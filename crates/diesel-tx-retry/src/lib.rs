@@ -229,7 +229,7 @@
 //! # Features
 //! - `r2d2` (default): r2d2 pools and [`Held`] connections as a [`Source`].
 //! - `anyhow` (default): `anyhow::Error` as a unit's error.
-//! - `testing`: [`testing::race`] and [`testing::check`], which force a
+//! - `testing`: the module `testing` (`race`, `check`), which forces a
 //!   genuine conflict between two units of yours.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]

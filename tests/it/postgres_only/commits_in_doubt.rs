@@ -9,10 +9,6 @@
 
 use std::thread;
 
-use bank::db::{self, DbUrl};
-use bank::plan::{Batches, Plan};
-use diesel_tx_retry::{internal, Protocol, Resolution, Retrier};
-
 use crate::helpers::*;
 use crate::main_job::{check_story, parse};
 use testbed::proxy::{Cut, Proxy};
@@ -60,76 +56,6 @@ fn the_main_job_resolves_commits_cut_after_they_reached_the_server() {
 #[test]
 fn the_main_job_resolves_commits_cut_before_they_reached_the_server() {
     the_default_job_through_every_other_commit_cut(Cut::BeforeForwarding);
-}
-
-/// The same with the savepoint protocol, through the library (the command
-/// line refuses it on PostgreSQL): the cut message is `RELEASE SAVEPOINT
-/// cockroach_restart; COMMIT`.
-fn the_savepoint_protocol_through_every_other_commit_cut(cut: Cut) {
-    let db = TestDb::migrated();
-    let proxy = Proxy::cutting_commits(db.tcp_addr(), 2, cut).unwrap();
-    let pool = db::pool(&DbUrl::parse(&db.url_via(proxy.port())).unwrap(), 2).unwrap();
-    let retrier = internal::with_protocol(
-        Retrier::default().for_server(db.server),
-        Protocol::Savepoint,
-    );
-    let plan = Plan::new(20, 3, Batches::default()).unwrap();
-    let report = bank::job::run(
-        &pool,
-        &retrier,
-        &bank::watchdog::Watchdog::off(),
-        plan,
-        &mut Vec::new(),
-    )
-    .expect("the main job");
-    assert_eq!(proxy.commits_cut(), 3);
-    let table: std::collections::BTreeMap<uuid::Uuid, i64> = db.accounts().into_iter().collect();
-    assert_eq!(table.len(), 17);
-    for id in &report.deleted {
-        assert!(!table.contains_key(id), "{id} deleted");
-    }
-    let total: i64 = table.values().sum::<i64>()
-        + report
-            .deleted
-            .iter()
-            .map(|id| {
-                let i = report.created.ids.iter().position(|c| c == id).unwrap();
-                let after = [report.transfer.from_after, report.transfer.to_after];
-                after
-                    .iter()
-                    .find(|a| a.id == *id)
-                    .map_or(report.created.balances[i], |a| a.balance)
-            })
-            .sum::<i64>();
-    assert_eq!(
-        total, report.created.total_balance,
-        "money kept, none twice"
-    );
-    for after in [report.transfer.from_after, report.transfer.to_after] {
-        if let Some(balance) = table.get(&after.id) {
-            assert_eq!(
-                *balance, after.balance,
-                "the reported balance is the table's"
-            );
-        }
-    }
-    assert_eq!(db.count("transfers"), 1);
-    // The cut commit is the transfer's: its retry found out how it ended.
-    let expected = match cut {
-        Cut::AfterForwarding => Resolution::AppliedEarlier,
-        Cut::BeforeForwarding => Resolution::AppliedNow,
-    };
-    assert_eq!(report.transfer_doubt, Some(expected), "{report:?}");
-}
-
-#[test]
-fn the_savepoint_protocol_resolves_commits_cut_after_they_reached_the_server() {
-    the_savepoint_protocol_through_every_other_commit_cut(Cut::AfterForwarding);
-}
-
-#[test]
-fn the_savepoint_protocol_resolves_commits_cut_before_they_reached_the_server() {
-    the_savepoint_protocol_through_every_other_commit_cut(Cut::BeforeForwarding);
 }
 
 /// A 20 s, 4-worker workload with every 25th COMMIT cut; returns its report

@@ -6,9 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bank::plan::{Batches, Plan};
-use diesel_tx_retry::{internal, Protocol, Retrier};
-
 use crate::helpers::*;
 use testbed::proxy::{per_phase, Proxy, RoundTrip};
 
@@ -51,47 +48,4 @@ fn libpqs_default_sslmode_adds_one_round_trip_to_ask_for_tls() {
     assert_eq!(per_phase(&round_trips), expect(4), "{round_trips:#?}");
     assert_eq!(round_trips[0].sent, ["<ssl request>"]);
     assert_eq!(round_trips.len(), 15);
-}
-
-#[test]
-fn the_savepoint_protocol_costs_no_extra_round_trip() {
-    // Through the library: the command line refuses this protocol on
-    // PostgreSQL. BEGIN with SAVEPOINT, and RELEASE with COMMIT, go as one
-    // message each.
-    let db = TestDb::migrated();
-    let proxy = Proxy::start(db.tcp_addr(), Duration::ZERO).unwrap();
-    let url = bank::db::DbUrl::parse(&format!(
-        "postgresql://postgres@127.0.0.1:{}/{}?sslmode=disable",
-        proxy.port(),
-        db.name
-    ))
-    .unwrap();
-    let manager = bank::db::Manager::new(&url).without_statement_cache();
-    let pool = bank::db::pool_of(manager, 1, bank::db::POOL_CHECKOUT_WAIT).unwrap();
-    let retrier = internal::with_protocol(
-        Retrier::default().for_server(db.server),
-        Protocol::Savepoint,
-    );
-    let plan = Plan::new(100, 5, Batches::default()).unwrap();
-    run_job_quietly(&pool, &retrier, plan);
-    drop(pool);
-    let round_trips = proxy.round_trips();
-    let mut counts = per_phase(&round_trips);
-    assert_eq!(counts.remove("1 connect"), Some(3));
-    assert_eq!(
-        counts,
-        BTreeMap::from([("3 create", 3), ("4 transfer", 4), ("5 delete", 3)]),
-        "{round_trips:#?}"
-    );
-    // BEGIN, the attempt's statement timeout, and the savepoint: one message.
-    let first = &round_trips[3].sent;
-    assert_eq!(first.len(), 1, "{first:?}");
-    assert!(
-        first[0].starts_with("BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = ")
-            && first[0].ends_with("; SAVEPOINT cockroach_restart"),
-        "{first:?}"
-    );
-    assert!(round_trips
-        .iter()
-        .any(|rt| rt.sent == ["RELEASE SAVEPOINT cockroach_restart; COMMIT"]));
 }

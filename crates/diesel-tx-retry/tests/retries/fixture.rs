@@ -71,7 +71,6 @@ pub fn on_postgres(protocol: Protocol) -> (Retrier, Arc<FakeClock>) {
     retrier(Server::PostgreSql, protocol, 10)
 }
 
-/// The value of one SQL expression of type BIGINT.
 /// A pool of one connection to `db` through `proxy`, not tested on
 /// checkout (a test counts the proxy's connections and messages).
 pub fn pool_via(db: &Database, proxy: &Proxy) -> Pool<ConnectionManager<PgConnection>> {
@@ -82,6 +81,7 @@ pub fn pool_via(db: &Database, proxy: &Proxy) -> Pool<ConnectionManager<PgConnec
         .unwrap()
 }
 
+/// The value of one SQL expression of type BIGINT.
 pub fn bigint(conn: &mut PgConnection, expr: &str) -> QueryResult<i64> {
     diesel::select(sql::<BigInt>(expr)).get_result(conn)
 }

@@ -9,6 +9,7 @@ mod faults;
 mod fixture;
 mod harness;
 mod read_committed;
+mod round_trips;
 mod server_errors;
 mod table;
 mod write_skew;
