@@ -196,7 +196,9 @@ fn head(sql: &str) -> String {
     }
     let words: Vec<&str> = sql.split_whitespace().take(2).collect();
     let head = words.join(" ");
-    if sql.contains("FOR UPDATE") {
+    if sql.ends_with("; COMMIT") {
+        format!("{head} ...; COMMIT")
+    } else if sql.contains("FOR UPDATE") {
         format!("{head} ... FOR UPDATE")
     } else {
         head
@@ -212,9 +214,9 @@ fn statements(stderr: &str) -> Vec<String> {
 }
 
 const BEGIN: &str = "BEGIN ISOLATION";
-/// The commit, with the `SELECT 1` that finds an aborted transaction out
-/// in the same message.
-const COMMIT: &str = "SELECT 1; COMMIT";
+/// The commit, after the statement bound again (for the time left), which
+/// finds an aborted transaction out, in the same message.
+const COMMIT: &str = "SET LOCAL ...; COMMIT";
 const PHASES: [&[&str]; 3] = [
     &[BEGIN, "INSERT INTO", COMMIT],
     &[

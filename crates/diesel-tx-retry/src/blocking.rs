@@ -98,7 +98,7 @@ where
                     }
                 }
                 Do::Commit(sql) => {
-                    if let Err(err) = conn.batch_execute(sql) {
+                    if let Err(err) = conn.batch_execute(&sql) {
                         let stage = commit_stage(core.plan(), conn);
                         failed(retrier, core, stage, err);
                     } else {

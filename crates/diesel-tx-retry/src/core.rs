@@ -64,7 +64,7 @@ pub(crate) enum Do<'r, V, E> {
         in_doubt: bool,
     },
     /// Send the commit message.
-    Commit(&'static str),
+    Commit(Cow<'r, str>),
     /// Send this rewind message (`ROLLBACK TO SAVEPOINT ...`); on failure,
     /// roll back.
     Rewind(String),
@@ -170,10 +170,8 @@ impl<'r, V, E> Core<'r, V, E> {
             Verdict::Plain => {}
         }
         self.value = Some(value);
-        self.todo.push_back(Do::Commit(match self.plan.framing() {
-            Protocol::Savepoint => "RELEASE SAVEPOINT cockroach_restart; COMMIT",
-            Protocol::Restart => "SELECT 1; COMMIT",
-        }));
+        let sql = self.retrier.commit_sql(&self.plan, self.start);
+        self.todo.push_back(Do::Commit(sql));
     }
 
     /// The unit found its key absent, and no earlier attempt can commit it

@@ -139,7 +139,9 @@
 //! - A unit that catches a database error and returns `Ok` leaves its
 //!   transaction aborted, and PostgreSQL answers the `COMMIT` of an aborted
 //!   transaction with the tag `ROLLBACK` and no error. So the restart
-//!   protocol commits with `SELECT 1; COMMIT` (one message): in an aborted
+//!   protocol commits with `SET LOCAL statement_timeout = <time left>;
+//!   COMMIT` (one message; `SELECT 1; COMMIT` when nothing bounds the
+//!   statements): in an aborted
 //!   transaction the `SELECT` fails with 25P02 and the `COMMIT` never runs;
 //!   the savepoint protocol's `RELEASE` fails the same way.
 //! - A panic in the unit rolls back, returns the connection idle, and goes on.

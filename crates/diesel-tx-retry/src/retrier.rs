@@ -78,6 +78,9 @@ struct Shared {
     /// instructions an attempt (bench/NOTES.md). By protocol, isolation and
     /// read-only.
     begin: [OnceLock<Box<str>>; 8],
+    /// The restart protocol's commit message whose statement bound is the
+    /// policy's own, built once likewise.
+    commit: OnceLock<Box<str>>,
     /// Set once a READ COMMITTED transaction asked the server which level it
     /// really runs.
     isolation_checked: AtomicBool,
@@ -150,6 +153,8 @@ impl Retrier {
     #[must_use]
     pub fn with_statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
+        // The messages built with the old bound are not this helper's.
+        self.shared = Arc::new(self.shared.forked());
         self
     }
 
@@ -157,6 +162,7 @@ impl Retrier {
     #[must_use]
     pub fn without_statement_timeout(mut self) -> Self {
         self.statement_timeout = None;
+        self.shared = Arc::new(self.shared.forked());
         self
     }
 
@@ -416,6 +422,35 @@ impl Retrier {
             + 2 * usize::from(plan.isolation != Isolation::Serializable)
             + usize::from(plan.read_only);
         Cow::Borrowed(self.shared.begin[slot].get_or_init(|| format_begin(plan, limit).into()))
+    }
+
+    /// The commit message. With the savepoint protocol, `RELEASE SAVEPOINT
+    /// cockroach_restart; COMMIT`: in an aborted transaction the RELEASE
+    /// fails (25P02). With the restart protocol a plain `COMMIT` would not:
+    /// PostgreSQL answers the `COMMIT` of an aborted transaction with the tag
+    /// `ROLLBACK` and no error, and Diesel reads no tag. So a statement goes
+    /// first in the same message, which fails with 25P02 there and keeps
+    /// the `COMMIT` from running: the statement bound again, for the time
+    /// left (so the commit, too, ends by the deadline; cheaper than a
+    /// `SELECT`, whose row libpq must build), or, with no bound at all,
+    /// `SELECT 1` (which leaves a session's own `statement_timeout` alone).
+    pub(crate) fn commit_sql(&self, plan: &Plan, start: Instant) -> Cow<'_, str> {
+        if plan.framing() == Protocol::Savepoint {
+            return Cow::Borrowed("RELEASE SAVEPOINT cockroach_restart; COMMIT");
+        }
+        let format = |limit: Duration| {
+            format!(
+                "SET LOCAL statement_timeout = {}; COMMIT",
+                limit.as_millis().max(1)
+            )
+        };
+        match self.statement_limit(start) {
+            (None, _) => Cow::Borrowed("SELECT 1; COMMIT"),
+            (Some(limit), true) => Cow::Owned(format(limit)),
+            (Some(limit), false) => {
+                Cow::Borrowed(self.shared.commit.get_or_init(|| format(limit).into()))
+            }
+        }
     }
 
     /// The statements that rewind an attempt, sent as one message: back to
@@ -698,6 +733,72 @@ mod tests {
         assert_eq!(
             r.begin_sql(&plan(Protocol::Restart, SER, true), start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SET LOCAL statement_timeout = 20000"
+        );
+    }
+
+    #[test]
+    fn the_commit_message_finds_an_aborted_transaction_out_and_bounds_the_commit() {
+        let clock = FakeClock::new();
+        let start = clock.now();
+        let r = retrier(Some(30), Some(20), &clock);
+        let restart = plan(Protocol::Restart, SER, false);
+        // The policy's bound: built once.
+        let first = r.commit_sql(&restart, start);
+        assert_eq!(first, "SET LOCAL statement_timeout = 20000; COMMIT");
+        let again = r.commit_sql(&restart, start);
+        assert!(
+            matches!((&first, &again), (Cow::Borrowed(a), Cow::Borrowed(b)) if std::ptr::eq(*a, *b))
+        );
+        // The deadline nearer: the time left.
+        clock.advance(Duration::from_millis(22_500));
+        assert_eq!(
+            r.commit_sql(&restart, start),
+            "SET LOCAL statement_timeout = 7500; COMMIT"
+        );
+        // No bound at all: a SELECT, which leaves the session's own alone.
+        let unbounded = retrier(None, None, &clock);
+        assert_eq!(unbounded.commit_sql(&restart, start), "SELECT 1; COMMIT");
+        // The savepoint protocol's RELEASE fails in an aborted transaction.
+        assert_eq!(
+            r.commit_sql(&plan(Protocol::Savepoint, SER, false), start),
+            "RELEASE SAVEPOINT cockroach_restart; COMMIT"
+        );
+        // READ COMMITTED is framed BEGIN ... COMMIT on every server.
+        assert_eq!(
+            r.commit_sql(
+                &plan(Protocol::Savepoint, Isolation::ReadCommitted, false),
+                start
+            ),
+            "SET LOCAL statement_timeout = 7500; COMMIT"
+        );
+    }
+
+    #[test]
+    fn a_clone_given_another_bound_builds_its_own_messages() {
+        let clock = FakeClock::new();
+        let start = clock.now();
+        let r = retrier(None, Some(20), &clock);
+        let p = plan(Protocol::Restart, SER, false);
+        assert_eq!(
+            r.commit_sql(&p, start),
+            "SET LOCAL statement_timeout = 20000; COMMIT"
+        );
+        assert!(r.begin_sql(&p, start).ends_with("= 20000"));
+        let other = r.clone().with_statement_timeout(Duration::from_secs(5));
+        assert_eq!(
+            other.commit_sql(&p, start),
+            "SET LOCAL statement_timeout = 5000; COMMIT"
+        );
+        assert!(other.begin_sql(&p, start).ends_with("= 5000"));
+        let none = r.clone().without_statement_timeout();
+        assert_eq!(
+            none.begin_sql(&p, start),
+            "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        );
+        // The original keeps its own.
+        assert_eq!(
+            r.commit_sql(&p, start),
+            "SET LOCAL statement_timeout = 20000; COMMIT"
         );
     }
 

@@ -144,8 +144,9 @@ struct Counts {
 }
 
 /// Whether a simple query's text commits: `COMMIT`, alone or as the last of
-/// several statements (`SELECT 1; COMMIT`, the savepoint protocol's
-/// `RELEASE ...; COMMIT`).
+/// several statements (the restart protocol's `SET LOCAL statement_timeout
+/// = ...; COMMIT` or `SELECT 1; COMMIT`, the savepoint protocol's `RELEASE
+/// ...; COMMIT`).
 fn commits(sql: &str) -> bool {
     sql.split(';')
         .any(|s| s.trim().eq_ignore_ascii_case("COMMIT"))
@@ -893,6 +894,7 @@ mod tests {
         assert!(!starts_with_ddl("INSERT INTO x VALUES (1)"));
         assert!(!starts_with_ddl("-- CREATE\nSELECT 1"));
         assert!(commits("SELECT 1; COMMIT"));
+        assert!(commits("SET LOCAL statement_timeout = 20000; COMMIT"));
         assert!(commits("RELEASE SAVEPOINT cockroach_restart; COMMIT"));
         assert!(!commits("SELECT 'COMMIT'"));
     }

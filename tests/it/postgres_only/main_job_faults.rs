@@ -38,7 +38,9 @@ fn a_retried_phase_is_logged_with_its_cause_and_printed_once() {
         "the first retry is immediate: {retried}"
     );
     assert!(
-        stderr.contains("tx_attempt{attempt=2}: bank::sql: SELECT 1; COMMIT"),
+        stderr.contains(
+            "tx_attempt{attempt=2}: bank::sql: SET LOCAL statement_timeout = 20000; COMMIT"
+        ),
         "{stderr}"
     );
 }

@@ -35,34 +35,44 @@ fn retrier(server: Server, protocol: Protocol) -> (Retrier, Arc<FakeClock>) {
 
 /// A pool of one connection through `proxy`.
 fn a_unit_that_swallows_a_database_error_commits_nothing_and_says_so(protocol: Protocol) {
-    let db = with_faults();
-    let pool = db.pool(1);
-    let (retrier, _) = retrier(Server::PostgreSql, protocol);
-    let mut runs = 0;
-    let result = retrier.transaction(&pool, |conn| {
-        runs += 1;
-        mark(conn, "the order")?;
-        // "Ignore a duplicate": the error is caught, the unit goes on.
-        let _ = raise_error(conn, "23505");
-        Ok::<_, DieselError>("order placed")
-    });
-    let err = result.unwrap_err();
-    assert!(
-        matches!(err, TxError::SwallowedError { attempts: 1, .. }),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string()
-            .starts_with("the unit of work returned Ok on attempt 1, but a statement"),
-        "{err}"
-    );
-    assert_eq!(runs, 1, "not retried: it would do the same again");
-    assert_eq!(db.count("marks"), 0, "nothing was committed");
-    // The connection went back clean: the next call commits.
-    retrier
-        .transaction(&pool, |conn| mark(conn, "next"))
-        .unwrap();
-    assert_eq!(db.count("marks"), 1);
+    // With a statement bound the restart protocol's commit message is
+    // `SET LOCAL statement_timeout = ...; COMMIT`; without, `SELECT 1;
+    // COMMIT`: each must find the aborted transaction out.
+    for bounded in [false, true] {
+        let db = with_faults();
+        let pool = db.pool(1);
+        let (retrier, _) = retrier(Server::PostgreSql, protocol);
+        let retrier = if bounded {
+            retrier.with_statement_timeout(Duration::from_secs(5))
+        } else {
+            retrier.without_deadline().without_statement_timeout()
+        };
+        let mut runs = 0;
+        let result = retrier.transaction(&pool, |conn| {
+            runs += 1;
+            mark(conn, "the order")?;
+            // "Ignore a duplicate": the error is caught, the unit goes on.
+            let _ = raise_error(conn, "23505");
+            Ok::<_, DieselError>("order placed")
+        });
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, TxError::SwallowedError { attempts: 1, .. }),
+            "bounded {bounded}: {err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the unit of work returned Ok on attempt 1, but a statement"),
+            "{err}"
+        );
+        assert_eq!(runs, 1, "not retried: it would do the same again");
+        assert_eq!(db.count("marks"), 0, "nothing was committed");
+        // The connection went back clean: the next call commits.
+        retrier
+            .transaction(&pool, |conn| mark(conn, "next"))
+            .unwrap();
+        assert_eq!(db.count("marks"), 1);
+    }
 }
 
 fn a_unit_that_catches_an_error_inside_a_nested_transaction_commits(protocol: Protocol) {
@@ -192,7 +202,8 @@ fn a_drain_before_the_commit_reconnects_and_commits_once(protocol: Protocol) {
 
 fn a_drain_at_the_commit_is_a_lost_connection_there(protocol: Protocol) {
     let commit = match protocol {
-        Protocol::Restart => "SELECT 1; COMMIT",
+        // The statement bound again (20 s, the default), then the COMMIT.
+        Protocol::Restart => "SET LOCAL statement_timeout = 20000; COMMIT",
         Protocol::Savepoint => "RELEASE SAVEPOINT cockroach_restart; COMMIT",
         other => panic!("no test for the protocol {other:?}"),
     };
