@@ -206,7 +206,7 @@ fn failed<V, E: UnitError<M>, M>(
 
 /// Says once that a transaction-mode pooler moves connections between
 /// server sessions.
-fn note_pooler(retrier: &Retrier, class: decide::Class, err: Option<&DieselError>) {
+pub(crate) fn note_pooler(retrier: &Retrier, class: decide::Class, err: Option<&DieselError>) {
     if class == decide::Class::StaleStatement {
         if let Some(err) = err {
             retrier.pooler_met(err);

@@ -10,6 +10,14 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
     /// Wait for `duration`.
     fn sleep(&self, duration: Duration);
+    /// Wait for `duration` without blocking the thread: on tokio's timer.
+    #[cfg(feature = "async")]
+    fn sleep_async(
+        &self,
+        duration: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(duration))
+    }
 }
 
 /// The real clock.

@@ -95,6 +95,22 @@ pub(crate) struct Core<'r, V, E> {
     applied_earlier: bool,
     span: Span,
     attempt_span: Span,
+    /// Whether the observer heard how the call ended (or will, from the
+    /// task a commit was handed to): if not when the core is dropped, the
+    /// caller dropped the call.
+    told_end: bool,
+}
+
+impl<V, E> Drop for Core<'_, V, E> {
+    fn drop(&mut self) {
+        if !self.told_end {
+            debug!(
+                attempts = self.attempts,
+                "the call was cancelled by its caller"
+            );
+            self.tell(None, Outcome::Cancelled, Duration::ZERO, None, None);
+        }
+    }
 }
 
 impl<'r, V, E> Core<'r, V, E> {
@@ -114,6 +130,7 @@ impl<'r, V, E> Core<'r, V, E> {
             applied_earlier: false,
             span,
             attempt_span: Span::none(),
+            told_end: false,
         };
         core.begin();
         core
@@ -191,6 +208,28 @@ impl<'r, V, E> Core<'r, V, E> {
         self.finish(Ok(Committed::new(value, self.attempts, resolution)));
     }
 
+    /// The commit goes to a task that outlives the caller (the async front
+    /// end): what the task needs to tell the observer how it ended, should
+    /// the caller be gone by then. Until [`Core::took_back`], the core
+    /// does not report the call cancelled.
+    #[cfg(feature = "async")]
+    pub(crate) fn hand_off_commit(&mut self) -> Handoff {
+        self.told_end = true;
+        Handoff {
+            observer: self.retrier.observer_arc(),
+            clock: self.retrier.clock_arc(),
+            start: self.start,
+            number: self.attempts,
+            resolution: self.resolution(),
+        }
+    }
+
+    /// The commit's task answered the caller, who reports from here on.
+    #[cfg(feature = "async")]
+    pub(crate) fn took_back(&mut self) {
+        self.told_end = false;
+    }
+
     /// No connection could be had for an attempt.
     pub(crate) fn no_connection(&mut self, err: Box<dyn std::error::Error + Send + Sync>) {
         self.tell(None, Outcome::NoConnection, Duration::ZERO, None, None);
@@ -208,6 +247,7 @@ impl<'r, V, E> Core<'r, V, E> {
     /// The unit panicked; the front end rolls back, then resumes the panic.
     pub(crate) fn panicked(&mut self) {
         self.tell(None, Outcome::Panicked, Duration::ZERO, None, None);
+        self.told_end = true;
     }
 
     /// The unit's error carries a database error its type hides: nothing
@@ -333,6 +373,7 @@ impl<'r, V, E> Core<'r, V, E> {
     }
 
     fn finish(&mut self, result: Result<Committed<V>, TxError<E>>) {
+        self.told_end = true;
         self.span.record("attempts", self.attempts);
         if let Ok(done) = &result {
             if let Some(resolution) = done.doubt() {
@@ -398,6 +439,52 @@ impl<'r, V, E> Core<'r, V, E> {
                 resolution,
             });
         }
+    }
+}
+
+/// What a commit's task tells the observer when the call that handed it
+/// the commit is gone: the commit's real outcome.
+#[cfg(feature = "async")]
+pub(crate) struct Handoff {
+    observer: Option<std::sync::Arc<dyn crate::Observer>>,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    start: Instant,
+    number: u32,
+    resolution: Option<Resolution>,
+}
+
+#[cfg(feature = "async")]
+impl Handoff {
+    /// Tells how the commit of a cancelled call ended: committed; or, where
+    /// the commit was sent and no verdict came back, ambiguous; or, as the
+    /// caller is gone and nobody retries, cancelled with the error's cause.
+    pub(crate) fn tell(&self, result: &Result<(), diesel::result::Error>) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let (cause, outcome, resolution) = match result {
+            Ok(()) => (None, Outcome::Committed, self.resolution),
+            Err(err) => {
+                let class = crate::decide::classify(err);
+                let outcome = match class {
+                    Class::ConnectionLost | Class::Other | Class::StaleStatement => {
+                        Outcome::Ambiguous
+                    }
+                    _ => Outcome::Cancelled,
+                };
+                (Some(Cause::of(class)), outcome, None)
+            }
+        };
+        debug!(%outcome, "the commit of a cancelled call answered");
+        observer.attempt(&Attempt {
+            number: self.number,
+            elapsed: self.clock.now().saturating_duration_since(self.start),
+            cause,
+            outcome,
+            backoff: Duration::ZERO,
+            budget: None,
+            resolution,
+        });
     }
 }
 

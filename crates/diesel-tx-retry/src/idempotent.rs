@@ -2,7 +2,7 @@
 //! attempt is told ([`Keyed`]), and the verdict the unit returns
 //! ([`Applied`]).
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What an idempotent unit's attempt found: it applied its change now, or an
 /// earlier attempt (one whose commit was in doubt, or an earlier call) had
@@ -69,7 +69,9 @@ pub struct Keyed<'a, K: ?Sized> {
     pub(crate) key: &'a K,
     pub(crate) attempt: u32,
     pub(crate) in_doubt: bool,
-    pub(crate) settled: Cell<bool>,
+    /// Set by [`Keyed::not_applied_earlier`]; atomic so that `&Keyed` is
+    /// `Send` in an async unit.
+    pub(crate) settled: AtomicBool,
 }
 
 impl<'a, K: ?Sized> Keyed<'a, K> {
@@ -87,7 +89,7 @@ impl<'a, K: ?Sized> Keyed<'a, K> {
             key,
             attempt: 1,
             in_doubt: false,
-            settled: Cell::new(false),
+            settled: AtomicBool::new(false),
         }
     }
 
@@ -118,7 +120,7 @@ impl<'a, K: ?Sized> Keyed<'a, K> {
     /// commit is in doubt.
     pub fn not_applied_earlier(&self) {
         if self.in_doubt {
-            self.settled.set(true);
+            self.settled.store(true, Ordering::Relaxed);
         }
     }
 }

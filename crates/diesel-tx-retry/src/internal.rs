@@ -51,6 +51,14 @@ impl Clock for FakeClock {
             .unwrap_or_else(PoisonError::into_inner)
             .push(duration);
     }
+    #[cfg(feature = "async")]
+    fn sleep_async(
+        &self,
+        duration: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        self.sleep(duration);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// `retrier` with `clock` for its time.

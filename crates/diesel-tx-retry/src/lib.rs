@@ -244,6 +244,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod blocking;
+#[cfg(feature = "async")]
+mod nonblocking;
 // Public for `internal` (the crate's tests); the helper uses it either way.
 #[cfg_attr(not(any(test, feature = "testing")), allow(unreachable_pub))]
 mod clock;
@@ -266,6 +268,9 @@ pub mod internal;
 
 pub use error::{via, Budget, Committed, TxError, UnitError};
 pub use idempotent::{Applied, Keyed};
+#[cfg(feature = "async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async")))]
+pub use nonblocking::{boxed, AsyncKeyedUnit, AsyncSource, AsyncUnit, UnitFuture};
 pub use observe::{Attempt, Cause, Observer, Outcome, Resolution};
 pub use policy::{Backoff, Isolation};
 pub use retrier::{Retrier, TransactionBuilder};

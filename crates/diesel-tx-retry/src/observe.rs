@@ -93,6 +93,11 @@ pub enum Outcome {
     /// The unit panicked; the panic goes on once the transaction is rolled
     /// back.
     Panicked,
+    /// The caller dropped the call's future (a request deadline, a
+    /// `select!`) before it ended: nothing committed, or, when the commit
+    /// was in flight, see [`Outcome::Committed`] or [`Outcome::Ambiguous`]
+    /// instead, which the async front end reports once the commit answers.
+    Cancelled,
 }
 
 impl Outcome {
@@ -107,7 +112,8 @@ impl Outcome {
 
 impl fmt::Display for Outcome {
     /// `committed`, `rewound`, `restarted`, `reconnected`, `gave_up`,
-    /// `ambiguous`, `failed`, `swallowed`, `no_connection`, `panicked`.
+    /// `ambiguous`, `failed`, `swallowed`, `no_connection`, `panicked`,
+    /// `cancelled`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Outcome::Committed => "committed",
@@ -120,6 +126,7 @@ impl fmt::Display for Outcome {
             Outcome::Swallowed => "swallowed",
             Outcome::NoConnection => "no_connection",
             Outcome::Panicked => "panicked",
+            Outcome::Cancelled => "cancelled",
         })
     }
 }

@@ -2,7 +2,6 @@
 //! and its entry points (per-call options through [`TransactionBuilder`]).
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -15,16 +14,20 @@ use tracing::warn;
 
 use crate::clock::{Clock, SystemClock};
 use crate::core::{Plan, Verdict};
+#[cfg(feature = "async")]
+use crate::nonblocking::{AsyncKeyedUnit, AsyncSource, AsyncUnit};
 use crate::{
     Applied, Backoff, Committed, Isolation, Keyed, Observer, Protocol, Server, Source, TxError,
     UnitError,
 };
+#[cfg(feature = "async")]
+use diesel_async::AsyncPgConnection;
 
 /// `SHOW transaction_isolation`'s one row, on both servers.
 #[derive(QueryableByName)]
-struct ReportedIsolation {
+pub(crate) struct ReportedIsolation {
     #[diesel(sql_type = Text)]
-    transaction_isolation: String,
+    pub(crate) transaction_isolation: String,
 }
 
 /// Runs units of work in retried transactions. Build one per server (or
@@ -359,6 +362,18 @@ impl Retrier {
         &*self.clock
     }
 
+    /// The clock, shared (for a task that outlives a call).
+    #[cfg(feature = "async")]
+    pub(crate) fn clock_arc(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
+    /// The observer, shared (for a task that outlives a call).
+    #[cfg(feature = "async")]
+    pub(crate) fn observer_arc(&self) -> Option<Arc<dyn Observer>> {
+        self.observer.clone()
+    }
+
     pub(crate) fn observer(&self) -> Option<&dyn Observer> {
         self.observer.as_deref()
     }
@@ -375,10 +390,15 @@ impl Retrier {
         }
         let version: String =
             diesel::select(diesel::dsl::sql::<Text>("version()")).get_result(conn)?;
-        Ok(*self
+        Ok(self.remember_server(&version))
+    }
+
+    /// The server whose `version()` is `version`, remembered.
+    pub(crate) fn remember_server(&self, version: &str) -> Server {
+        *self
             .shared
             .server
-            .get_or_init(|| Server::from_version(&version)))
+            .get_or_init(|| Server::from_version(version))
     }
 
     /// The plan of a call to a `server`.
@@ -390,6 +410,21 @@ impl Retrier {
             read_only,
             idempotent: false,
             replaceable: true,
+        }
+    }
+
+    /// The plan of an async call, once its server is known.
+    #[cfg(feature = "async")]
+    fn plan_for(
+        &self,
+        isolation: Option<Isolation>,
+        read_only: bool,
+        idempotent: bool,
+    ) -> impl FnOnce(Server, bool) -> Plan + Send + '_ {
+        move |server, replaceable| Plan {
+            replaceable,
+            idempotent,
+            ..self.plan(server, isolation, read_only)
         }
     }
 
@@ -478,15 +513,27 @@ impl Retrier {
         conn: &mut PgConnection,
         asked: Isolation,
     ) -> QueryResult<()> {
-        if asked == Isolation::Serializable || self.shared.isolation_checked.load(Ordering::Relaxed)
-        {
+        if !self.isolation_check_due(asked) {
             return Ok(());
         }
         let reported = diesel::sql_query("SHOW transaction_isolation")
             .get_result::<ReportedIsolation>(conn)?
             .transaction_isolation;
+        self.isolation_reported(asked, &reported);
+        Ok(())
+    }
+
+    /// Whether this transaction, at `asked`, is the one that asks the server
+    /// which level it runs.
+    pub(crate) fn isolation_check_due(&self, asked: Isolation) -> bool {
+        asked != Isolation::Serializable && !self.shared.isolation_checked.load(Ordering::Relaxed)
+    }
+
+    /// The server said it runs `reported` where `asked` was asked for: a
+    /// warning if that is a stronger level.
+    pub(crate) fn isolation_reported(&self, asked: Isolation, reported: &str) {
         self.shared.isolation_checked.store(true, Ordering::Relaxed);
-        if let Some(level) = asked.upgraded_to(&reported) {
+        if let Some(level) = asked.upgraded_to(reported) {
             warn!(
                 "{asked} was asked for, but the server runs the transaction as {level}: on \
                  CockroachDB, enable it with SET CLUSTER SETTING \
@@ -494,7 +541,6 @@ impl Retrier {
                  enterprise licence); going on at {level}",
             );
         }
-        Ok(())
     }
 
     /// Whether a transaction-mode pooler was met: connections then stop
@@ -652,7 +698,7 @@ impl<'r> TransactionBuilder<'r> {
                     key: &key,
                     attempt,
                     in_doubt,
-                    settled: Cell::new(false),
+                    settled: AtomicBool::new(false),
                 };
                 unit(conn, &keyed)
                     .map(|applied| {
@@ -663,9 +709,158 @@ impl<'r> TransactionBuilder<'r> {
                         };
                         (applied, verdict)
                     })
-                    .map_err(|err| (err, keyed.settled.get()))
+                    .map_err(|err| (err, AtomicBool::load(&keyed.settled, Ordering::Relaxed)))
             },
         )
+    }
+}
+
+/// The async entry points (feature `async`): the same calls on
+/// diesel-async's `AsyncPgConnection`, on tokio.
+#[cfg(feature = "async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async")))]
+impl Retrier {
+    /// [`Retrier::transaction`] for an async unit: `async |conn| ...` on a
+    /// connection from `source` (a bb8 pool), with the same guarantees, the
+    /// backoff on tokio's timer. Cancel-safe: dropping the returned future
+    /// (a request deadline, a `select!`) never leaves a transaction open on
+    /// a pooled connection, and a commit already sent still has its outcome
+    /// told to the observer. The future is `Send` when the unit's is, so it
+    /// runs inside `tokio::spawn` and a web framework's handler.
+    ///
+    /// ```no_run
+    /// use diesel_async::pooled_connection::{bb8::Pool, AsyncDieselConnectionManager};
+    /// use diesel_async::{AsyncPgConnection, RunQueryDsl};
+    /// use diesel_tx_retry::Retrier;
+    ///
+    /// # async fn demo(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = Pool::builder()
+    ///     .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(url))
+    ///     .await?;
+    /// let retrier = Retrier::default();
+    /// let bumped = retrier
+    ///     .transaction_async(&pool, async |conn: &mut AsyncPgConnection| {
+    ///         diesel::sql_query("UPDATE counters SET n = n + 1").execute(conn).await
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`TxError`], as [`Retrier::transaction`].
+    pub async fn transaction_async<S, T, E, M, F>(
+        &self,
+        source: S,
+        unit: F,
+    ) -> Result<T, TxError<E>>
+    where
+        S: AsyncSource,
+        T: Send,
+        E: UnitError<M>,
+        for<'r> F: AsyncFnMut(&'r mut AsyncPgConnection) -> Result<T, E>
+            + AsyncUnit<&'r mut AsyncPgConnection, Result<T, E>, Fut: Send>
+            + Send,
+    {
+        self.build_transaction()
+            .run_async(source, unit)
+            .await
+            .map(Committed::into_value)
+    }
+
+    /// [`Retrier::idempotent_transaction`] for an async unit:
+    /// `async |conn, attempt| ...`, with the key in `attempt`.
+    ///
+    /// # Errors
+    /// [`TxError`], as [`Retrier::idempotent_transaction`].
+    pub async fn idempotent_transaction_async<S, K, T, E, M, F>(
+        &self,
+        source: S,
+        key: K,
+        unit: F,
+    ) -> Result<Applied<T>, TxError<E>>
+    where
+        S: AsyncSource,
+        K: Send + Sync,
+        T: Send,
+        E: UnitError<M>,
+        for<'r, 'k, 'q> F: AsyncFnMut(&'r mut AsyncPgConnection, &'k Keyed<'q, K>) -> Result<Applied<T>, E>
+            + AsyncKeyedUnit<
+                &'r mut AsyncPgConnection,
+                &'k Keyed<'q, K>,
+                Result<Applied<T>, E>,
+                Fut: Send,
+            > + Send,
+    {
+        self.build_transaction()
+            .run_idempotent_async(source, key, unit)
+            .await
+            .map(Committed::into_value)
+    }
+}
+
+#[cfg(feature = "async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async")))]
+impl TransactionBuilder<'_> {
+    /// [`TransactionBuilder::run`] for an async unit
+    /// ([`Retrier::transaction_async`]).
+    ///
+    /// # Errors
+    /// See [`Retrier::transaction`].
+    pub async fn run_async<S, T, E, M, F>(
+        self,
+        source: S,
+        unit: F,
+    ) -> Result<Committed<T>, TxError<E>>
+    where
+        S: AsyncSource,
+        T: Send,
+        E: UnitError<M>,
+        for<'r> F: AsyncFnMut(&'r mut AsyncPgConnection) -> Result<T, E>
+            + AsyncUnit<&'r mut AsyncPgConnection, Result<T, E>, Fut: Send>
+            + Send,
+    {
+        let Self {
+            retrier,
+            isolation,
+            read_only,
+        } = self;
+        let plan = retrier.plan_for(isolation, read_only, false);
+        crate::nonblocking::run(retrier, plan, source, crate::nonblocking::Plain(unit)).await
+    }
+
+    /// [`TransactionBuilder::run_idempotent`] for an async unit
+    /// ([`Retrier::idempotent_transaction_async`]).
+    ///
+    /// # Errors
+    /// See [`Retrier::idempotent_transaction`].
+    pub async fn run_idempotent_async<S, K, T, E, M, F>(
+        self,
+        source: S,
+        key: K,
+        unit: F,
+    ) -> Result<Committed<Applied<T>>, TxError<E>>
+    where
+        S: AsyncSource,
+        K: Send + Sync,
+        T: Send,
+        E: UnitError<M>,
+        for<'r, 'k, 'q> F: AsyncFnMut(&'r mut AsyncPgConnection, &'k Keyed<'q, K>) -> Result<Applied<T>, E>
+            + AsyncKeyedUnit<
+                &'r mut AsyncPgConnection,
+                &'k Keyed<'q, K>,
+                Result<Applied<T>, E>,
+                Fut: Send,
+            > + Send,
+    {
+        let Self {
+            retrier,
+            isolation,
+            read_only,
+        } = self;
+        let plan = retrier.plan_for(isolation, read_only, true);
+        let unit = crate::nonblocking::KeyedRun { unit, key };
+        crate::nonblocking::run(retrier, plan, source, unit).await
     }
 }
 

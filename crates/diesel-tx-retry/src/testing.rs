@@ -200,6 +200,15 @@ where
     E: Send + std::fmt::Display,
 {
     let (a, b) = race(bound, a, b);
+    verdict(a, b, invariant)
+}
+
+/// What [`check`] and [`check_async`] require of two raced calls.
+fn verdict<T: Debug, E: std::fmt::Display>(
+    a: Result<Committed<T>, TxError<E>>,
+    b: Result<Committed<T>, TxError<E>>,
+    invariant: impl FnOnce() -> bool,
+) -> Result<[Committed<T>; 2], String> {
     let (a, b) = match (a, b) {
         (Ok(a), Ok(b)) => (a, b),
         (a, b) => {
@@ -224,6 +233,214 @@ where
         return Err(format!("the invariant does not hold after {a:?}; {b:?}"));
     }
     Ok([a, b])
+}
+
+#[cfg(feature = "async")]
+pub use self::nonblocking::{check_async, race_async, AsyncMeet};
+
+/// The harness for async units: the sides are two futures polled together
+/// on the caller's task, and the meeting point an async barrier.
+#[cfg(feature = "async")]
+mod nonblocking {
+    use std::any::Any;
+    use std::fmt::Debug;
+    use std::future::{poll_fn, Future};
+    use std::panic::{self, AssertUnwindSafe};
+    use std::pin::{pin, Pin};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::sync::Notify;
+
+    use super::{message, verdict};
+    use crate::{Committed, TxError};
+
+    /// One side's meeting point for async units (see the module docs); it
+    /// is `Send` and `Sync`, so a unit may hold it across an await.
+    #[derive(Debug)]
+    pub struct AsyncMeet {
+        place: Arc<AsyncPlace>,
+        met: AtomicBool,
+    }
+
+    impl AsyncMeet {
+        /// Waits for the other side, the first time this side calls it;
+        /// returns at once on later calls (retries).
+        ///
+        /// # Panics
+        /// As [`Meet::here`](super::Meet::here): when the other side ends
+        /// without reaching its meeting point, or has not arrived within the
+        /// race's bound.
+        pub async fn here(&self) {
+            if !self.met.swap(true, Ordering::Relaxed) {
+                self.place.arrive().await;
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct AsyncPlace {
+        /// How many arrived, and how many ended without.
+        state: Mutex<(usize, usize)>,
+        changed: Notify,
+        bound: Duration,
+    }
+
+    impl AsyncPlace {
+        fn state(&self) -> (usize, usize) {
+            *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        fn change(&self, arrived: usize, gone: usize) {
+            {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                state.0 += arrived;
+                state.1 += gone;
+            }
+            self.changed.notify_waiters();
+        }
+
+        async fn arrive(&self) {
+            self.change(1, 0);
+            let wait = async {
+                loop {
+                    // Registered before the state is read: no change is missed.
+                    let notified = self.changed.notified();
+                    let mut notified = pin!(notified);
+                    notified.as_mut().enable();
+                    let (arrived, gone) = self.state();
+                    if arrived >= 2 {
+                        return;
+                    }
+                    if gone > 0 {
+                        panic!("the other unit ended without reaching the meeting point");
+                    }
+                    notified.await;
+                }
+            };
+            if tokio::time::timeout(self.bound, wait).await.is_err() {
+                panic!(
+                    "the other unit did not reach the meeting point within {:?}",
+                    self.bound
+                );
+            }
+        }
+    }
+
+    /// [`race`](super::race) for async calls: runs the futures `a` and `b`
+    /// make, together on this task, each with its [`AsyncMeet`]; they wait
+    /// for each other at [`AsyncMeet::here`] for at most `bound`. Returns
+    /// both results, `a`'s first.
+    ///
+    /// # Panics
+    /// As [`race`](super::race): with each side's own message, once both
+    /// sides ended.
+    pub async fn race_async<FA, FB>(
+        bound: Duration,
+        a: impl FnOnce(AsyncMeet) -> FA,
+        b: impl FnOnce(AsyncMeet) -> FB,
+    ) -> (FA::Output, FB::Output)
+    where
+        FA: Future,
+        FB: Future,
+    {
+        let place = Arc::new(AsyncPlace {
+            state: Mutex::new((0, 0)),
+            changed: Notify::new(),
+            bound,
+        });
+        let meet = || AsyncMeet {
+            place: Arc::clone(&place),
+            met: AtomicBool::new(false),
+        };
+        let mut fa = pin!(side(&place, a(meet())));
+        let mut fb = pin!(side(&place, b(meet())));
+        let (mut ra, mut rb) = (None, None);
+        poll_fn(|cx| {
+            if ra.is_none() {
+                if let Poll::Ready(r) = fa.as_mut().poll(cx) {
+                    ra = Some(r);
+                }
+            }
+            if rb.is_none() {
+                if let Poll::Ready(r) = fb.as_mut().poll(cx) {
+                    rb = Some(r);
+                }
+            }
+            if ra.is_some() && rb.is_some() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        match (ra, rb) {
+            (Some(Ok(ra)), Some(Ok(rb))) => (ra, rb),
+            (ra, rb) => {
+                let panicked = |name: &str, r: Option<Result<(), Box<dyn Any + Send>>>| {
+                    r.and_then(Result::err)
+                        .map(|payload| format!("unit {name} panicked: {}", message(&*payload)))
+                };
+                let said: Vec<String> = [
+                    panicked("a", ra.map(|r| r.map(drop))),
+                    panicked("b", rb.map(|r| r.map(drop))),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                panic!("{}", said.join("; "));
+            }
+        }
+    }
+
+    /// One side: its future, its panic caught, then word that it ended.
+    async fn side<F: Future>(
+        place: &AsyncPlace,
+        call: F,
+    ) -> Result<F::Output, Box<dyn Any + Send>> {
+        let result = Caught(Box::pin(call)).await;
+        place.change(0, 1);
+        result
+    }
+
+    struct Caught<F>(Pin<Box<F>>);
+
+    impl<F: Future> Future for Caught<F> {
+        type Output = Result<F::Output, Box<dyn Any + Send>>;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let inner = self.0.as_mut();
+            match panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(Poll::Pending) => Poll::Pending,
+                Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+                Err(payload) => Poll::Ready(Err(payload)),
+            }
+        }
+    }
+
+    /// [`check`](super::check) for async calls ([`race_async`]).
+    ///
+    /// # Errors
+    /// A one-line description of what did not hold, with both results.
+    ///
+    /// # Panics
+    /// As [`race_async`].
+    pub async fn check_async<T, E, FA, FB>(
+        bound: Duration,
+        a: impl FnOnce(AsyncMeet) -> FA,
+        b: impl FnOnce(AsyncMeet) -> FB,
+        invariant: impl FnOnce() -> bool,
+    ) -> Result<[Committed<T>; 2], String>
+    where
+        FA: Future<Output = Result<Committed<T>, TxError<E>>>,
+        FB: Future<Output = Result<Committed<T>, TxError<E>>>,
+        T: Debug,
+        E: std::fmt::Display,
+    {
+        let (a, b) = race_async(bound, a, b).await;
+        verdict(a, b, invariant)
+    }
 }
 
 #[cfg(test)]

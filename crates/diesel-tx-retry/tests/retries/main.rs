@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod asynchronous;
 mod doubt;
 mod faults;
 mod fixture;
