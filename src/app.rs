@@ -12,6 +12,7 @@ use crate::db::DbUrl;
 use crate::db::{self, AccountsTable, PgPool};
 use crate::job;
 use crate::plan::{Plan, Settings};
+use crate::teller::Teller;
 use crate::watchdog::Watchdog;
 use crate::workload;
 use diesel_tx_retry::{Retrier, Server};
@@ -220,8 +221,25 @@ fn main_job(
     // of its own); but when the same INSERT repeats, as in a bulk run,
     // preparing it once saves the server parsing and planning it each time.
     let repeats = plan.accounts() > plan.batches().rows_per_insert();
-    let (retrier, pool) = prepare(cli, runtime, url, 1, repeats)?;
-    let report = job::run(&pool, &retrier, &runtime.watchdog, plan, out)?;
+    let report = match front_end(cli, url)? {
+        Some(tokio) => {
+            let (retrier, pool, _) = prepare_async(cli, runtime, &tokio, url, 1)?;
+            let teller = Teller::Async {
+                pool: &pool,
+                retrier: &retrier,
+                runtime: &tokio,
+            };
+            job::run(&teller, &runtime.watchdog, plan, out)?
+        }
+        None => {
+            let (retrier, pool, _) = prepare(cli, runtime, url, 1, repeats)?;
+            let teller = Teller::Blocking {
+                pool: &pool,
+                retrier: &retrier,
+            };
+            job::run(&teller, &runtime.watchdog, plan, out)?
+        }
+    };
     tracing::debug!(retries = report.retries, "main job done");
     Ok(())
 }
@@ -235,7 +253,39 @@ fn workload(
     output: &Output,
 ) -> anyhow::Result<()> {
     let workers = u32::try_from(settings.workers()).context("--workers is too large")?;
-    let (retrier, pool) = prepare(cli, runtime, url, workers, true)?;
+    let front = front_end(cli, url)?;
+    let request_timeout = match (&cli.command, &front) {
+        (Some(Command::Workload(args)), None) if args.request_timeout.is_some() => {
+            return Err(usage(
+                "--request-timeout drops a transfer's async call, and needs --async; add --async, or drop it",
+            ))
+        }
+        (Some(Command::Workload(args)), _) => args.request_timeout,
+        _ => None,
+    };
+    // With --async the transfers have a pool of their own, and a blocking
+    // one (which connects only when asked) reads the balances at the end.
+    let (retrier, pool, async_connections) = match &front {
+        Some(tokio) => {
+            let (retrier, async_connections, url) =
+                prepare_async(cli, runtime, tokio, url, workers)?;
+            let blocking = db::pool_of(db::Manager::new(&url), 1, cli.retry.pool_timeout)
+                .context("building the connection pool")?;
+            (retrier, blocking, Some(async_connections))
+        }
+        None => {
+            let (retrier, pool, _) = prepare(cli, runtime, url, workers, true)?;
+            (retrier, pool, None)
+        }
+    };
+    let workers = match (&front, &async_connections) {
+        (Some(tokio), Some(pool)) => workload::Workers::Tasks {
+            pool,
+            runtime: tokio,
+            request_timeout,
+        },
+        _ => workload::Workers::Threads,
+    };
     // If the watchdog has to end the run, the report so far goes to the
     // output from the watchdog's thread (this one is the one waiting),
     // before its line.
@@ -246,7 +296,14 @@ fn workload(
             let _ = writeln!(out, "{}", render(report, json)).and_then(|()| out.flush());
         }
     };
-    let finished = workload::run(&pool, &retrier, &runtime.watchdog, settings, last_words)?;
+    let finished = workload::run(
+        &pool,
+        workers,
+        &retrier,
+        &runtime.watchdog,
+        settings,
+        last_words,
+    )?;
     let mut out = Labelled(Shared(output));
     let report = &finished.report;
     // The report first, even when the run was cut short: what happened
@@ -298,7 +355,7 @@ fn prepare(
     url: &DbUrl,
     pool_size: u32,
     cached: bool,
-) -> anyhow::Result<(Retrier, PgPool)> {
+) -> anyhow::Result<(Retrier, PgPool, DbUrl)> {
     let (mut conn, url) = db::establish_with_timeouts(url, cli.retry.statement_timeout)?;
     let url = &url;
     if cli.verbose {
@@ -355,7 +412,66 @@ fn prepare(
     };
     let pool = db::pool_of(manager, pool_size, cli.retry.pool_timeout)
         .context("building the connection pool")?;
-    Ok((retrier, pool))
+    Ok((retrier, pool, url.clone()))
+}
+
+/// The runtime of the async front end, when `--async` asks for it: two
+/// worker threads. Its connection string is checked first, before anything
+/// connects.
+fn front_end(cli: &Cli, url: &DbUrl) -> anyhow::Result<Option<tokio::runtime::Runtime>> {
+    if !cli.asynchronous {
+        return Ok(None);
+    }
+    db::asynch::tokio_config(url).map_err(usage)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bank-async")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(Some(runtime))
+}
+
+/// [`prepare`] for the async front end: the retrier and a pool of `size`
+/// async connections, the session timeouts in their startup options. The
+/// quick start-up check runs on the async pool's first connection, so a
+/// set-up schema costs no other connection; anything it does not settle
+/// (no connection, a missing table, a pooler refusing the startup options)
+/// goes through the blocking start-up, which says what is wrong in the
+/// app's words, and whose connection string the async pool then uses.
+fn prepare_async(
+    cli: &Cli,
+    runtime: &Runtime,
+    tokio: &tokio::runtime::Runtime,
+    url: &DbUrl,
+    size: u32,
+) -> anyhow::Result<(Retrier, db::asynch::AsyncPool, DbUrl)> {
+    let timed = url.with_session_timeouts(cli.retry.statement_timeout);
+    let pool = async_pool(cli, tokio, &timed, size)?;
+    if let Some(inspection) = tokio.block_on(db::asynch::inspect_quickly(&pool)) {
+        if let Some(line) = url.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
+            tracing::warn!("{line}");
+        }
+        tracing::debug!(server = ?inspection.server, target = %url.redacted(), "connected (async)");
+        return Ok((retrier(cli, inspection.server)?, pool, timed));
+    }
+    drop(pool);
+    let (retrier, _, url) = prepare(cli, runtime, url, 1, false)?;
+    let pool = async_pool(cli, tokio, &url, size)?;
+    Ok((retrier, pool, url))
+}
+
+/// The async front end's pool of `size` connections to `url` (with the
+/// session timeouts [`prepare`] added).
+fn async_pool(
+    cli: &Cli,
+    tokio: &tokio::runtime::Runtime,
+    url: &DbUrl,
+    size: u32,
+) -> anyhow::Result<db::asynch::AsyncPool> {
+    // bb8 starts its reaper (idle and lifetime limits) on the runtime.
+    let _inside = tokio.enter();
+    db::asynch::async_pool(url, size, cli.retry.pool_timeout).map_err(usage)
 }
 
 /// Rows with a NULL balance, asked only of a table whose balance may be

@@ -49,6 +49,12 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub unnamed_statements: bool,
 
+    /// Run on the async front end (diesel-async on tokio, bb8 pools): the
+    /// main job's three phases, or the workload's workers as tasks on a
+    /// runtime of two threads. Connects without TLS (sslmode up to prefer).
+    #[arg(long = "async", global = true)]
+    pub asynchronous: bool,
+
     /// Retry budgets.
     #[command(flatten)]
     pub retry: RetryArgs,
@@ -248,6 +254,12 @@ pub struct WorkloadArgs {
     /// Seed the random generator.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+
+    /// With --async: give a transfer up after MS milliseconds, dropping its
+    /// call as a service drops a request past its deadline; the report
+    /// counts it as cancelled.
+    #[arg(long, value_name = "MS", value_parser = parse_request_timeout, allow_negative_numbers = true)]
+    pub request_timeout: Option<Duration>,
 }
 
 impl TryFrom<&WorkloadArgs> for Settings {
@@ -487,6 +499,13 @@ fn parse_millis(text: &str) -> Result<Duration, String> {
     match parse_duration(text, Duration::from_millis(1)) {
         Some(d) if d <= Duration::from_secs(60) => Ok(d),
         _ => Err("must be between 0 and 60000 milliseconds, like 2, 0.5 or 2ms".into()),
+    }
+}
+
+fn parse_request_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text, Duration::from_millis(1)) {
+        Some(d) if !d.is_zero() && d <= Duration::from_secs(3_600) => Ok(d),
+        _ => Err("must be more than 0 and at most 3600000 milliseconds, like 50, 2.5 or 1s".into()),
     }
 }
 

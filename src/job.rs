@@ -12,11 +12,10 @@ use uuid::Uuid;
 
 use crate::bank::create::{create_accounts, explain_repeated_seed, Created, LIST_LIMIT};
 use crate::bank::{self, Amount, Transfer};
-use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::Plan;
+use crate::teller::Teller;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::Retrier;
 
 /// What the main job did, for callers that check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +35,7 @@ pub struct Report {
 /// # Errors
 /// The first phase that fails, with context saying which.
 pub fn run(
-    pool: &PgPool,
-    retrier: &Retrier,
+    teller: &Teller<'_>,
     watchdog: &Watchdog,
     plan: Plan,
     out: &mut dyn Write,
@@ -49,31 +47,23 @@ pub fn run(
     let total = plan.accounts();
     let list = !plan.is_quiet() && total <= LIST_LIMIT;
     let mut header = false;
-    let created = create_accounts(
-        pool,
-        retrier,
-        watchdog,
-        &mut rng,
-        total,
-        plan.batches(),
-        |rows| {
-            if !header {
-                header = true;
-                writeln!(out, "Creating new accounts...")?;
+    let created = create_accounts(teller, watchdog, &mut rng, total, plan.batches(), |rows| {
+        if !header {
+            header = true;
+            writeln!(out, "Creating new accounts...")?;
+        }
+        if list {
+            for account in rows {
+                writeln!(
+                    out,
+                    "Created new account with id {} and balance {}.",
+                    account.id, account.balance
+                )?;
             }
-            if list {
-                for account in rows {
-                    writeln!(
-                        out,
-                        "Created new account with id {} and balance {}.",
-                        account.id, account.balance
-                    )?;
-                }
-            }
-            // What committed is on stdout before the next batch begins.
-            out.flush()
-        },
-    )
+        }
+        // What committed is on stdout before the next batch begins.
+        out.flush()
+    })
     .map_err(|err| explain_repeated_seed(err, plan.seed()))?;
     if !list {
         writeln!(
@@ -90,12 +80,9 @@ pub fn run(
     // The transfer's ledger key, drawn before the helper like the ids: a
     // retry after a commit in doubt finds it instead of moving money twice.
     let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
-    let watch = watchdog.watch("transferring funds", retrier);
-    let done = retrier
-        .build_transaction()
-        .run_idempotent(pool, key, |conn, attempt| {
-            bank::transfer(conn, attempt, from, to, Amount::HalfOfSource)
-        })
+    let watch = watchdog.watch("transferring funds", teller.retrier());
+    let done = teller
+        .transfer(key, from, to, Amount::HalfOfSource)
         .context("transferring funds")?;
     drop(watch);
     bank::log_doubt("transferring funds", done.doubt());
@@ -124,18 +111,13 @@ pub fn run(
     // In batches, one transaction each, as creation goes: a transaction that
     // held every row lock at once would block everything else for as long.
     for batch in doomed.chunks(plan.batches().rows_per_transaction()) {
-        let _watch = watchdog.watch("deleting accounts", retrier);
-        let done = retrier
-            .build_transaction()
-            .run_idempotent(pool, batch, |conn, attempt| {
-                bank::delete_accounts(conn, attempt.key(), attempt.in_doubt())
-            })
-            .with_context(|| {
-                format!(
-                    "deleting accounts ({} deleted and committed before this)",
-                    deleted.len()
-                )
-            })?;
+        let _watch = watchdog.watch("deleting accounts", teller.retrier());
+        let done = teller.delete(batch).with_context(|| {
+            format!(
+                "deleting accounts ({} deleted and committed before this)",
+                deleted.len()
+            )
+        })?;
         retries += done.retries();
         bank::log_doubt("deleting accounts", done.doubt());
         let batch_deleted = done.into_value().into_inner();

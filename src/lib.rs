@@ -18,5 +18,6 @@ pub mod models;
 pub mod plan;
 #[allow(missing_docs)]
 pub mod schema;
+pub mod teller;
 pub mod watchdog;
 pub mod workload;

@@ -8,11 +8,10 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use uuid::Uuid;
 
-use crate::db::PgPool;
 use crate::models::Account;
 use crate::plan::Batches;
+use crate::teller::Teller;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::Retrier;
 
 /// Up to this many accounts, each one gets its line as in the tutorial;
 /// beyond it (or with `--quiet`) one summary line stands for them.
@@ -39,8 +38,7 @@ pub struct Created {
 /// # Errors
 /// The first batch that fails, or `on_commit`'s error.
 pub fn create_accounts(
-    pool: &PgPool,
-    retrier: &Retrier,
+    teller: &Teller<'_>,
     watchdog: &Watchdog,
     rng: &mut StdRng,
     total: usize,
@@ -77,12 +75,9 @@ pub fn create_accounts(
         // rows the earlier attempt committed instead of inserting them again.
         // The first attempt inserts plainly, so that a repeated --seed is a
         // definite duplicate, as it should be.
-        let _watch = watchdog.watch("creating accounts", retrier);
-        let done = retrier
-            .build_transaction()
-            .run_idempotent(pool, &rows[..], |conn, attempt| {
-                super::create_batch(conn, attempt, batches.rows_per_insert())
-            })
+        let _watch = watchdog.watch("creating accounts", teller.retrier());
+        let done = teller
+            .create(&rows, batches.rows_per_insert())
             .with_context(|| {
                 format!(
                     "creating accounts ({} created and committed before this)",

@@ -1,6 +1,7 @@
 //! The bank's operations: pure units of work on a connection that return
 //! what they did and print nothing, so the retry helper can run them again.
 
+pub mod asynch;
 pub mod create;
 
 use std::collections::HashSet;
@@ -364,7 +365,7 @@ fn ledger_amount(conn: &mut PgConnection, key: Uuid) -> QueryResult<Option<i64>>
 }
 
 /// A transfer an earlier attempt applied, from the balances now.
-fn applied_earlier(
+pub(crate) fn applied_earlier(
     key: Uuid,
     from_now: Account,
     to_now: Account,
@@ -407,11 +408,11 @@ fn applied_earlier(
 /// the workload's throughput (bench/RESULTS.md). This fragment has a fixed
 /// shape and a static query id, so Diesel prepares it once per connection.
 #[derive(Debug, Clone, Copy)]
-struct MoveFunds {
-    key: Uuid,
-    from: Uuid,
-    to: Uuid,
-    amount: i64,
+pub(crate) struct MoveFunds {
+    pub(crate) key: Uuid,
+    pub(crate) from: Uuid,
+    pub(crate) to: Uuid,
+    pub(crate) amount: i64,
 }
 
 impl QueryId for MoveFunds {

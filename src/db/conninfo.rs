@@ -80,6 +80,11 @@ impl ConnInfo {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every option the string sets, as `(keyword, value)`.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.options.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// The same options with `keyword` set to `value`.
     pub fn with(&self, keyword: &str, value: &str) -> Self {
         let mut options: Vec<(String, String)> = self

@@ -2,6 +2,7 @@
 //! pool, the embedded migrations and the schema check; the connection
 //! string and its policy in `url.rs` ([`DbUrl`]) and [`conninfo`].
 
+pub mod asynch;
 pub mod conninfo;
 pub mod shape;
 mod url;
@@ -478,7 +479,18 @@ pub fn inspect(conn: &mut PgConnection) -> QueryResult<Inspection> {
 /// # Errors
 /// The query's error: a table that does not exist fails `::regclass`.
 pub fn inspect_quickly(conn: &mut PgConnection) -> QueryResult<Option<Inspection>> {
-    let (version, allowed, ours): (String, bool, bool) = diesel::select((
+    let found = quick_check().get_result(conn)?;
+    Ok(quick_inspection(found))
+}
+
+/// The quick check's query (see [`inspect_quickly`]): the server's version,
+/// whether the user may use both tables, whether the app's DDL made them.
+pub(crate) fn quick_check() -> diesel::dsl::select<(
+    diesel::expression::SqlLiteral<Text>,
+    diesel::expression::SqlLiteral<Bool>,
+    diesel::expression::SqlLiteral<Bool>,
+)> {
+    diesel::select((
         sql::<Text>("version()"),
         sql::<Bool>(
             "has_table_privilege('accounts', 'SELECT') AND has_table_privilege('accounts', 'INSERT') \
@@ -492,13 +504,18 @@ pub fn inspect_quickly(conn: &mut PgConnection) -> QueryResult<Option<Inspection
              WHERE conrelid = 'transfers'::regclass AND conname = 'amount_non_negative')",
         ),
     ))
-    .get_result(conn)?;
-    Ok((allowed && ours).then(|| Inspection {
+}
+
+/// What the quick check's answer says: an inspection when all holds.
+pub(crate) fn quick_inspection(
+    (version, allowed, ours): (String, bool, bool),
+) -> Option<Inspection> {
+    (allowed && ours).then(|| Inspection {
         server: Server::from_version(&version),
         accounts: AccountsTable::Ready,
         ledger: true,
         shape: None,
-    }))
+    })
 }
 
 /// The whole inspection. `accounts` is looked for in `pg_class`, which

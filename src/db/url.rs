@@ -65,6 +65,12 @@ impl DbUrl {
     /// times 2 seconds apart; data unacknowledged for 15 seconds ends the
     /// connection.
     pub fn for_libpq(&self) -> String {
+        self.with_policy().to_libpq()
+    }
+
+    /// The options [`DbUrl::for_libpq`] hands to libpq: the user's, with
+    /// the connection policy's defaults added.
+    pub(super) fn with_policy(&self) -> ConnInfo {
         let mut info = self.info.clone();
         for (key, value) in [
             ("application_name", "docs_simplecrud_diesel"),
@@ -79,7 +85,7 @@ impl DbUrl {
                 info = info.with(key, value);
             }
         }
-        info.to_libpq()
+        info
     }
 
     /// `user@host:port,.../database`, for messages: never the password or

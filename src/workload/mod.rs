@@ -4,8 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::rngs::StdRng;
@@ -13,17 +12,21 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::bank::create::{create_accounts, explain_repeated_seed};
-use crate::bank::{self, Amount, BankError};
+use crate::bank::{self, Amount, BankError, Transfer};
+use crate::db::asynch::AsyncPool;
 use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
+use crate::teller::Teller;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Held, Resolution, Retrier, TxError};
+use diesel_tx_retry::{Applied, Committed, Resolution, Retrier, TxError};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
 const MAX_AMOUNT: i64 = 100;
 
 mod report;
+mod tasks;
+mod threads;
 
 use report::{Attempts, Tally};
 pub use report::{Latency, Ledger, Report, Resolved, RetriesByCause};
@@ -53,6 +56,7 @@ pub struct Finished {
 /// Creating the accounts failed: there is nothing to report.
 pub fn run(
     pool: &PgPool,
+    workers: Workers<'_>,
     retrier: &Retrier,
     watchdog: &Watchdog,
     settings: Settings,
@@ -62,9 +66,16 @@ pub fn run(
     let retrier = &retrier.clone().with_observer(attempts.clone());
     let mut rng = seeded(settings.seed(), 0);
     let total = settings.accounts();
+    let teller = match workers {
+        Workers::Threads => Teller::Blocking { pool, retrier },
+        Workers::Tasks { pool, runtime, .. } => Teller::Async {
+            pool,
+            retrier,
+            runtime,
+        },
+    };
     let created = create_accounts(
-        pool,
-        retrier,
+        &teller,
         watchdog,
         &mut rng,
         total,
@@ -72,23 +83,18 @@ pub fn run(
         |_| Ok(()),
     )
     .map_err(|err| explain_repeated_seed(err, settings.seed()))?;
-    let ids = created.ids;
+    let ids = Arc::new(created.ids);
+    let commits_before = attempts.committed();
 
     // Every worker's connection is opened before the clock starts, as
     // pgbench's "tps without initial connection time" does: the rate is
     // that of transfers, not of connecting. Workers whose connection the
     // server refused ("too many clients") do not start, and the report
     // counts them: waiting for each in turn would only repeat the refusal.
-    let mut warm = Vec::with_capacity(settings.workers());
-    let mut refusal = None;
-    while warm.len() < settings.workers() && refusal.is_none() {
-        match pool.get() {
-            Ok(conn) => warm.push(conn),
-            Err(err) => refusal = Some(err),
-        }
-    }
-    let connected = warm.len();
-    drop(warm);
+    let (connected, refusal) = match workers {
+        Workers::Threads => threads::connect(pool, settings.workers()),
+        Workers::Tasks { pool, runtime, .. } => tasks::connect(pool, runtime, settings.workers()),
+    };
     if let Some(err) = &refusal {
         tracing::warn!(
             "{} of {} workers got no connection and do not run: {err}",
@@ -96,81 +102,57 @@ pub fn run(
             settings.workers()
         );
     }
-    let taken = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
     // Each worker counts into its own tally (locked only by it, and by the
     // watchdog if it ever has to speak for a stalled run).
     let tallies: Arc<Vec<Mutex<Tally>>> =
         Arc::new((0..connected).map(|_| Mutex::new(Tally::new())).collect());
-    let in_flight = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
+    let pace = Arc::new(Pace::new(settings.length()));
     let cpu_before = process_cpu();
     let total_before = created.total_balance;
     let _last_words = watchdog.last_words({
-        let (tallies, in_flight) = (Arc::clone(&tallies), Arc::clone(&in_flight));
+        let (tallies, pace) = (Arc::clone(&tallies), Arc::clone(&pace));
         let attempts = Arc::clone(&attempts);
         move |line| {
             let mut report = Report::new(
                 &settings,
                 &merged(&tallies).with_unconnected(settings.workers() - connected),
                 &attempts,
-                start.elapsed(),
+                pace.start.elapsed(),
                 total_before,
                 None,
                 None,
             );
-            report.in_doubt += in_flight.load(Ordering::Relaxed);
+            report.in_doubt += pace.in_flight.load(Ordering::Relaxed);
             report.error = Some(line.to_owned());
             last_words(&report);
         }
     });
-    let errors: Vec<Option<anyhow::Error>> = thread::scope(|scope| {
-        let workers: Vec<_> = tallies
-            .iter()
-            .enumerate()
-            .map(|(worker, tally)| {
-                let (ids, taken, stop, in_flight) = (&ids, &taken, &stop, &*in_flight);
-                scope.spawn(move || {
-                    let mut rng = seeded(settings.seed(), worker as u64 + 1);
-                    let error = transfer_loop(
-                        pool,
-                        retrier,
-                        watchdog,
-                        ids,
-                        settings.length(),
-                        Shared {
-                            start,
-                            taken,
-                            stop,
-                            in_flight,
-                            tally,
-                        },
-                        &mut rng,
-                    );
-                    if error.is_some() {
-                        // One worker hitting a hard error stops the others.
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    error
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Some(anyhow::anyhow!("a worker thread panicked")))
-            })
-            .collect()
-    });
-    let elapsed = start.elapsed();
+    let crew = Crew {
+        retrier,
+        watchdog,
+        ids: &ids,
+        pace: &pace,
+        tallies: &tallies,
+        seed: settings.seed(),
+    };
+    let errors = match workers {
+        Workers::Threads => threads::run(pool, &crew),
+        Workers::Tasks {
+            pool,
+            runtime,
+            request_timeout,
+        } => tasks::run(pool, runtime, request_timeout, &crew),
+    };
+    let elapsed = pace.start.elapsed();
     let cpu = process_cpu().saturating_sub(cpu_before);
-    let tally = merged(&tallies).with_unconnected(settings.workers() - connected);
+    let mut tally = merged(&tallies).with_unconnected(settings.workers() - connected);
+    // What committed although its caller had given up on it: the observer
+    // heard every commit, the workers only those they waited for.
+    tally.cancelled_committed =
+        (attempts.committed() - commits_before).saturating_sub(tally.committed);
     let mut error = errors.into_iter().flatten().next();
     if let (0, Some(err)) = (connected, refusal) {
-        error = error.or(Some(
-            anyhow::Error::from(err).context("no worker could connect"),
-        ));
+        error = error.or(Some(err.context("no worker could connect")));
     }
     let checked = {
         let _watch = watchdog.watch("checking the balances", retrier);
@@ -206,6 +188,24 @@ pub fn run(
     Ok(Finished { report, error })
 }
 
+/// How the workers run.
+#[derive(Clone, Copy)]
+pub enum Workers<'a> {
+    /// One OS thread each, on the blocking front end.
+    Threads,
+    /// One tokio task each, on `runtime` (`--async`), with connections from
+    /// `pool`; each transfer's call is dropped after `request_timeout`, as
+    /// a service drops a request past its deadline.
+    Tasks {
+        /// The async pool.
+        pool: &'a AsyncPool,
+        /// The runtime the tasks run on.
+        runtime: &'a tokio::runtime::Runtime,
+        /// When a transfer's call is given up.
+        request_timeout: Option<Duration>,
+    },
+}
+
 /// The counts of every worker, added up.
 fn merged(tallies: &[Mutex<Tally>]) -> Tally {
     let mut total = Tally::new();
@@ -215,94 +215,111 @@ fn merged(tallies: &[Mutex<Tally>]) -> Tally {
     total
 }
 
-/// What a worker shares with the others and with the watchdog.
-struct Shared<'a> {
-    start: Instant,
-    /// Transfers begun, when the length is a count.
-    taken: &'a AtomicU64,
-    /// Set when one worker meets a hard error.
-    stop: &'a AtomicBool,
-    /// Transfers under way, across workers.
-    in_flight: &'a AtomicU64,
-    /// This worker's counts.
-    tally: &'a Mutex<Tally>,
+/// What the workers share: the helper, the watchdog, the accounts, the pace
+/// and a tally each.
+struct Crew<'a> {
+    retrier: &'a Retrier,
+    watchdog: &'a Watchdog,
+    ids: &'a Arc<Vec<Uuid>>,
+    pace: &'a Arc<Pace>,
+    tallies: &'a Arc<Vec<Mutex<Tally>>>,
+    seed: Option<u64>,
 }
 
-/// One worker: transfers until the length is reached, `stop` is set, or a
-/// hard error, which it returns.
-fn transfer_loop(
-    pool: &PgPool,
-    retrier: &Retrier,
-    watchdog: &Watchdog,
-    ids: &[Uuid],
+/// When the run ends, and what is under way.
+struct Pace {
+    start: Instant,
     length: Length,
-    shared: Shared<'_>,
-    rng: &mut StdRng,
-) -> Option<anyhow::Error> {
-    let Shared {
-        start,
-        taken,
-        stop,
-        in_flight,
-        tally,
-    } = shared;
-    let count = |update: &dyn Fn(&mut Tally)| {
-        update(&mut tally.lock().unwrap_or_else(PoisonError::into_inner));
-    };
-    // One connection for this worker's whole run, as each pgbench client
-    // has, replaced only when lost: no pool lock shared by every worker on
-    // each transfer, and no connection handed from thread to thread.
-    let held = Held::new(pool);
-    loop {
-        let more = match length {
-            Length::Transfers(limit) => taken.fetch_add(1, Ordering::Relaxed) < limit,
-            Length::Duration(limit) => start.elapsed() < limit,
-        };
-        if !more || stop.load(Ordering::Relaxed) {
-            return None;
+    /// Transfers begun, when the length is a count.
+    taken: AtomicU64,
+    /// Set when one worker meets a hard error.
+    stop: AtomicBool,
+    /// Transfers under way, across workers.
+    in_flight: AtomicU64,
+}
+
+impl Pace {
+    fn new(length: Length) -> Self {
+        Self {
+            start: Instant::now(),
+            length,
+            taken: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
         }
-        let from = rng.random_range(0..ids.len());
-        let to = (from + rng.random_range(1..ids.len())) % ids.len();
-        let (from, to) = (ids[from], ids[to]);
-        let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
-        // The ledger key, drawn before the helper: it makes the transfer
-        // idempotent, so a commit in doubt is retried and resolved.
-        let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
-        let began = Instant::now();
-        let _watch = watchdog.watch("transferring", retrier);
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = retrier
-            .build_transaction()
-            .run_idempotent(&held, key, |conn, attempt| {
-                bank::transfer(conn, attempt, from, to, amount)
-            });
-        in_flight.fetch_sub(1, Ordering::Relaxed);
-        match result {
-            Ok(done) => count(&|t| {
-                t.committed += 1;
-                match done.doubt() {
-                    Some(Resolution::AppliedEarlier) => t.resolved.applied_earlier += 1,
-                    Some(Resolution::AppliedNow) => t.resolved.applied_on_retry += 1,
-                    _ => {}
-                }
-                let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
-                t.latency_us.saturating_record(micros.max(1));
-            }),
-            Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {
-                count(&|t| t.rejected += 1)
+    }
+
+    /// Whether a worker starts another transfer.
+    fn another(&self) -> bool {
+        let more = match self.length {
+            Length::Transfers(limit) => self.taken.fetch_add(1, Ordering::Relaxed) < limit,
+            Length::Duration(limit) => self.start.elapsed() < limit,
+        };
+        more && !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// A transfer's accounts, amount and ledger key, drawn before the helper:
+/// the key makes the transfer idempotent, so a commit in doubt is retried
+/// and resolved.
+fn draw(rng: &mut StdRng, ids: &[Uuid]) -> (Uuid, Uuid, Uuid, Amount) {
+    let from = rng.random_range(0..ids.len());
+    let to = (from + rng.random_range(1..ids.len())) % ids.len();
+    let amount = Amount::Exactly(rng.random_range(1..=MAX_AMOUNT));
+    let key = uuid::Builder::from_random_bytes(rng.random()).into_uuid();
+    (key, ids[from], ids[to], amount)
+}
+
+/// What a worker does after a transfer.
+enum Next {
+    /// Another transfer.
+    Go,
+    /// Stop: this worker has no connection to work with; the others go on.
+    Quit,
+    /// Stop everyone: a hard error.
+    Fail(anyhow::Error),
+}
+
+/// Counts a transfer's `result` into `tally`; `began` is when its call
+/// began.
+fn record(
+    tally: &Mutex<Tally>,
+    result: Result<Committed<Applied<Transfer>>, TxError<BankError>>,
+    began: Instant,
+) -> Next {
+    let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+    match result {
+        Ok(done) => {
+            t.committed += 1;
+            match done.doubt() {
+                Some(Resolution::AppliedEarlier) => t.resolved.applied_earlier += 1,
+                Some(Resolution::AppliedNow) => t.resolved.applied_on_retry += 1,
+                _ => {}
             }
-            Err(TxError::GaveUp { .. }) => count(&|t| t.gave_up += 1),
-            Err(TxError::AmbiguousCommit { .. }) => count(&|t| t.in_doubt += 1),
-            // This worker has no connection to work with; the others go on.
-            Err(TxError::NoConnection(err)) => {
-                tracing::warn!(error = %err, "a worker could not get a connection and stopped");
-                count(&|t| t.unconnected += 1);
-                return None;
-            }
-            Err(other) => {
-                count(&|t| t.failed += 1);
-                return Some(anyhow::Error::from(other).context("transferring"));
-            }
+            let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+            t.latency_us.saturating_record(micros.max(1));
+            Next::Go
+        }
+        Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {
+            t.rejected += 1;
+            Next::Go
+        }
+        Err(TxError::GaveUp { .. }) => {
+            t.gave_up += 1;
+            Next::Go
+        }
+        Err(TxError::AmbiguousCommit { .. }) => {
+            t.in_doubt += 1;
+            Next::Go
+        }
+        Err(TxError::NoConnection(err)) => {
+            tracing::warn!(error = %err, "a worker could not get a connection and stopped");
+            t.unconnected += 1;
+            Next::Quit
+        }
+        Err(other) => {
+            t.failed += 1;
+            Next::Fail(anyhow::Error::from(other).context("transferring"))
         }
     }
 }

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::plan::Settings;
-use diesel_tx_retry::{Attempt, Cause, Observer};
+use diesel_tx_retry::{Attempt, Cause, Observer, Outcome};
 
 /// What happened, in the shape `--json` prints.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -38,6 +38,13 @@ pub struct Report {
     pub resolved_in_doubt: Resolved,
     /// Transfers ended by a hard error (the one that stopped the run).
     pub failed: u64,
+    /// Transfers whose call was dropped at `--request-timeout` (`--async`),
+    /// as a service drops a request past its deadline.
+    pub cancelled: u64,
+    /// Of those, the ones whose commit was already on its way and went
+    /// through (the helper's observer heard it): in the ledger, and not in
+    /// `committed`.
+    pub cancelled_committed: u64,
     /// Workers that could not get a connection (the server refused it, or
     /// none came within the pool's wait) and stopped.
     pub unconnected_workers: u64,
@@ -61,9 +68,9 @@ pub struct Report {
     /// The ledger reconciled against the balances, if it could be read.
     pub ledger: Option<Ledger>,
     /// Whether the total is unchanged, nothing is negative, the ledger holds
-    /// one row per committed transfer (and at most one per transfer still in
-    /// doubt) and every balance is its initial one plus the ledger's
-    /// movements; `None` when the balances could not be read.
+    /// one row per committed transfer (those cancelled after their commit
+    /// went through included) and every balance is its initial one plus the
+    /// ledger's movements; `None` when the balances could not be read.
     pub invariant_ok: Option<bool>,
     /// What ended the run early, if anything did.
     pub error: Option<String>,
@@ -104,6 +111,7 @@ pub struct RetriesByCause {
 /// helper's observer: shared by the workers, one atomic add per retry.
 #[derive(Debug, Default)]
 pub(super) struct Attempts {
+    committed: AtomicU64,
     conflict: AtomicU64,
     connection_lost: AtomicU64,
     other: AtomicU64,
@@ -114,6 +122,8 @@ impl Observer for Attempts {
     fn attempt(&self, attempt: &Attempt) {
         if attempt.outcome().is_retry() {
             self.retried(attempt.cause(), attempt.backoff());
+        } else if attempt.outcome() == Outcome::Committed {
+            self.committed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -129,6 +139,12 @@ impl Attempts {
         counter.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(backoff.as_micros()).unwrap_or(u64::MAX);
         self.backoff_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Calls that committed, as the helper told (a call dropped while its
+    /// commit was in flight included).
+    pub(super) fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
     }
 
     fn by_cause(&self) -> RetriesByCause {
@@ -180,6 +196,8 @@ impl Report {
             in_doubt: tally.in_doubt,
             resolved_in_doubt: tally.resolved,
             failed: tally.failed,
+            cancelled: tally.cancelled,
+            cancelled_committed: tally.cancelled_committed,
             unconnected_workers: tally.unconnected,
             elapsed_s,
             transfers_per_s: tally.committed as f64 / elapsed_s.max(f64::EPSILON),
@@ -198,8 +216,10 @@ impl Report {
             invariant_ok: balances.map(|(total, negative)| {
                 total == total_before
                     && negative == 0
-                    && ledger
-                        .is_some_and(|l| l.rows == tally.committed && l.mismatched_accounts == 0)
+                    && ledger.is_some_and(|l| {
+                        l.rows == tally.committed + tally.cancelled_committed
+                            && l.mismatched_accounts == 0
+                    })
             }),
             error: None,
         }
@@ -262,6 +282,12 @@ impl Report {
             p99 = self.latency_ms.p99,
             max = self.latency_ms.max,
         );
+        if self.cancelled > 0 {
+            text.push_str(&format!(
+                "\ncancelled at the request timeout: {} ({} of them committed anyway, in the ledger)",
+                self.cancelled, self.cancelled_committed
+            ));
+        }
         if self.unconnected_workers > 0 {
             text.push_str(&format!(
                 "\nworkers that could not connect: {} of {}",
@@ -280,6 +306,9 @@ pub(super) struct Tally {
     pub(super) in_doubt: u64,
     pub(super) resolved: Resolved,
     pub(super) failed: u64,
+    pub(super) cancelled: u64,
+    /// Filled in at the end, from the observer.
+    pub(super) cancelled_committed: u64,
     pub(super) unconnected: u64,
     pub(super) latency_us: Histogram<u64>,
 }
@@ -293,6 +322,8 @@ impl Tally {
             in_doubt: 0,
             resolved: Resolved::default(),
             failed: 0,
+            cancelled: 0,
+            cancelled_committed: 0,
             unconnected: 0,
             // 1 µs to an hour at 3 significant digits.
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
@@ -313,6 +344,8 @@ impl Tally {
         self.resolved.applied_earlier += other.resolved.applied_earlier;
         self.resolved.applied_on_retry += other.resolved.applied_on_retry;
         self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.cancelled_committed += other.cancelled_committed;
         self.unconnected += other.unconnected;
         self.latency_us
             .add(&other.latency_us)

@@ -2,6 +2,7 @@
 //! names (`./dev test` starts a throwaway one), so they run in parallel.
 #![allow(clippy::unwrap_used)]
 
+mod asynchronous;
 mod bad_input;
 mod cockroach_only;
 mod contention;
