@@ -54,6 +54,15 @@
 //! | [`Retrier::idempotent_transaction`] | `\|conn, attempt\| -> Result<Applied<T>, E>`, with the key in `attempt` | `Applied<T>` |
 //! | [`Retrier::build_transaction`] then [`run`](TransactionBuilder::run) or [`run_idempotent`](TransactionBuilder::run_idempotent) | the same, with per-call options (read-only, isolation) | [`Committed`]: the value, the attempts, how a doubt ended |
 //!
+//! With the feature `async`, each has an `_async` twin on diesel-async's
+//! `AsyncPgConnection` and tokio (`Retrier::transaction_async`,
+//! `Retrier::idempotent_transaction_async`, `TransactionBuilder::run_async`,
+//! `TransactionBuilder::run_idempotent_async`): a unit is an async closure
+//! (`async |conn| ...`), or a closure returning a boxed future through
+//! `boxed` for what an async closure cannot express; its future must be
+//! `Send`, so that the call can be spawned or serve as a handler. See
+//! "Async" below.
+//!
 //! Each takes its connections from a [`Source`]: `&pool` (an r2d2 pool,
 //! feature `r2d2`), `&held` (a [`Held`] connection a worker keeps between
 //! calls), `&mut conn` (the caller's own, which a lost connection cannot
@@ -228,11 +237,40 @@
 //! `tracing` span (`tx`) with a child span per attempt (`tx_attempt`) and
 //! debug events.
 //!
+//! # Async
+//!
+//! The async front end drives the same core as the blocking one, so the
+//! decision table, the budgets, the doubt and the observer are the same;
+//! the backoff sleeps on tokio's timer, outside any transaction. Its
+//! connections come from an `AsyncSource` (a bb8 pool of diesel-async
+//! connections, or one of your own), owned, so that a task can outlive the
+//! caller. Cancel safety, since a caller may drop the call's future at any
+//! await (a request deadline, a `select!`):
+//! - a connection dropped while a transaction may be open on it (from the
+//!   `BEGIN` sent until a `COMMIT` or `ROLLBACK` answered) is marked
+//!   broken, and the pool closes it: the server rolls back. Never a
+//!   connection pooled inside a transaction;
+//! - the commit runs in a task that owns the connection: a call dropped
+//!   while its `COMMIT` is in flight still has the commit's real outcome
+//!   told to the observer (`Committed`, or `Ambiguous`), and the connection
+//!   goes back clean when it committed;
+//! - a call dropped anywhere else is told as `Outcome::Cancelled`;
+//! - a panic in the unit rolls back, then goes on.
+//!
+//! The helper frames async transactions with its own statements and keeps
+//! diesel-async's count of open transactions in step itself: diesel-async
+//! marks a connection whose own transaction statement was dropped half-way
+//! as one it then refuses to use, and does not read the server's
+//! transaction status, so its bookkeeping could not be trusted after a
+//! drop.
+//!
 //! # Features
 //! - `r2d2` (default): r2d2 pools and [`Held`] connections as a [`Source`].
 //! - `anyhow` (default): `anyhow::Error` as a unit's error.
-//! - `testing`: the module `testing` (`race`, `check`), which forces a
-//!   genuine conflict between two units of yours.
+//! - `testing`: the module `testing` (`race`, `check`, and with `async`
+//!   `race_async`, `check_async`), which forces a genuine conflict between
+//!   two units of yours.
+//! - `async`: the async front end, on diesel-async 0.9, tokio and bb8.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
