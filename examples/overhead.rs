@@ -8,8 +8,9 @@
 //!
 //!     DATABASE_URL=... cargo run --release --example overhead -- ROUNDS TRANSACTIONS [MODE,...]
 //!
-//! MODE is `bare`, `helper_run_on`, `helper_run_pool` or `helper_run_held`
-//! (all four by default); one mode alone is for counting its instructions
+//! MODE is `bare`, `helper_run_on`, `helper_run_pool`, `helper_run_held` or
+//! `helper_run_held_budget` (the last with a retry budget)
+//! (all five by default); one mode alone is for counting its instructions
 //! under callgrind.
 //! The database must hold the app's schema; the example adds 1,000 accounts
 //! of its own and removes them again.
@@ -21,7 +22,7 @@ use bank::bank::{delete_accounts, insert_accounts, transfer, Amount, BankError};
 use bank::db::{self, DbUrl, Manager};
 use bank::models::Account;
 use diesel::prelude::*;
-use diesel_tx_retry::{Held, Keyed, Retrier, Server};
+use diesel_tx_retry::{Held, Keyed, Retrier, RetryBudget, Server};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -46,14 +47,16 @@ enum Mode {
     HelperOnConnection,
     HelperOnPool,
     HelperOnHeld,
+    HelperOnHeldBudget,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 5] = [
         Mode::Bare,
         Mode::HelperOnConnection,
         Mode::HelperOnPool,
         Mode::HelperOnHeld,
+        Mode::HelperOnHeldBudget,
     ];
     fn parse(name: &str) -> Result<Mode, String> {
         Mode::ALL
@@ -61,7 +64,7 @@ impl Mode {
             .find(|m| m.name() == name)
             .ok_or_else(|| {
                 format!(
-                    "unknown mode '{name}'; use bare, helper_run_on, helper_run_pool or helper_run_held"
+                    "unknown mode '{name}'; use bare, helper_run_on, helper_run_pool, helper_run_held or helper_run_held_budget"
                 )
             })
     }
@@ -71,6 +74,7 @@ impl Mode {
             Mode::HelperOnConnection => "helper_run_on",
             Mode::HelperOnPool => "helper_run_pool",
             Mode::HelperOnHeld => "helper_run_held",
+            Mode::HelperOnHeldBudget => "helper_run_held_budget",
         }
     }
 }
@@ -115,6 +119,9 @@ fn run() -> Result<(), String> {
         .map_err(|err| err.to_string())?;
     let held = Held::new(&pool);
     let retrier = Retrier::default().for_server(server);
+    // The same with the process's retry budget (`--retry-budget`'s
+    // default): its cost on the hot path.
+    let budgeted = retrier.clone().with_retry_budget(RetryBudget::new(0.5));
 
     let mut rng = StdRng::seed_from_u64(17);
     let accounts: Vec<Account> = (0..ACCOUNTS)
@@ -151,6 +158,10 @@ fn run() -> Result<(), String> {
                 .map(drop)
                 .map_err(|err| err.to_string()),
             Mode::HelperOnHeld => retrier
+                .idempotent_transaction(&held, key, |c, attempt| unit(c, attempt))
+                .map(drop)
+                .map_err(|err| err.to_string()),
+            Mode::HelperOnHeldBudget => budgeted
                 .idempotent_transaction(&held, key, |c, attempt| unit(c, attempt))
                 .map(drop)
                 .map_err(|err| err.to_string()),

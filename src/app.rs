@@ -269,7 +269,8 @@ fn workload(
         Some(tokio) => {
             let (retrier, async_connections, url) =
                 prepare_async(cli, runtime, tokio, url, workers)?;
-            let blocking = db::pool_of(db::Manager::new(&url), 1, cli.retry.pool_timeout)
+            let manager = db::Manager::new(&url).with_lifetime(cli.retry.max_conn_lifetime);
+            let blocking = db::pool_of(manager, 1, cli.retry.pool_timeout)
                 .context("building the connection pool")?;
             (retrier, blocking, Some(async_connections))
         }
@@ -295,6 +296,14 @@ fn workload(
             let mut out = output.lock().unwrap_or_else(PoisonError::into_inner);
             let _ = writeln!(out, "{}", render(report, json)).and_then(|()| out.flush());
         }
+    };
+    // Before the first transaction, so that every call is counted.
+    let _exporter = match &cli.command {
+        Some(Command::Workload(WorkloadArgs {
+            metrics_addr: Some(addr),
+            ..
+        })) => Some(crate::exporter::Exporter::start(*addr)?),
+        _ => None,
     };
     let finished = workload::run(
         &pool,
@@ -402,6 +411,7 @@ fn prepare(
     }
     tracing::debug!(server = ?inspection.server, protocol = ?retrier.protocol(), target = %url.redacted(), "connected");
     let manager = db::Manager::new(url)
+        .with_lifetime(cli.retry.max_conn_lifetime)
         .with_first(conn)
         .counted_in(&runtime.connects)
         .logging_statements(cli.verbose);
@@ -471,7 +481,13 @@ fn async_pool(
 ) -> anyhow::Result<db::asynch::AsyncPool> {
     // bb8 starts its reaper (idle and lifetime limits) on the runtime.
     let _inside = tokio.enter();
-    db::asynch::async_pool(url, size, cli.retry.pool_timeout).map_err(usage)
+    db::asynch::async_pool(
+        url,
+        size,
+        cli.retry.pool_timeout,
+        cli.retry.max_conn_lifetime,
+    )
+    .map_err(usage)
 }
 
 /// Rows with a NULL balance, asked only of a table whose balance may be

@@ -12,7 +12,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use diesel_tx_retry::{Backoff, Isolation, Retrier};
+use diesel_tx_retry::{Backoff, Isolation, Retrier, RetryBudget};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
 ///
@@ -255,6 +255,12 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
 
+    /// Serve the retry helper's metrics in Prometheus's text format at
+    /// http://ADDR/metrics while the run lasts (port 0 picks a free one,
+    /// logged on stderr).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// With --async: give a transfer up after MS milliseconds, dropping its
     /// call as a service drops a request past its deadline; the report
     /// counts it as cancelled.
@@ -361,6 +367,13 @@ pub struct RetryArgs {
     #[arg(long, value_name = "SECONDS", global = true, default_value = "15", value_parser = parse_seconds, allow_negative_numbers = true)]
     pub pool_timeout: Duration,
 
+    /// Close each pooled connection between transactions once it is this
+    /// many seconds old, give or take a tenth (CockroachDB's advice: 5 to
+    /// 30 minutes, with jitter, so that load rebalances across nodes and a
+    /// drain finds no old connections).
+    #[arg(long, value_name = "SECONDS", global = true, default_value = "300", value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub max_conn_lifetime: Duration,
+
     /// End the run this many seconds after a transaction outlived its
     /// deadline and one statement's wait: the server is not answering (a
     /// frozen process, a stalled disk).
@@ -379,6 +392,13 @@ pub struct RetryArgs {
     #[arg(long, global = true)]
     pub delay_first_retry: bool,
 
+    /// The process's retry budget: retries may add RATIO times the load of
+    /// first attempts (0.5: half again), plus 10 a second, across every
+    /// transaction of the run; "off" leaves only each transaction's own
+    /// limits. A retry the budget refuses gives the transaction up.
+    #[arg(long, value_name = "RATIO", global = true, default_value = "0.5", value_parser = parse_retry_budget)]
+    pub retry_budget: RetryBudgetChoice,
+
     /// Retry protocol: savepoint (CockroachDB's), restart (PostgreSQL's), or auto by server.
     #[arg(long, value_name = "PROTOCOL", global = true, default_value = "auto")]
     pub protocol: ProtocolChoice,
@@ -395,11 +415,37 @@ pub struct RetryArgs {
     pub isolation: IsolationChoice,
 }
 
+/// `--retry-budget`: a ratio, or off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RetryBudgetChoice {
+    /// Retries may add this share of the first attempts' load.
+    Ratio(f64),
+    /// No process-wide budget.
+    Off,
+}
+
+fn parse_retry_budget(text: &str) -> Result<RetryBudgetChoice, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(RetryBudgetChoice::Off);
+    }
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=100.0).contains(&ratio) => Ok(RetryBudgetChoice::Ratio(ratio)),
+        _ => Err("must be a ratio between 0 and 100, like 0.5, or off".into()),
+    }
+}
+
 impl RetryArgs {
     /// The helper these flags describe, for a server not yet named.
     pub fn retrier(&self) -> Retrier {
         let backoff = Backoff::exponential(self.backoff_base_ms, self.backoff_cap_ms);
-        Retrier::default()
+        let retrier = match self.retry_budget {
+            RetryBudgetChoice::Ratio(ratio) => {
+                Retrier::default().with_retry_budget(RetryBudget::new(ratio))
+            }
+            RetryBudgetChoice::Off => Retrier::default(),
+        };
+        retrier
             .with_max_attempts(self.max_retries.saturating_add(1))
             .with_deadline(self.tx_deadline)
             .with_statement_timeout(self.statement_timeout)

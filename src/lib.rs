@@ -13,6 +13,7 @@ pub mod app;
 pub mod bank;
 pub mod config;
 pub mod db;
+pub mod exporter;
 pub mod job;
 pub mod models;
 pub mod plan;

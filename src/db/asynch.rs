@@ -146,8 +146,9 @@ pub fn tokio_config(url: &DbUrl) -> Result<tokio_postgres::Config, String> {
 }
 
 /// A pool of at most `max_size` async connections to `url`, whose
-/// checkouts wait `checkout_wait` at the most. No connection is opened
-/// until the first checkout.
+/// checkouts wait `checkout_wait` at the most, each closed once `lifetime`
+/// old (bb8's own limit, without the blocking pool's jitter). No
+/// connection is opened until the first checkout.
 ///
 /// # Errors
 /// An option tokio-postgres cannot honour ([`tokio_config`]).
@@ -155,6 +156,7 @@ pub fn async_pool(
     url: &DbUrl,
     max_size: u32,
     checkout_wait: Duration,
+    lifetime: Duration,
 ) -> Result<AsyncPool, String> {
     let config = tokio_config(url)?;
     let mut manager = ManagerConfig::default();
@@ -167,7 +169,7 @@ pub fn async_pool(
         .min_idle(Some(0))
         .test_on_check_out(false)
         .idle_timeout(Some(Duration::from_secs(60)))
-        .max_lifetime(Some(Duration::from_secs(30 * 60)))
+        .max_lifetime(Some(lifetime))
         .connection_timeout(checkout_wait)
         .build_unchecked(AsyncDieselConnectionManager::new_with_config(
             String::new(),

@@ -10,7 +10,7 @@ mod url;
 pub use url::DbUrl;
 
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::CacheSize;
 use diesel::connection::InstrumentationEvent;
@@ -20,7 +20,8 @@ use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
 use diesel::sql_types::{Bool, Nullable, Text};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use diesel_tx_retry::Server;
+use diesel_tx_retry::{Lifespan, Server};
+use rand::Rng;
 
 /// The r2d2 pool of Diesel connections the app runs its transactions on.
 pub type PgPool = Pool<Manager>;
@@ -39,6 +40,56 @@ pub struct Manager {
     statement_cache: bool,
     log_statements: bool,
     connects: Connects,
+    /// Each connection is closed between transactions once it is this
+    /// old, give or take a tenth.
+    lifetime: Option<Duration>,
+}
+
+/// A pooled connection, and when it is due to be closed: its lifetime,
+/// drawn when it opened within a tenth either way of the pool's, so that
+/// connections opened together do not all reconnect together.
+pub struct Aged {
+    conn: PgConnection,
+    due: Option<Instant>,
+}
+
+impl Aged {
+    fn new(conn: PgConnection, lifetime: Option<Duration>) -> Self {
+        let due = lifetime
+            .map(|lifetime| Instant::now() + lifetime.mul_f64(rand::rng().random_range(0.9..=1.1)));
+        Self { conn, due }
+    }
+}
+
+impl std::ops::Deref for Aged {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Aged {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl std::borrow::Borrow<PgConnection> for Aged {
+    fn borrow(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::borrow::BorrowMut<PgConnection> for Aged {
+    fn borrow_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Lifespan for Aged {
+    fn expired(&self) -> bool {
+        self.due.is_some_and(|due| Instant::now() >= due)
+    }
 }
 
 impl std::fmt::Debug for Manager {
@@ -59,6 +110,16 @@ impl Manager {
             statement_cache: true,
             log_statements: false,
             connects: Connects::default(),
+            lifetime: None,
+        }
+    }
+
+    /// Closes each connection between transactions once it is `lifetime`
+    /// old, give or take a tenth (drawn per connection).
+    pub fn with_lifetime(self, lifetime: Duration) -> Self {
+        Self {
+            lifetime: Some(lifetime),
+            ..self
         }
     }
 
@@ -155,10 +216,26 @@ impl Drop for Connecting<'_> {
 }
 
 impl ManageConnection for Manager {
-    type Connection = PgConnection;
+    type Connection = Aged;
     type Error = diesel::r2d2::Error;
 
-    fn connect(&self) -> Result<PgConnection, Self::Error> {
+    fn connect(&self) -> Result<Aged, Self::Error> {
+        self.open().map(|conn| Aged::new(conn, self.lifetime))
+    }
+
+    fn is_valid(&self, conn: &mut Aged) -> Result<(), Self::Error> {
+        self.inner.is_valid(&mut conn.conn)
+    }
+
+    /// Broken in Diesel's eyes, or due: r2d2 closes it instead of pooling
+    /// it, when it comes back from a transaction.
+    fn has_broken(&self, conn: &mut Aged) -> bool {
+        conn.expired() || self.inner.has_broken(&mut conn.conn)
+    }
+}
+
+impl Manager {
+    fn open(&self) -> Result<PgConnection, diesel::r2d2::Error> {
         let first = self
             .first
             .lock()
@@ -178,14 +255,6 @@ impl ManageConnection for Manager {
                     err.to_string(),
                 ))
             })
-    }
-
-    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
-        self.inner.is_valid(conn)
-    }
-
-    fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        self.inner.has_broken(conn)
     }
 }
 
@@ -351,7 +420,8 @@ pub fn pool_of(
         // five-minute cut, and recycle every connection so that traffic
         // rebalances across nodes.
         .idle_timeout(Some(Duration::from_secs(60)))
-        .max_lifetime(Some(Duration::from_secs(30 * 60)))
+        // The lifetime is the manager's own (with jitter, see [`Aged`]).
+        .max_lifetime(None)
         .connection_timeout(checkout_wait)
         .error_handler(Box::new(r2d2::NopErrorHandler))
         .build(manager)

@@ -18,7 +18,7 @@ use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
 use crate::teller::Teller;
 use crate::watchdog::Watchdog;
-use diesel_tx_retry::{Applied, Committed, Resolution, Retrier, TxError};
+use diesel_tx_retry::{Applied, Budget, Committed, Resolution, Retrier, TxError};
 
 /// The largest amount one transfer moves; balances start below 1,000,000, so
 /// transfers rarely find too little money.
@@ -29,7 +29,7 @@ mod tasks;
 mod threads;
 
 use report::{Attempts, Tally};
-pub use report::{Latency, Ledger, Report, Resolved, RetriesByCause};
+pub use report::{GaveUpByBudget, Latency, Ledger, Report, Resolved, RetriesByCause};
 
 /// A workload that ran: its report, and the error that ended it early, if
 /// one did (the report then says what happened until then).
@@ -304,8 +304,12 @@ fn record(
             t.rejected += 1;
             Next::Go
         }
-        Err(TxError::GaveUp { .. }) => {
-            t.gave_up += 1;
+        Err(TxError::GaveUp { budget, .. }) => {
+            match budget {
+                Budget::Retries => t.gave_up_by.retry_budget += 1,
+                Budget::Deadline => t.gave_up_by.deadline += 1,
+                _ => t.gave_up_by.attempts += 1,
+            }
             Next::Go
         }
         Err(TxError::AmbiguousCommit { .. }) => {

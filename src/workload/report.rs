@@ -28,8 +28,11 @@ pub struct Report {
     /// Time spent backing off between attempts, in milliseconds, across all
     /// workers.
     pub backoff_ms: f64,
-    /// Transfers that used up their retry budget.
+    /// Transfers that used up a retry budget.
     pub gave_up: u64,
+    /// The same by budget: the transfer's attempts, its deadline, or the
+    /// process's shared retry budget (`--retry-budget`).
+    pub gave_up_by_budget: GaveUpByBudget,
     /// Transfers whose outcome is still unknown at the end (in doubt): 0
     /// unless a budget ran out before a retry could resolve a commit in
     /// doubt, or a stall ended the run while they waited for the server.
@@ -74,6 +77,17 @@ pub struct Report {
     pub invariant_ok: Option<bool>,
     /// What ended the run early, if anything did.
     pub error: Option<String>,
+}
+
+/// Transfers given up, by the budget that ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct GaveUpByBudget {
+    /// The transfer's attempts (`--max-retries`).
+    pub attempts: u64,
+    /// The transfer's deadline (`--tx-deadline`).
+    pub deadline: u64,
+    /// The process's retry budget (`--retry-budget`).
+    pub retry_budget: u64,
 }
 
 /// Commits in doubt resolved by a retry, by how.
@@ -192,7 +206,10 @@ impl Report {
             retries: by_cause.conflict + by_cause.connection_lost + by_cause.other,
             retries_by_cause: by_cause,
             backoff_ms: attempts.backoff_us.load(Ordering::Relaxed) as f64 / 1_000.0,
-            gave_up: tally.gave_up,
+            gave_up: tally.gave_up_by.attempts
+                + tally.gave_up_by.deadline
+                + tally.gave_up_by.retry_budget,
+            gave_up_by_budget: tally.gave_up_by,
             in_doubt: tally.in_doubt,
             resolved_in_doubt: tally.resolved,
             failed: tally.failed,
@@ -256,7 +273,8 @@ impl Report {
             "Ran transfers between {accounts} accounts from {workers} workers for {elapsed:.2} s.\n\
              committed: {committed} ({tps:.1} transfers/s), rejected (insufficient funds): {rejected}\n\
              retries: {retries} ({conflict} conflicts, {lost} lost connections, {other} other; \
-             {backoff:.1} ms backing off), gave up: {gave_up}, failed: {failed}\n\
+             {backoff:.1} ms backing off), gave up: {gave_up} ({by_attempts} attempts, {by_deadline} \
+             deadline, {by_budget} retry budget), failed: {failed}\n\
              commits in doubt: {in_doubt} unresolved, {earlier} resolved as applied earlier, \
              {on_retry} as applied on retry\n\
              latency ms: p50 {p50:.3}, p95 {p95:.3}, p99 {p99:.3}, max {max:.3}\n\
@@ -273,6 +291,9 @@ impl Report {
             other = self.retries_by_cause.other,
             backoff = self.backoff_ms,
             gave_up = self.gave_up,
+            by_attempts = self.gave_up_by_budget.attempts,
+            by_deadline = self.gave_up_by_budget.deadline,
+            by_budget = self.gave_up_by_budget.retry_budget,
             in_doubt = self.in_doubt,
             earlier = self.resolved_in_doubt.applied_earlier,
             on_retry = self.resolved_in_doubt.applied_on_retry,
@@ -302,7 +323,7 @@ impl Report {
 pub(super) struct Tally {
     pub(super) committed: u64,
     pub(super) rejected: u64,
-    pub(super) gave_up: u64,
+    pub(super) gave_up_by: GaveUpByBudget,
     pub(super) in_doubt: u64,
     pub(super) resolved: Resolved,
     pub(super) failed: u64,
@@ -318,7 +339,7 @@ impl Tally {
         Self {
             committed: 0,
             rejected: 0,
-            gave_up: 0,
+            gave_up_by: GaveUpByBudget::default(),
             in_doubt: 0,
             resolved: Resolved::default(),
             failed: 0,
@@ -339,7 +360,9 @@ impl Tally {
     pub(super) fn merge(&mut self, other: &Tally) {
         self.committed += other.committed;
         self.rejected += other.rejected;
-        self.gave_up += other.gave_up;
+        self.gave_up_by.attempts += other.gave_up_by.attempts;
+        self.gave_up_by.deadline += other.gave_up_by.deadline;
+        self.gave_up_by.retry_budget += other.gave_up_by.retry_budget;
         self.in_doubt += other.in_doubt;
         self.resolved.applied_earlier += other.resolved.applied_earlier;
         self.resolved.applied_on_retry += other.resolved.applied_on_retry;

@@ -96,6 +96,22 @@ pub(super) fn run(
                     .unwrap_or_else(|_| Some(anyhow::anyhow!("a worker task panicked"))),
             );
         }
+        // A transfer given up at its deadline may have left its commit to a
+        // task of the helper's, which holds the connection until the commit
+        // answers and the observer hears how it ended: wait for those
+        // (within a statement's bound), so that the report counts them.
+        let bound = crew
+            .retrier
+            .statement_timeout()
+            .unwrap_or(Duration::from_secs(20));
+        let until = Instant::now() + bound;
+        while Instant::now() < until {
+            let state = pool.state();
+            if state.idle_connections >= state.connections {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         errors
     })
 }

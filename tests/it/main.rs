@@ -9,6 +9,7 @@ mod contention;
 mod helpers;
 mod main_job;
 mod messages;
+mod metrics;
 mod postgres_only;
 mod retry;
 mod schema;

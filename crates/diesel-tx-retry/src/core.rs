@@ -109,6 +109,7 @@ impl<V, E> Drop for Core<'_, V, E> {
                 "the call was cancelled by its caller"
             );
             self.tell(None, Outcome::Cancelled, Duration::ZERO, None, None);
+            crate::metrics::operation(self.plan.server, "cancelled", self.elapsed(), self.attempts);
         }
     }
 }
@@ -118,6 +119,9 @@ impl<'r, V, E> Core<'r, V, E> {
         let span = debug_span!("tx", server = ?plan.server, protocol = ?plan.framing(),
             isolation = plan.isolation.sql(), attempts = tracing::field::Empty);
         let start = retrier.clock().now();
+        if let Some(shared) = retrier.retry_budget() {
+            shared.deposit();
+        }
         let mut core = Self {
             retrier,
             plan,
@@ -318,7 +322,23 @@ impl<'r, V, E> Core<'r, V, E> {
         };
         let elapsed = self.elapsed();
         let in_doubt_now = commit_in_doubt(&situation);
-        if let Some(budget) = self.spent(elapsed + backoff) {
+        // The shared budget pays for retries, but never decides a doubt:
+        // a call whose commit is in doubt goes on to resolve it.
+        let doubted = self.doubt.is_some() || in_doubt_now;
+        let cost = if step == Step::Reconnect {
+            crate::RetryBudget::RECONNECT_COST
+        } else {
+            1.0
+        };
+        let spent = self.spent(elapsed + backoff).or_else(|| {
+            let refused = !doubted
+                && self
+                    .retrier
+                    .retry_budget()
+                    .is_some_and(|shared| !shared.withdraw(cost));
+            refused.then_some(Budget::Retries)
+        });
+        if let Some(budget) = spent {
             debug!(attempts = self.attempts, ?budget, "giving up");
             self.tell(cause, Outcome::GaveUp, Duration::ZERO, Some(budget), None);
             // The earlier attempt (or this one) may have committed: never
@@ -347,6 +367,7 @@ impl<'r, V, E> Core<'r, V, E> {
             "retrying transaction"
         );
         self.tell(cause, outcome, backoff, None, None);
+        crate::metrics::retry(Cause::of(class));
         if in_doubt_now {
             self.doubt = Some(err);
             self.doubted = true;
@@ -375,6 +396,28 @@ impl<'r, V, E> Core<'r, V, E> {
     fn finish(&mut self, result: Result<Committed<V>, TxError<E>>) {
         self.told_end = true;
         self.span.record("attempts", self.attempts);
+        let outcome = match &result {
+            Ok(done) => {
+                if let Some(resolution) = done.doubt() {
+                    crate::metrics::in_doubt(resolution.label());
+                }
+                "committed"
+            }
+            Err(TxError::GaveUp { budget, .. }) => {
+                crate::metrics::gave_up(*budget);
+                "gave_up"
+            }
+            Err(TxError::AmbiguousCommit { .. }) => {
+                if self.doubted {
+                    crate::metrics::in_doubt("unresolved");
+                }
+                "ambiguous"
+            }
+            Err(TxError::SwallowedError { .. }) => "swallowed",
+            Err(TxError::NoConnection(_)) => "no_connection",
+            Err(_) => "failed",
+        };
+        crate::metrics::operation(self.plan.server, outcome, self.elapsed(), self.attempts);
         if let Ok(done) = &result {
             if let Some(resolution) = done.doubt() {
                 debug!(

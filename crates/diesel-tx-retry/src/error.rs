@@ -121,14 +121,18 @@ pub enum Budget {
     Attempts,
     /// The next retry would have started past the deadline.
     Deadline,
+    /// The shared retry budget ([`RetryBudget`](crate::RetryBudget)) had no
+    /// tokens left for the retry.
+    Retries,
 }
 
 impl fmt::Display for Budget {
-    /// `attempts` or `deadline`, the label metrics use.
+    /// `attempts`, `deadline` or `retry_budget`, the label metrics use.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Budget::Attempts => "attempts",
             Budget::Deadline => "deadline",
+            Budget::Retries => "retry_budget",
         })
     }
 }
@@ -139,6 +143,7 @@ impl Budget {
         match self {
             Budget::Attempts => "retry limit reached",
             Budget::Deadline => "deadline reached",
+            Budget::Retries => "the shared retry budget was spent",
         }
     }
 }

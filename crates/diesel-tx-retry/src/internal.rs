@@ -79,3 +79,8 @@ pub fn with_protocol(mut retrier: Retrier, protocol: Protocol) -> Retrier {
     retrier.set_protocol(protocol);
     retrier
 }
+
+/// `budget` on `clock` for its floor's refill.
+pub fn budget_on_clock(budget: crate::RetryBudget, clock: Arc<dyn Clock>) -> crate::RetryBudget {
+    budget.on_clock(clock)
+}

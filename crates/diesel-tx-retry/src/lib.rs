@@ -271,6 +271,19 @@
 //!   `race_async`, `check_async`), which forces a genuine conflict between
 //!   two units of yours.
 //! - `async`: the async front end, on diesel-async 0.9, tokio and bb8.
+//! - `metrics`: metrics through the `metrics` facade, under the Prometheus
+//!   form of OpenTelemetry's names (`db_client_operation_duration_seconds`
+//!   by `db_system_name` and `outcome`, `db_client_transaction_attempts`,
+//!   `db_client_transaction_retries_total` by `cause`,
+//!   `db_client_transaction_gave_up_total` by `budget`,
+//!   `db_client_commits_in_doubt_total` by `resolution`). The application
+//!   installs the recorder.
+//!
+//! # Operating it
+//!
+//! A [`RetryBudget`] shared by every helper of a process bounds the load
+//! retries add ([`Retrier::with_retry_budget`]); a [`Lifespan`] on pooled
+//! connections recycles them between calls, [`Held`] ones included.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -282,6 +295,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod blocking;
+mod budget;
 #[cfg(feature = "async")]
 mod nonblocking;
 // Public for `internal` (the crate's tests); the helper uses it either way.
@@ -291,6 +305,7 @@ mod core;
 mod decide;
 mod error;
 mod idempotent;
+mod metrics;
 mod observe;
 mod policy;
 mod retrier;
@@ -304,6 +319,7 @@ pub mod testing;
 #[doc(hidden)]
 pub mod internal;
 
+pub use budget::RetryBudget;
 pub use error::{via, Budget, Committed, TxError, UnitError};
 pub use idempotent::{Applied, Keyed};
 #[cfg(feature = "async")]
@@ -313,6 +329,6 @@ pub use observe::{Attempt, Cause, Observer, Outcome, Resolution};
 pub use policy::{Backoff, Isolation};
 pub use retrier::{Retrier, TransactionBuilder};
 pub use server::{Protocol, Server};
-pub use source::Source;
 #[cfg(feature = "r2d2")]
-pub use source::{Held, Lent};
+pub use source::{Held, Lent, Pooled};
+pub use source::{Lifespan, Source};

@@ -142,13 +142,20 @@ pub enum Resolution {
     AppliedNow,
 }
 
+impl Resolution {
+    /// The label, as `Display` writes it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Resolution::AppliedEarlier => "applied_earlier",
+            Resolution::AppliedNow => "applied_now",
+        }
+    }
+}
+
 impl fmt::Display for Resolution {
     /// `applied_earlier` or `applied_now`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Resolution::AppliedEarlier => "applied_earlier",
-            Resolution::AppliedNow => "applied_now",
-        })
+        f.write_str(self.label())
     }
 }
 

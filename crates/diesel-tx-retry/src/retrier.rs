@@ -17,8 +17,8 @@ use crate::core::{Plan, Verdict};
 #[cfg(feature = "async")]
 use crate::nonblocking::{AsyncKeyedUnit, AsyncSource, AsyncUnit};
 use crate::{
-    Applied, Backoff, Committed, Isolation, Keyed, Observer, Protocol, Server, Source, TxError,
-    UnitError,
+    Applied, Backoff, Committed, Isolation, Keyed, Observer, Protocol, RetryBudget, Server, Source,
+    TxError, UnitError,
 };
 #[cfg(feature = "async")]
 use diesel_async::AsyncPgConnection;
@@ -65,6 +65,7 @@ pub struct Retrier {
     isolation: Isolation,
     protocol: Option<Protocol>,
     observer: Option<Arc<dyn Observer>>,
+    retry_budget: Option<RetryBudget>,
     clock: Arc<dyn Clock>,
     jitter: Arc<dyn Fn() -> f64 + Send + Sync>,
     shared: Arc<Shared>,
@@ -102,6 +103,7 @@ impl Default for Retrier {
             isolation: Isolation::Serializable,
             protocol: None,
             observer: None,
+            retry_budget: None,
             clock: Arc::new(SystemClock),
             jitter: Arc::new(rand::random::<f64>),
             shared: Arc::default(),
@@ -118,6 +120,7 @@ impl fmt::Debug for Retrier {
             .field("backoff", &self.backoff)
             .field("isolation", &self.isolation)
             .field("server", &self.server())
+            .field("retry_budget", &self.retry_budget)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +196,27 @@ impl Retrier {
     pub fn with_isolation(mut self, level: Isolation) -> Self {
         self.isolation = level;
         self
+    }
+
+    /// Pays for every retry from `budget`, which any number of helpers may
+    /// share (clones share it): a retry it refuses ends the call as given
+    /// up ([`Budget::Retries`](crate::Budget::Retries)). None by default.
+    #[must_use]
+    pub fn with_retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.retry_budget = Some(budget);
+        self
+    }
+
+    /// No shared retry budget: only each call's own bound its retries.
+    #[must_use]
+    pub fn without_retry_budget(mut self) -> Self {
+        self.retry_budget = None;
+        self
+    }
+
+    /// The shared retry budget, if the helper has one.
+    pub fn retry_budget(&self) -> Option<&RetryBudget> {
+        self.retry_budget.as_ref()
     }
 
     /// Tells `observer` of every attempt (see [`Observer`]).

@@ -66,11 +66,29 @@ impl Source for &mut PgConnection {
     fn discard(_conn: &mut PgConnection) {}
 }
 
+/// What a pooled connection knows of its own end: whether it is due to be
+/// closed and replaced before its next transaction, for a maximum
+/// lifetime. A [`Held`] connection asks before each call, and goes back to
+/// its pool when due (the pool's manager should then close it: r2d2 asks
+/// its `has_broken`). Diesel's own connection never is due; a manager
+/// whose connections wrap one with the time it is due implements this
+/// (the repository's bank app does, with CockroachDB's advice of a
+/// lifetime of minutes and some jitter).
+pub trait Lifespan {
+    /// Whether the connection should be closed and replaced now.
+    fn expired(&self) -> bool {
+        false
+    }
+}
+
+impl Lifespan for PgConnection {}
+
 #[cfg(feature = "r2d2")]
-pub use pooled::{Held, Lent};
+pub use pooled::{Held, Lent, Pooled};
 
 #[cfg(feature = "r2d2")]
 mod pooled {
+    use std::borrow::{Borrow, BorrowMut};
     use std::cell::Cell;
     use std::error::Error as StdError;
     use std::ops::{Deref, DerefMut};
@@ -78,17 +96,44 @@ mod pooled {
     use diesel::PgConnection;
     use r2d2::{ManageConnection, Pool, PooledConnection};
 
-    use super::Source;
+    use super::{Lifespan, Source};
 
-    /// A connection for each call, checked out of the pool.
-    impl<M: ManageConnection<Connection = PgConnection>> Source for &Pool<M> {
+    /// A connection for each call, checked out of the pool. The pool's
+    /// connections are Diesel's, or wrap one (a manager that keeps
+    /// something beside each connection, its birth time say).
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection>>> Source for &Pool<M> {
         type Conn<'s>
-            = PooledConnection<M>
+            = Pooled<M>
         where
             Self: 's;
 
-        fn checkout(&mut self) -> Result<PooledConnection<M>, Box<dyn StdError + Send + Sync>> {
-            Ok(self.get()?)
+        fn checkout(&mut self) -> Result<Pooled<M>, Box<dyn StdError + Send + Sync>> {
+            Ok(Pooled(self.get()?))
+        }
+    }
+
+    /// A connection checked out of an r2d2 pool, as the helper uses it:
+    /// the pool's connection, seen as the Diesel connection it is or wraps.
+    pub struct Pooled<M: ManageConnection<Connection: BorrowMut<PgConnection>>>(
+        PooledConnection<M>,
+    );
+
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection>>> std::fmt::Debug for Pooled<M> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Pooled").finish_non_exhaustive()
+        }
+    }
+
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection>>> Deref for Pooled<M> {
+        type Target = PgConnection;
+        fn deref(&self) -> &PgConnection {
+            (*self.0).borrow()
+        }
+    }
+
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection>>> DerefMut for Pooled<M> {
+        fn deref_mut(&mut self) -> &mut PgConnection {
+            (*self.0).borrow_mut()
         }
     }
 
@@ -121,12 +166,12 @@ mod pooled {
     /// # Ok(())
     /// # }
     /// ```
-    pub struct Held<M: ManageConnection<Connection = PgConnection>> {
+    pub struct Held<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> {
         pool: Pool<M>,
         conn: Cell<Option<PooledConnection<M>>>,
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> Held<M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> Held<M> {
         /// Holds connections from `pool` (a clone of the handle, which
         /// shares the pool); none is checked out until the first call needs
         /// one.
@@ -138,7 +183,9 @@ mod pooled {
         }
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> std::fmt::Debug for Held<M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> std::fmt::Debug
+        for Held<M>
+    {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("Held").finish_non_exhaustive()
         }
@@ -146,32 +193,34 @@ mod pooled {
 
     /// A connection lent by a [`Held`] for one call: back in the slot when
     /// the call is done with it, unless the helper gave up on it.
-    pub struct Lent<'h, M: ManageConnection<Connection = PgConnection>> {
+    pub struct Lent<'h, M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> {
         slot: &'h Cell<Option<PooledConnection<M>>>,
         conn: Option<PooledConnection<M>>,
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> std::fmt::Debug for Lent<'_, M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> std::fmt::Debug
+        for Lent<'_, M>
+    {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("Lent").finish_non_exhaustive()
         }
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> Deref for Lent<'_, M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> Deref for Lent<'_, M> {
         type Target = PgConnection;
         fn deref(&self) -> &PgConnection {
             // Some from checkout until drop or discard, which consume it.
-            self.conn.as_deref().unwrap_or_else(|| unreachable!())
+            (**self.conn.as_ref().unwrap_or_else(|| unreachable!())).borrow()
         }
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> DerefMut for Lent<'_, M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> DerefMut for Lent<'_, M> {
         fn deref_mut(&mut self) -> &mut PgConnection {
-            self.conn.as_deref_mut().unwrap_or_else(|| unreachable!())
+            (**self.conn.as_mut().unwrap_or_else(|| unreachable!())).borrow_mut()
         }
     }
 
-    impl<M: ManageConnection<Connection = PgConnection>> Drop for Lent<'_, M> {
+    impl<M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> Drop for Lent<'_, M> {
         /// Back in the slot: the helper hands a connection back only with
         /// no transaction open, and gives up on a broken one through
         /// `discard`.
@@ -183,14 +232,21 @@ mod pooled {
     }
 
     /// The held connection, or a new one from the pool.
-    impl<'h, M: ManageConnection<Connection = PgConnection>> Source for &'h Held<M> {
+    impl<'h, M: ManageConnection<Connection: BorrowMut<PgConnection> + Lifespan>> Source
+        for &'h Held<M>
+    {
         type Conn<'s>
             = Lent<'h, M>
         where
             Self: 's;
 
         fn checkout(&mut self) -> Result<Lent<'h, M>, Box<dyn StdError + Send + Sync>> {
-            let conn = match self.conn.take() {
+            // The held connection, unless its manager says it is done for
+            // (broken, or past a lifetime the manager keeps): then it goes
+            // back to the pool, which closes it, and another comes.
+            // Dropped when due: back to the pool, whose manager closes it.
+            let held = self.conn.take().filter(|conn| !(**conn).expired());
+            let conn = match held {
                 Some(conn) => conn,
                 None => self.pool.get()?,
             };
@@ -205,7 +261,8 @@ mod pooled {
             // closes it.
             if let Some(mut conn) = lent.conn.take() {
                 use diesel::connection::{AnsiTransactionManager, TransactionManager};
-                AnsiTransactionManager::transaction_manager_status_mut(&mut *conn).set_in_error();
+                AnsiTransactionManager::transaction_manager_status_mut((*conn).borrow_mut())
+                    .set_in_error();
             }
         }
     }

@@ -187,7 +187,11 @@ fn a_hard_error_ends_the_workload_with_its_report_first() {
     assert_eq!(out.status.code(), Some(1));
     let text = lines(&out.stdout);
     assert_eq!(text.len(), 6, "{text:#?}");
-    assert!(text[2].ends_with("gave up: 0, failed: 1"), "{}", text[2]);
+    assert!(
+        text[2].ends_with("gave up: 0 (0 attempts, 0 deadline, 0 retry budget), failed: 1"),
+        "{}",
+        text[2]
+    );
 }
 
 /// Resumes a stopped backend when dropped, whatever the test did.

@@ -51,10 +51,10 @@ struct InNamespace {
 }
 
 impl ManageConnection for InNamespace {
-    type Connection = PgConnection;
+    type Connection = db::Aged;
     type Error = diesel::r2d2::Error;
 
-    fn connect(&self) -> Result<PgConnection, Self::Error> {
+    fn connect(&self) -> Result<db::Aged, Self::Error> {
         rustix::thread::move_into_link_name_space(
             self.namespace.as_fd(),
             Some(rustix::thread::LinkNameSpaceType::Network),
@@ -63,11 +63,11 @@ impl ManageConnection for InNamespace {
         self.inner.connect()
     }
 
-    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
+    fn is_valid(&self, conn: &mut db::Aged) -> Result<(), Self::Error> {
         self.inner.is_valid(conn)
     }
 
-    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+    fn has_broken(&self, conn: &mut db::Aged) -> bool {
         self.inner.has_broken(conn)
     }
 }

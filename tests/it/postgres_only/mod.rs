@@ -6,6 +6,7 @@
 mod bounded_waits;
 mod cockroach_behaviours;
 mod commits_in_doubt;
+mod connection_lifetime;
 mod connection_strings;
 mod jepsen;
 mod main_job_faults;
@@ -15,5 +16,6 @@ mod partitions;
 mod pgbouncer;
 mod read_committed;
 mod restarts;
+mod retry_budget;
 mod round_trips;
 mod workload_faults;

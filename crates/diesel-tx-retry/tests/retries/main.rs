@@ -5,10 +5,13 @@
 
 mod api;
 mod asynchronous;
+mod budget;
 mod doubt;
 mod faults;
 mod fixture;
 mod harness;
+mod lifetime;
+mod metrics;
 mod read_committed;
 mod round_trips;
 mod server_errors;
