@@ -10,8 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use crate::bank::create::{create_accounts, explain_repeated_seed, Created, LIST_LIMIT};
 use crate::bank::{self, Amount, Transfer};
+use crate::create::{create_accounts, explain_repeated_seed, Created, LIST_LIMIT};
 use crate::models::Account;
 use crate::plan::Plan;
 use crate::teller::Teller;

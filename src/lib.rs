@@ -12,10 +12,14 @@
 pub mod app;
 pub mod bank;
 pub mod config;
+pub mod create;
 pub mod db;
 pub mod exporter;
+pub mod failure;
 pub mod job;
+pub mod migrate;
 pub mod models;
+pub mod output;
 pub mod plan;
 #[allow(missing_docs)]
 pub mod schema;

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     let connects = bank::db::Connects::default();
     let watchdog = {
         let connects = connects.clone();
-        bank::watchdog::Watchdog::start(cli.retry.watchdog_slack, move |line| {
+        bank::watchdog::Watchdog::start(cli.run.watchdog_slack, move |line| {
             eprintln!("bank: {line}");
             connects.wait(Duration::from_secs(5));
             std::process::exit(1);
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 
     // Shared, not locked for the whole run: if the watchdog ends it, the
     // workload's report so far is written from the watchdog's thread.
-    let out: bank::app::Output = Arc::new(Mutex::new(io::BufWriter::new(io::stdout())));
+    let out: bank::output::Output = Arc::new(Mutex::new(io::BufWriter::new(io::stdout())));
     let result = bank::app::run(&cli, &runtime, &out).and_then(|()| {
         out.lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -87,8 +87,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("bank: {}", bank::app::error_line(&err));
-            ExitCode::from(bank::app::exit_code(&err))
+            eprintln!("bank: {}", bank::failure::error_line(&err));
+            ExitCode::from(bank::failure::exit_code(&err))
         }
     }
 }

@@ -170,6 +170,41 @@ pub fn describe(found: &[Difference], nulls: Option<i64>) -> String {
     line
 }
 
+/// What a table made elsewhere lacks, in words, and whether the app can
+/// run on it: the one place a difference becomes a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// The differences and their fixes, as one line ([`describe`]).
+    pub line: String,
+    /// Whether the app cannot run on the table until it is fixed.
+    pub blocking: bool,
+}
+
+/// Compares `shape` with what the app needs: `None` when nothing differs.
+/// Counts the NULL balances (on `conn`) only when the table allows them.
+pub fn assess(conn: &mut diesel::PgConnection, shape: &Shape) -> Option<Finding> {
+    let found = differences(shape);
+    if found.is_empty() {
+        return None;
+    }
+    let nullable = shape
+        .columns
+        .iter()
+        .any(|c| c.name == "balance" && c.nullable);
+    let nulls = nullable.then(|| super::null_balances(conn).ok()).flatten();
+    Some(Finding {
+        line: describe(&found, nulls),
+        blocking: found.iter().any(|d| d.blocking),
+    })
+}
+
+impl Finding {
+    /// The error a blocking finding ends a run with.
+    pub fn refusal(&self) -> String {
+        format!("{}; the app cannot run on it until then", self.line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use crate::bank::create::{create_accounts, explain_repeated_seed};
 use crate::bank::{self, Amount, BankError, Transfer};
+use crate::create::{create_accounts, explain_repeated_seed};
 use crate::db::asynch::AsyncPool;
 use crate::db::PgPool;
 use crate::plan::{Batches, Length, Settings};
@@ -25,11 +25,12 @@ use diesel_tx_retry::{Applied, Budget, Committed, Resolution, Retrier, TxError};
 const MAX_AMOUNT: i64 = 100;
 
 mod report;
+mod tally;
 mod tasks;
 mod threads;
 
-use report::{Attempts, Tally};
 pub use report::{GaveUpByBudget, Latency, Ledger, Report, Resolved, RetriesByCause};
+use tally::{Attempts, Tally};
 
 /// A workload that ran: its report, and the error that ended it early, if
 /// one did (the report then says what happened until then).
@@ -107,7 +108,9 @@ pub fn run(
     let tallies: Arc<Vec<Mutex<Tally>>> =
         Arc::new((0..connected).map(|_| Mutex::new(Tally::new())).collect());
     let pace = Arc::new(Pace::new(settings.length()));
-    let cpu_before = process_cpu();
+    // The process's CPU time, every thread, user and system: the client's
+    // cost of the transfers, the figure bench/run sets beside pgbench's.
+    let cpu_before = cpu_time::ProcessTime::try_now().ok();
     let total_before = created.total_balance;
     let _last_words = watchdog.last_words({
         let (tallies, pace) = (Arc::clone(&tallies), Arc::clone(&pace));
@@ -144,7 +147,9 @@ pub fn run(
         } => tasks::run(pool, runtime, request_timeout, &crew),
     };
     let elapsed = pace.start.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
+    let cpu = cpu_before
+        .and_then(|before| before.try_elapsed().ok())
+        .unwrap_or_default();
     let mut tally = merged(&tallies).with_unconnected(settings.workers() - connected);
     // What committed although its caller had given up on it: the observer
     // heard every commit, the workers only those they waited for.
@@ -184,7 +189,7 @@ pub fn run(
         ledger,
     );
     report.set_client_cpu(cpu);
-    report.error = error.as_ref().map(crate::app::error_line);
+    report.error = error.as_ref().map(crate::failure::error_line);
     Ok(Finished { report, error })
 }
 
@@ -326,26 +331,6 @@ fn record(
             Next::Fail(anyhow::Error::from(other).context("transferring"))
         }
     }
-}
-
-/// CPU time this process has used, every thread, user and system: the
-/// client's cost of the transfers, the figure bench/run sets beside
-/// pgbench's. The app's one `unsafe` call: std has no process CPU clock.
-#[allow(unsafe_code)]
-fn process_cpu() -> std::time::Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
-    if rc != 0 {
-        return std::time::Duration::ZERO;
-    }
-    std::time::Duration::new(
-        u64::try_from(now.tv_sec).unwrap_or(0),
-        u32::try_from(now.tv_nsec).unwrap_or(0),
-    )
 }
 
 fn seeded(seed: Option<u64>, stream: u64) -> StdRng {

@@ -2,13 +2,12 @@
 //! retry helper's observer saw ([`Attempts`]), and the two ways it is
 //! printed (`--json`, text).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::tally::{Attempts, Tally};
 use crate::plan::Settings;
-use diesel_tx_retry::{Attempt, Cause, Observer, Outcome};
 
 /// What happened, in the shape `--json` prints.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -121,55 +120,6 @@ pub struct RetriesByCause {
     pub other: u64,
 }
 
-/// Counts the retries and the backoff of every attempt, as the retry
-/// helper's observer: shared by the workers, one atomic add per retry.
-#[derive(Debug, Default)]
-pub(super) struct Attempts {
-    committed: AtomicU64,
-    conflict: AtomicU64,
-    connection_lost: AtomicU64,
-    other: AtomicU64,
-    backoff_us: AtomicU64,
-}
-
-impl Observer for Attempts {
-    fn attempt(&self, attempt: &Attempt) {
-        if attempt.outcome().is_retry() {
-            self.retried(attempt.cause(), attempt.backoff());
-        } else if attempt.outcome() == Outcome::Committed {
-            self.committed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Attempts {
-    /// A retry for `cause`, after `backoff`.
-    fn retried(&self, cause: Option<Cause>, backoff: std::time::Duration) {
-        let counter = match cause {
-            Some(Cause::Conflict) => &self.conflict,
-            Some(Cause::ConnectionLost) => &self.connection_lost,
-            _ => &self.other,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(backoff.as_micros()).unwrap_or(u64::MAX);
-        self.backoff_us.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    /// Calls that committed, as the helper told (a call dropped while its
-    /// commit was in flight included).
-    pub(super) fn committed(&self) -> u64 {
-        self.committed.load(Ordering::Relaxed)
-    }
-
-    fn by_cause(&self) -> RetriesByCause {
-        RetriesByCause {
-            conflict: self.conflict.load(Ordering::Relaxed),
-            connection_lost: self.connection_lost.load(Ordering::Relaxed),
-            other: self.other.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
@@ -252,6 +202,39 @@ impl Report {
         };
     }
 
+    /// The report as `--json` or as text.
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            // A struct of numbers, options and strings always serializes.
+            serde_json::to_string(self).unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"))
+        } else {
+            self.to_text()
+        }
+    }
+
+    /// What the run broke, when the balances could be read and the
+    /// invariant does not hold: one line for the error.
+    pub fn broken_invariant(&self) -> Option<String> {
+        let (Some(false), Some(after), Some(negative)) =
+            (self.invariant_ok, self.total_after, self.negative_balances)
+        else {
+            return None;
+        };
+        let ledger = self.ledger.map_or_else(
+            || "the ledger unread".to_owned(),
+            |l| {
+                format!(
+                    "{} ledger rows for {} committed transfers, {} accounts off the ledger",
+                    l.rows, self.committed, l.mismatched_accounts
+                )
+            },
+        );
+        Some(format!(
+            "invariant broken: total balance {} before and {after} after, {negative} negative balances, {ledger}",
+            self.total_before
+        ))
+    }
+
     /// The report as a few lines of text.
     pub fn to_text(&self) -> String {
         let ledger = match self.ledger {
@@ -319,67 +302,11 @@ impl Report {
     }
 }
 
-/// One worker's counts; merged at the end so that workers share nothing hot.
-pub(super) struct Tally {
-    pub(super) committed: u64,
-    pub(super) rejected: u64,
-    pub(super) gave_up_by: GaveUpByBudget,
-    pub(super) in_doubt: u64,
-    pub(super) resolved: Resolved,
-    pub(super) failed: u64,
-    pub(super) cancelled: u64,
-    /// Filled in at the end, from the observer.
-    pub(super) cancelled_committed: u64,
-    pub(super) unconnected: u64,
-    pub(super) latency_us: Histogram<u64>,
-}
-
-impl Tally {
-    pub(super) fn new() -> Self {
-        Self {
-            committed: 0,
-            rejected: 0,
-            gave_up_by: GaveUpByBudget::default(),
-            in_doubt: 0,
-            resolved: Resolved::default(),
-            failed: 0,
-            cancelled: 0,
-            cancelled_committed: 0,
-            unconnected: 0,
-            // 1 µs to an hour at 3 significant digits.
-            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                .expect("valid histogram bounds"),
-        }
-    }
-
-    pub(super) fn with_unconnected(mut self, workers: usize) -> Self {
-        self.unconnected += workers as u64;
-        self
-    }
-
-    pub(super) fn merge(&mut self, other: &Tally) {
-        self.committed += other.committed;
-        self.rejected += other.rejected;
-        self.gave_up_by.attempts += other.gave_up_by.attempts;
-        self.gave_up_by.deadline += other.gave_up_by.deadline;
-        self.gave_up_by.retry_budget += other.gave_up_by.retry_budget;
-        self.in_doubt += other.in_doubt;
-        self.resolved.applied_earlier += other.resolved.applied_earlier;
-        self.resolved.applied_on_retry += other.resolved.applied_on_retry;
-        self.failed += other.failed;
-        self.cancelled += other.cancelled;
-        self.cancelled_committed += other.cancelled_committed;
-        self.unconnected += other.unconnected;
-        self.latency_us
-            .add(&other.latency_us)
-            .expect("histograms share their bounds");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::Length;
+    use diesel_tx_retry::Cause;
 
     #[test]
     fn the_text_report_counts_workers_that_could_not_connect_and_unread_balances() {

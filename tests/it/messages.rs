@@ -233,12 +233,12 @@ fn outcome(args: &[String]) -> (u8, String) {
     match bank::config::Cli::parse_args(args) {
         Err(err) => (2, format!("bank: {err}")),
         Ok(cli) => {
-            let out: bank::app::Output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let out: bank::output::Output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
             match bank::app::run(&cli, &bank::app::Runtime::default(), &out) {
                 Ok(()) => (0, String::new()),
                 Err(err) => (
-                    bank::app::exit_code(&err),
-                    format!("bank: {}", bank::app::error_line(&err)),
+                    bank::failure::exit_code(&err),
+                    format!("bank: {}", bank::failure::error_line(&err)),
                 ),
             }
         }

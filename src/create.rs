@@ -85,7 +85,7 @@ pub fn create_accounts(
                 )
             })?;
         created.retries += done.retries();
-        super::log_doubt("creating accounts", done.doubt());
+        crate::bank::log_doubt("creating accounts", done.doubt());
         on_commit(&rows)?;
         created.total_balance += rows.iter().map(|a| a.balance).sum::<i64>();
         created.ids.extend(rows.iter().map(|a| a.id));
@@ -111,8 +111,8 @@ pub fn explain_repeated_seed(err: anyhow::Error, seed: Option<u64>) -> anyhow::E
     use diesel_tx_retry::TxError;
     let duplicate = err.chain().any(|cause| {
         matches!(
-            cause.downcast_ref::<TxError<super::BankError>>(),
-            Some(TxError::Failed(super::BankError::Database(
+            cause.downcast_ref::<TxError<crate::bank::BankError>>(),
+            Some(TxError::Failed(crate::bank::BankError::Database(
                 DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
             )))
         )

@@ -1,18 +1,22 @@
 //! Configuration: the command line (low-level arguments, turned into
 //! [`crate::plan`] types by `TryFrom`) and `.env`.
 
-use std::ops::RangeInclusive;
-use std::time::Duration;
+mod dotenv;
+mod retry;
+mod values;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use diesel_tx_retry::{Backoff, Isolation, Retrier, RetryBudget};
+use values::{in_range, parse_request_timeout, parse_seconds};
+
+pub use dotenv::load_dotenv;
+pub use retry::{IsolationChoice, ProtocolChoice, RetryArgs, RetryBudgetChoice, RunArgs};
 
 /// The CockroachDB bank tutorial, in Rust with Diesel.
 ///
@@ -58,6 +62,10 @@ pub struct Cli {
     /// Retry budgets.
     #[command(flatten)]
     pub retry: RetryArgs,
+
+    /// Pool waits and lifetimes, the watchdog's slack.
+    #[command(flatten)]
+    pub run: RunArgs,
 
     /// Main job sizes.
     #[command(flatten)]
@@ -126,12 +134,12 @@ impl Cli {
             .map_err(ArgsError::Clap)?;
         let cli = Cli::from_arg_matches(&matches).map_err(ArgsError::Clap)?;
         if let Some((name, _)) = matches.subcommand() {
-            let given = JobArgs::IDS
-                .iter()
+            let given = JobArgs::ids()
+                .into_iter()
                 .find(|id| matches.value_source(id) == Some(ValueSource::CommandLine));
             if let Some(id) = given {
                 let flag = format!("--{}", id.replace('_', "-"));
-                let hint = match (name, *id) {
+                let hint = match (name, id.as_str()) {
                     ("workload", "accounts" | "seed") => {
                         format!("give it after the subcommand: bank workload {flag} ...")
                     }
@@ -143,76 +151,6 @@ impl Cli {
             }
         }
         Ok(cli)
-    }
-}
-
-/// Loads the nearest `.env` (in this directory or a parent) into the
-/// environment, without overriding what is already set. A malformed file is
-/// reported by line and column, never by content: it may hold a password.
-///
-/// # Errors
-/// One line naming the file, the line and what is wrong.
-pub fn load_dotenv() -> Result<(), String> {
-    let Some(path) = find_dotenv() else {
-        return Ok(());
-    };
-    let shown = path.display();
-    match dotenvy::from_path(&path) {
-        Ok(()) => Ok(()),
-        Err(dotenvy::Error::LineParse(rest, index)) => {
-            let content = std::fs::read_to_string(&path).unwrap_or_default();
-            let (line, column, what) = locate(&content, &rest, index);
-            Err(format!(
-                "could not read {shown}: line {line}, column {column}: {what}; fix or remove the file"
-            ))
-        }
-        Err(dotenvy::Error::Io(err)) => Err(format!("could not read {shown}: {err}")),
-        Err(_) => Err(format!(
-            "could not read {shown}: it is not valid UTF-8 text; fix or remove the file"
-        )),
-    }
-}
-
-fn find_dotenv() -> Option<PathBuf> {
-    let start = std::env::current_dir().ok()?;
-    start
-        .ancestors()
-        .map(|dir| dir.join(".env"))
-        .find(|path| path.is_file())
-}
-
-/// Where dotenvy's parse error is in the file, and what it means, from the
-/// rest of the file it quotes (never shown) and the position in it.
-fn locate(content: &str, rest: &str, index: usize) -> (usize, usize, &'static str) {
-    let start = content
-        .match_indices(rest)
-        .map(|(at, _)| at)
-        .find(|at| *at == 0 || content[..*at].ends_with('\n'))
-        .unwrap_or(0);
-    let line_of = |offset: usize| content[..offset].matches('\n').count() + 1;
-    let column_of = |offset: usize| {
-        content[..offset]
-            .rsplit('\n')
-            .next()
-            .map_or(0, |l| l.chars().count())
-            + 1
-    };
-    match rest.char_indices().nth(index) {
-        Some((at, _)) => (
-            line_of(start + at),
-            column_of(start + at),
-            "expected NAME=value (a name of letters, digits and underscores)",
-        ),
-        // The parser ran off the end of the file: a quote never closed.
-        None => {
-            let first_line = rest.lines().next().unwrap_or_default();
-            let quote = first_line.find(['"', '\'']).unwrap_or(0);
-            (
-                line_of(start),
-                column_of(start + quote),
-                "this quote is never closed",
-            )
-        }
     }
 }
 
@@ -316,15 +254,15 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
-    /// The flags' ids, to tell whether any was given on the command line.
-    pub const IDS: [&'static str; 6] = [
-        "accounts",
-        "delete",
-        "seed",
-        "quiet",
-        "rows_per_insert",
-        "rows_per_transaction",
-    ];
+    /// The flags' ids, to tell whether any was given on the command line:
+    /// read from clap's own definition, so that a new flag is never left
+    /// out.
+    pub fn ids() -> Vec<String> {
+        JobArgs::augment_args(clap::Command::new("job"))
+            .get_arguments()
+            .map(|arg| arg.get_id().to_string())
+            .collect()
+    }
 }
 
 impl TryFrom<&JobArgs> for Plan {
@@ -343,230 +281,11 @@ impl TryFrom<&JobArgs> for Plan {
     }
 }
 
-/// The retry helper's budgets, shared by every command.
-#[derive(Debug, Clone, Args)]
-pub struct RetryArgs {
-    /// Retries allowed after the first attempt of each transaction.
-    #[arg(long, value_name = "N", global = true, default_value = "10", value_parser = clap::builder::TypedValueParser::map(in_range(0..=u64::from(u32::MAX - 1)), |n| u32::try_from(n).unwrap_or(u32::MAX - 1)), allow_negative_numbers = true)]
-    pub max_retries: u32,
-
-    /// No statement waits longer than this many seconds (a lock, a slow
-    /// query), and no session the app lost stays open in a transaction
-    /// longer: the server-side statement_timeout and
-    /// idle_in_transaction_session_timeout, unless the URL's options set them.
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "20", value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub statement_timeout: Duration,
-
-    /// Give up on a transaction whose retries would start after this many
-    /// seconds; no statement of it waits past this either.
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "30", value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub tx_deadline: Duration,
-
-    /// Wait at most this many seconds for a connection from the pool (a
-    /// server restarting, or gone) before the transaction fails.
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "15", value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub pool_timeout: Duration,
-
-    /// Close each pooled connection between transactions once it is this
-    /// many seconds old, give or take a tenth (CockroachDB's advice: 5 to
-    /// 30 minutes, with jitter, so that load rebalances across nodes and a
-    /// drain finds no old connections).
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "300", value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub max_conn_lifetime: Duration,
-
-    /// End the run this many seconds after a transaction outlived its
-    /// deadline and one statement's wait: the server is not answering (a
-    /// frozen process, a stalled disk).
-    #[arg(long, value_name = "SECONDS", global = true, default_value = "5", value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub watchdog_slack: Duration,
-
-    /// Ceiling of the first delayed retry's wait, in milliseconds; it doubles per retry.
-    #[arg(long, value_name = "MS", global = true, default_value = "2", value_parser = parse_millis, allow_negative_numbers = true)]
-    pub backoff_base_ms: Duration,
-
-    /// No wait between retries exceeds this many milliseconds.
-    #[arg(long, value_name = "MS", global = true, default_value = "500", value_parser = parse_millis, allow_negative_numbers = true)]
-    pub backoff_cap_ms: Duration,
-
-    /// Wait before the first retry too, instead of retrying at once.
-    #[arg(long, global = true)]
-    pub delay_first_retry: bool,
-
-    /// The process's retry budget: retries may add RATIO times the load of
-    /// first attempts (0.5: half again), plus 10 a second, across every
-    /// transaction of the run; "off" leaves only each transaction's own
-    /// limits. A retry the budget refuses gives the transaction up.
-    #[arg(long, value_name = "RATIO", global = true, default_value = "0.5", value_parser = parse_retry_budget)]
-    pub retry_budget: RetryBudgetChoice,
-
-    /// Retry protocol: savepoint (CockroachDB's), restart (PostgreSQL's), or auto by server.
-    #[arg(long, value_name = "PROTOCOL", global = true, default_value = "auto")]
-    pub protocol: ProtocolChoice,
-
-    /// Isolation level of every transaction: serializable (CockroachDB's
-    /// default and advice), or read-committed (CockroachDB 24.1+, with its
-    /// transfers' reads locking what they read).
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        global = true,
-        default_value = "serializable"
-    )]
-    pub isolation: IsolationChoice,
-}
-
-/// `--retry-budget`: a ratio, or off.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RetryBudgetChoice {
-    /// Retries may add this share of the first attempts' load.
-    Ratio(f64),
-    /// No process-wide budget.
-    Off,
-}
-
-fn parse_retry_budget(text: &str) -> Result<RetryBudgetChoice, String> {
-    let text = text.trim();
-    if text.eq_ignore_ascii_case("off") {
-        return Ok(RetryBudgetChoice::Off);
-    }
-    match text.parse::<f64>() {
-        Ok(ratio) if (0.0..=100.0).contains(&ratio) => Ok(RetryBudgetChoice::Ratio(ratio)),
-        _ => Err("must be a ratio between 0 and 100, like 0.5, or off".into()),
-    }
-}
-
-impl RetryArgs {
-    /// The helper these flags describe, for a server not yet named.
-    pub fn retrier(&self) -> Retrier {
-        let backoff = Backoff::exponential(self.backoff_base_ms, self.backoff_cap_ms);
-        let retrier = match self.retry_budget {
-            RetryBudgetChoice::Ratio(ratio) => {
-                Retrier::default().with_retry_budget(RetryBudget::new(ratio))
-            }
-            RetryBudgetChoice::Off => Retrier::default(),
-        };
-        retrier
-            .with_max_attempts(self.max_retries.saturating_add(1))
-            .with_deadline(self.tx_deadline)
-            .with_statement_timeout(self.statement_timeout)
-            .with_backoff(if self.delay_first_retry {
-                backoff.delay_first_retry()
-            } else {
-                backoff
-            })
-            .with_isolation(self.isolation.into())
-    }
-}
-
-/// `--isolation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum IsolationChoice {
-    /// SERIALIZABLE.
-    Serializable,
-    /// READ COMMITTED.
-    ReadCommitted,
-}
-
-impl From<IsolationChoice> for Isolation {
-    fn from(choice: IsolationChoice) -> Self {
-        match choice {
-            IsolationChoice::Serializable => Isolation::Serializable,
-            IsolationChoice::ReadCommitted => Isolation::ReadCommitted,
-        }
-    }
-}
-
-/// `--protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProtocolChoice {
-    /// Savepoint on CockroachDB, restart elsewhere.
-    Auto,
-    /// CockroachDB's `SAVEPOINT cockroach_restart` protocol.
-    Savepoint,
-    /// Roll back and begin again.
-    Restart,
-}
-
-/// clap's own range check for a whole number within `range` (one of the
-/// plan's ranges, so that the flag and the library agree), after a check
-/// that the text is a whole number that fits: clap's own word for `-5` or
-/// `many` would be Rust's "invalid digit found in string".
-fn in_range(range: RangeInclusive<u64>) -> Whole {
-    let parser = clap::value_parser!(u64).range(*range.start()..=*range.end());
-    Whole { range, parser }
-}
-
-/// See [`in_range`].
-#[derive(Clone)]
-struct Whole {
-    range: RangeInclusive<u64>,
-    parser: clap::builder::RangedU64ValueParser<u64>,
-}
-
-impl clap::builder::TypedValueParser for Whole {
-    type Value = u64;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<u64, clap::Error> {
-        let text = value.to_string_lossy();
-        let whole = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-        if whole && text.parse::<u64>().is_ok() {
-            return self.parser.parse_ref(cmd, arg, value);
-        }
-        let what = match (self.range.start(), self.range.end()) {
-            (start, &u64::MAX) => format!("must be a whole number of at least {start}"),
-            (start, end) => format!("must be a whole number from {start} to {end}"),
-        };
-        let flag = arg.map_or_else(String::new, |arg| format!(" for '{arg}'"));
-        Err(clap::Error::raw(
-            ErrorKind::ValueValidation,
-            format!("invalid value '{text}'{flag}: {what}\n"),
-        )
-        .with_cmd(cmd))
-    }
-}
-
-/// A duration written the way people write one (`500ms`, `30s`, `1m 30s`,
-/// parsed by humantime), or a plain number of `unit`s, as before.
-fn parse_duration(text: &str, unit: Duration) -> Option<Duration> {
-    let text = text.trim();
-    match text.parse::<f64>() {
-        // try_from: a huge number is out of range, not a panic.
-        Ok(n) => Duration::try_from_secs_f64(unit.as_secs_f64() * n).ok(),
-        Err(_) => humantime::parse_duration(text).ok(),
-    }
-}
-
-fn parse_millis(text: &str) -> Result<Duration, String> {
-    match parse_duration(text, Duration::from_millis(1)) {
-        Some(d) if d <= Duration::from_secs(60) => Ok(d),
-        _ => Err("must be between 0 and 60000 milliseconds, like 2, 0.5 or 2ms".into()),
-    }
-}
-
-fn parse_request_timeout(text: &str) -> Result<Duration, String> {
-    match parse_duration(text, Duration::from_millis(1)) {
-        Some(d) if !d.is_zero() && d <= Duration::from_secs(3_600) => Ok(d),
-        _ => Err("must be more than 0 and at most 3600000 milliseconds, like 50, 2.5 or 1s".into()),
-    }
-}
-
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    match parse_duration(text, Duration::from_secs(1)) {
-        Some(d) if !d.is_zero() && d <= Duration::from_secs(86_400) => Ok(d),
-        _ => {
-            Err("must be more than 0 and at most 86400 seconds, like 30, 0.5, 30s or 500ms".into())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::values::parse_millis;
     use super::*;
+    use diesel_tx_retry::Retrier;
 
     #[test]
     fn the_command_line_defaults_are_the_library_defaults() {
@@ -577,8 +296,8 @@ mod tests {
         assert_eq!(ours.statement_timeout(), theirs.statement_timeout());
         assert_eq!(ours.backoff(), theirs.backoff());
         assert_eq!(ours.isolation(), theirs.isolation());
-        assert_eq!(cli.retry.pool_timeout, crate::db::POOL_CHECKOUT_WAIT);
-        assert_eq!(cli.retry.watchdog_slack, crate::watchdog::DEFAULT_SLACK);
+        assert_eq!(cli.run.pool_timeout, crate::db::POOL_CHECKOUT_WAIT);
+        assert_eq!(cli.run.watchdog_slack, crate::watchdog::DEFAULT_SLACK);
     }
 
     #[test]
