@@ -1,81 +1,53 @@
-//! Contention: threads transferring among a handful of accounts queue on
-//! row locks and meet serialization failures as they come; whatever
-//! happens, the money adds up afterwards. (write_skew.rs is the test that
-//! forces a genuine 40001 every time.)
+//! Contention, forced: two transfers over the same pair of accounts meet
+//! after both have read (the conflict harness of the retry crate), so the
+//! one that writes second meets a genuine serialization failure every time;
+//! the helper retries it, both commit once, and the money adds up.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
+use std::time::Duration;
 
-use bank::bank::{insert_accounts, transfer, Amount, BankError};
+use bank::bank::{insert_accounts, transfer, Amount};
 use bank::models::Account;
-use diesel_tx_retry::{Retrier, TxError};
-use rand::Rng;
+use diesel_tx_retry::testing::{self, Meet};
+use diesel_tx_retry::Retrier;
+use uuid::Uuid;
 
 use crate::helpers::*;
 
 #[test]
-fn concurrent_transfers_retry_real_conflicts_and_keep_the_total() {
-    const THREADS: usize = 8;
-    const TRANSFERS: usize = 40;
+fn two_transfers_forced_into_a_conflict_both_commit_once_after_a_retry() {
     let db = TestDb::migrated();
-    let accounts: Vec<Account> = (0..4)
-        .map(|_| Account {
-            id: uuid::Uuid::new_v4(),
-            balance: 1_000,
-        })
-        .collect();
-    insert_accounts(&mut db.conn(), &accounts, bank::bank::ROWS_PER_INSERT).unwrap();
-    let pool = db.pool(THREADS as u32);
-    let retrier = Retrier::default()
-        .for_server(db.server)
-        .with_max_attempts(100);
-    let retries = AtomicU32::new(0);
-    let committed = AtomicU32::new(0);
-
-    thread::scope(|scope| {
-        for _ in 0..THREADS {
-            scope.spawn(|| {
-                let mut rng = rand::rng();
-                for _ in 0..TRANSFERS {
-                    let from = rng.random_range(0..accounts.len());
-                    let to = (from + rng.random_range(1..accounts.len())) % accounts.len();
-                    let amount = Amount::Exactly(rng.random_range(1..=10));
-                    let (from, to) = (accounts[from].id, accounts[to].id);
-                    let key = uuid::Uuid::new_v4();
-                    match retrier
-                        .build_transaction()
-                        .run_idempotent(&pool, key, |conn, attempt| {
-                            transfer(conn, attempt, from, to, amount)
-                        }) {
-                        Ok(done) => {
-                            retries.fetch_add(done.retries(), Ordering::Relaxed);
-                            committed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(TxError::Failed(BankError::InsufficientFunds { .. })) => {}
-                        Err(other) => panic!("transfer failed: {other}"),
-                    }
-                }
-            });
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let rows = [a, b].map(|id| Account { id, balance: 1_000 });
+    insert_accounts(&mut db.conn(), &rows, 2).unwrap();
+    let pool = db.pool(2);
+    let retrier = Retrier::default().for_server(db.server);
+    // Each reads the pair, meets the other, then transfers: the second
+    // transfer's locking read finds a row the first changed since its
+    // snapshot, and fails with 40001.
+    let move_ = |from: Uuid, to: Uuid, amount: i64| {
+        let (retrier, pool) = (&retrier, &pool);
+        move |meet: &Meet<'_>| {
+            retrier
+                .build_transaction()
+                .run_idempotent(pool, Uuid::new_v4(), |conn, attempt| {
+                    let _: i64 = scalar::<diesel::sql_types::BigInt, _>(
+                        conn,
+                        "(SELECT sum(balance)::INT8 FROM accounts)",
+                    )?;
+                    meet.here();
+                    transfer(conn, attempt, from, to, Amount::Exactly(amount))
+                })
         }
-    });
-
-    let retries = retries.into_inner();
-    eprintln!(
-        "contention: {} transfers committed, {retries} retries",
-        committed.into_inner()
-    );
-    let balances = db.accounts();
-    assert_eq!(
-        balances.iter().map(|(_, b)| b).sum::<i64>(),
-        4_000,
-        "{balances:?}"
-    );
-    assert!(balances.iter().all(|(_, b)| *b >= 0));
-    // 8 threads on 4 accounts: transfers queue on the same rows, and the
-    // one that waited meets a serialization failure once the winner
-    // commits; the helper retried those.
-    assert!(
-        retries > 0,
-        "no transfer ever retried: the test had no conflict"
-    );
+    };
+    let total = || db.accounts().iter().map(|(_, b)| b).sum::<i64>();
+    let done = testing::check(
+        Duration::from_secs(30),
+        move_(a, b, 100),
+        move_(b, a, 30),
+        || total() == 2_000 && db.count("transfers") == 2,
+    )
+    .unwrap_or_else(|line| panic!("{line}"));
+    assert_eq!(done[0].retries() + done[1].retries(), 1, "{done:?}");
+    let balances: std::collections::BTreeMap<Uuid, i64> = db.accounts().into_iter().collect();
+    assert_eq!((balances[&a], balances[&b]), (930, 1_070));
 }

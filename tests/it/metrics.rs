@@ -28,7 +28,7 @@ fn the_workload_serves_its_metrics_while_it_runs() {
         &["-v"],
         4,
         20,
-        &["--duration", "4", "--metrics-addr", "127.0.0.1:0"],
+        &["--duration", "2", "--metrics-addr", "127.0.0.1:0"],
     );
     let began = Instant::now();
     let (mut child, _dir) = spawn_bank(&[], &strs(&args));
