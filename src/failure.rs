@@ -26,7 +26,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 /// One line for stderr: the context chain. Messages that mention the
-/// database name it by [`DbUrl::redacted`], so no password is in them.
+/// database name it by [`DbUrl::redacted`](crate::db::DbUrl::redacted), so no password is in them.
 pub fn error_line(err: &anyhow::Error) -> String {
     let mut causes: Vec<String> = Vec::new();
     for cause in err.chain() {

@@ -1,8 +1,8 @@
-//! The database: first contact with readable errors ([`connect`]), the
-//! blocking pool ([`pool`]) and the async one ([`asynch`]), the embedded
-//! migrations ([`migrations`]), what the app learns of the server and its
-//! tables ([`inspect`], [`shape`]), the set-up before a run ([`prepare`]),
-//! statement logging ([`log`]); the
+//! The database: first contact with readable errors (`connect.rs`), the
+//! blocking pool (`pool.rs`) and the async one ([`asynch`]), the embedded
+//! migrations (`migrations.rs`), what the app learns of the server and its
+//! tables (`inspect.rs`, [`shape`]), the set-up before a run ([`prepare`]),
+//! statement logging (`log.rs`); the
 //! connection string and its policy in `url.rs` ([`DbUrl`]) and
 //! [`conninfo`].
 
