@@ -441,6 +441,10 @@ struct Session {
     /// Set once this connection is being cut: the server's answers are
     /// dropped from then on.
     cutting: AtomicBool,
+    /// Set when the connection is to be cut once the server has answered
+    /// the `COMMIT` it was sent: only then is the outcome decided, so a
+    /// client that looks at once finds it.
+    cut_on_answer: AtomicBool,
 }
 
 /// One connection to carry.
@@ -476,6 +480,7 @@ impl Carried {
             session,
             turn,
             messages: Messages::default(),
+            sockets: [server.try_clone()?, client.try_clone()?],
         };
         pump(client.try_clone()?, server.try_clone()?, delay, move |b| {
             client_side.feed(b)
@@ -744,17 +749,26 @@ impl ClientSide {
     /// came before it (and it, when `when` says so) straight to the server:
     /// the client waited for every earlier answer, so nothing is queued
     /// ahead of it.
+    ///
+    /// After forwarding, the cut waits for the server's answer (which it
+    /// drops): cutting at once would let the client see the cut, and look
+    /// for the outcome, before the server has even read the `COMMIT`.
     fn cut(&mut self, when: Cut, forward: &mut Vec<u8>, commit: &[u8]) {
-        self.session.cutting.store(true, Ordering::SeqCst);
         self.dropping = Dropping::Everything;
-        if when == Cut::AfterForwarding {
-            forward.extend_from_slice(commit);
+        match when {
+            Cut::BeforeForwarding => self.session.cutting.store(true, Ordering::SeqCst),
+            Cut::AfterForwarding => {
+                self.session.cut_on_answer.store(true, Ordering::SeqCst);
+                forward.extend_from_slice(commit);
+            }
         }
         let _ = (&self.to_server).write_all(forward);
         let _ = (&self.to_server).flush();
         forward.clear();
-        let _ = self.to_server.shutdown(Shutdown::Both);
-        let _ = self.to_client.shutdown(Shutdown::Both);
+        if when == Cut::BeforeForwarding {
+            let _ = self.to_server.shutdown(Shutdown::Both);
+            let _ = self.to_client.shutdown(Shutdown::Both);
+        }
     }
 
     /// Records what the client sent as part of the current round trip, or
@@ -793,12 +807,18 @@ struct ServerSide {
     session: Arc<Session>,
     turn: Arc<Mutex<Turn>>,
     messages: Messages,
+    /// The server and the client, to cut once the server has answered.
+    sockets: [TcpStream; 2],
 }
 
 impl ServerSide {
     fn feed(&mut self, mut bytes: &[u8]) -> Vec<u8> {
         *lock(&self.turn) = Turn::Server;
         if self.session.cutting.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        if self.session.cut_on_answer.load(Ordering::SeqCst) {
+            self.cut_on_ready(bytes);
             return Vec::new();
         }
         let mut forward = Vec::new();
@@ -837,6 +857,21 @@ impl ServerSide {
                 Message::Oversized(..) => {}
             });
         forward
+    }
+
+    /// Drops the server's answer to a forwarded `COMMIT` and, at its
+    /// ReadyForQuery, cuts both sides.
+    fn cut_on_ready(&mut self, bytes: &[u8]) {
+        let mut ready = false;
+        self.messages.scan(bytes, usize::MAX, |message| {
+            ready |= matches!(message, Message::Typed(b'Z', _));
+        });
+        if ready {
+            self.session.cutting.store(true, Ordering::SeqCst);
+            for socket in &self.sockets {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
     }
 }
 
