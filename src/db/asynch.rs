@@ -1,23 +1,22 @@
 //! Connections for the async front end (`--async`): a bb8 pool of
 //! diesel-async connections made by tokio-postgres from the same
 //! libpq-style URL, with the same connection policy (timeouts, keepalives,
-//! `application_name`, the session timeouts in `options`).
+//! `application_name`, the session timeouts in `options`), and TLS by
+//! libpq's rules ([`super::tls`]).
 //!
-//! tokio-postgres reads a subset of libpq's options, and speaks TLS only
-//! through a connector of its own; this front end connects without TLS.
-//! An option it cannot honour (`sslmode=require` or stricter, the `ssl*`
-//! files, a service file) is refused by name before anything connects,
-//! instead of being dropped: a URL that asks for TLS must not quietly get
-//! a plaintext connection.
-
+//! tokio-postgres reads a subset of libpq's options. An option it cannot
+//! honour (a service file, `target_session_attrs=read-only`, ...) is
+//! refused by name before anything connects, instead of being dropped.
 use std::time::Duration;
 
 use diesel::ConnectionResult;
 use diesel_async::pooled_connection::bb8::Pool;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::AsyncPgConnection;
-use tokio_postgres::config::{SslMode, TargetSessionAttrs};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::config::{ChannelBinding, SslMode, TargetSessionAttrs};
 
+use super::tls::{Process, TlsSettings};
 use super::DbUrl;
 
 /// A bb8 pool of diesel-async connections.
@@ -115,25 +114,23 @@ pub fn tokio_config(url: &DbUrl) -> Result<tokio_postgres::Config, String> {
                     ))
                 }
             },
-            "sslmode" => match value {
-                "disable" => {
-                    config.ssl_mode(SslMode::Disable);
-                }
-                // libpq's default: TLS if the server offers it. Without a
-                // TLS connector, tokio-postgres connects in plaintext, as
-                // prefer allows.
-                "allow" | "prefer" => {
-                    config.ssl_mode(SslMode::Disable);
-                }
-                other => {
-                    return Err(format!(
-                        "--async does not speak TLS yet, and the database url asks for sslmode={other}; \
-                         drop --async to use libpq's TLS, or use sslmode=disable on a network you trust"
-                    ))
-                }
-            },
+            "channel_binding" => {
+                config.channel_binding(match value {
+                    "disable" => ChannelBinding::Disable,
+                    "prefer" => ChannelBinding::Prefer,
+                    "require" => ChannelBinding::Require,
+                    other => {
+                        return Err(format!(
+                            "invalid channel_binding value: \"{other}\"; use disable, prefer or require"
+                        ))
+                    }
+                });
+            }
+            // TLS: read by `TlsSettings`, which tells `config` below.
+            "sslmode" | "sslrootcert" | "sslcert" | "sslkey" => {}
             // Defaults libpq fills in that change nothing here.
-            "sslnegotiation" | "gssencmode" | "sslcompression" | "krbsrvname" => {}
+            // (`sslsni=1` is what OpenSSL's connector does anyway.)
+            "sslnegotiation" | "gssencmode" | "sslcompression" | "krbsrvname" | "sslsni" => {}
             other => {
                 return Err(format!(
                     "--async cannot honour the database url's {other} option; drop --async to connect \
@@ -142,7 +139,85 @@ pub fn tokio_config(url: &DbUrl) -> Result<tokio_postgres::Config, String> {
             }
         }
     }
+    // A TLS setting that fails is reported by each connect, as libpq
+    // reports it; meanwhile nothing goes out in plaintext.
+    config.ssl_mode(tls_settings(url).map_or(SslMode::Require, |tls| tls.ssl_mode()));
     Ok(config)
+}
+
+/// How connections to `url` speak TLS, by libpq's rules.
+fn tls_settings(url: &DbUrl) -> Result<TlsSettings, String> {
+    let info = url.with_policy();
+    TlsSettings::from_options(|key| info.get(key).map(str::to_owned), &Process)
+}
+
+/// Opens async connections to one URL: its tokio-postgres config and its
+/// TLS connector, made once.
+#[derive(Clone)]
+pub struct AsyncConnector {
+    config: tokio_postgres::Config,
+    /// `None` for `sslmode=disable`; the error is kept for each connect to
+    /// report (a missing CA file is a failed connect, as in libpq).
+    tls: Result<Option<MakeTlsConnector>, String>,
+    url: DbUrl,
+}
+
+impl AsyncConnector {
+    /// The connector for `url`.
+    ///
+    /// # Errors
+    /// As [`tokio_config`].
+    pub fn new(url: &DbUrl) -> Result<Self, String> {
+        Ok(Self {
+            config: tokio_config(url)?,
+            tls: tls_settings(url).and_then(|tls| tls.connector()),
+            url: url.clone(),
+        })
+    }
+
+    /// One connection. A failure is one line in the words the blocking
+    /// front end uses for the same failure (it goes through the same
+    /// explanation of libpq's messages), without the password.
+    ///
+    /// # Errors
+    /// `BadConnection` with that line.
+    pub async fn connect(&self) -> ConnectionResult<AsyncPgConnection> {
+        let explained = |text: &str| {
+            diesel::ConnectionError::BadConnection(super::connect::explain(text, &self.url))
+        };
+        let connected = match &self.tls {
+            Err(text) => return Err(explained(text)),
+            Ok(None) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|err| explained(&full_text(&err)))?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+            Ok(Some(tls)) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|err| explained(&full_text(&err)))?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+        };
+        connected
+    }
+}
+
+/// An error with its causes, as libpq would have put them in one message.
+fn full_text(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A pool of at most `max_size` async connections to `url`, whose
@@ -158,11 +233,11 @@ pub fn async_pool(
     checkout_wait: Duration,
     lifetime: Duration,
 ) -> Result<AsyncPool, String> {
-    let config = tokio_config(url)?;
+    let connector = AsyncConnector::new(url)?;
     let mut manager = ManagerConfig::default();
     manager.custom_setup = Box::new(move |_| {
-        let config = config.clone();
-        Box::pin(async move { connect(&config).await })
+        let connector = connector.clone();
+        Box::pin(async move { connector.connect().await })
     });
     Ok(Pool::builder()
         .max_size(max_size)
@@ -177,20 +252,17 @@ pub fn async_pool(
         )))
 }
 
-/// [`super::inspect_quickly`] on an async connection from `pool`: `None`
-/// when the quick check does not settle it (then the blocking start-up's
-/// whole inspection says what is wrong), or when no connection came.
-pub async fn inspect_quickly(pool: &AsyncPool) -> Option<super::Inspection> {
+/// [`super::inspect_quickly`] on a first async connection to `url`, which
+/// then joins `pool`: `None` when the quick check does not settle it (then
+/// the blocking start-up's whole inspection says what is wrong), or when
+/// the connection failed. It is made outside the pool, so one failed
+/// attempt ends it: the pool would retry until its checkout wait ran out.
+pub async fn inspect_quickly(pool: &AsyncPool, url: &DbUrl) -> Option<super::Inspection> {
     use diesel_async::RunQueryDsl;
-    let mut conn = pool.get().await.ok()?;
+    let mut conn = AsyncConnector::new(url).ok()?.connect().await.ok()?;
     let found = super::quick_check().get_result(&mut conn).await.ok()?;
-    super::quick_inspection(found)
-}
-
-async fn connect(config: &tokio_postgres::Config) -> ConnectionResult<AsyncPgConnection> {
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|err| diesel::ConnectionError::BadConnection(err.to_string()))?;
-    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    let inspection = super::quick_inspection(found)?;
+    // Full only if another task got there first: then this one is spare.
+    let _ = pool.add(conn);
+    Some(inspection)
 }

@@ -28,7 +28,7 @@ pub struct ConnectError {
 pub fn establish(url: &DbUrl) -> Result<PgConnection, ConnectError> {
     PgConnection::establish(&url.for_libpq()).map_err(|source| ConnectError {
         target: url.redacted(),
-        reason: explain_connection_error(&source.to_string(), url),
+        reason: explain(&source.to_string(), url),
         source,
     })
 }
@@ -80,7 +80,7 @@ fn refused_options(err: &ConnectError) -> bool {
 
 /// libpq reports connection failures as text only, with no SQLSTATE, so this
 /// is the one place that reads message text.
-fn explain_connection_error(message: &str, url: &DbUrl) -> String {
+pub(super) fn explain(message: &str, url: &DbUrl) -> String {
     let first_line = message
         .lines()
         .map(str::trim)
@@ -107,7 +107,12 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
             .to_owned()
     } else if has("password authentication failed") {
         "password authentication failed; check the user and password in the database url".to_owned()
-    } else if has("does not match host name") || has("does not match host") {
+    } else if has("does not match host name")
+        || has("does not match host")
+        // OpenSSL's words, from the async front end.
+        || has("hostname mismatch")
+        || has("IP address mismatch")
+    {
         "the server's certificate does not match the host name; connect with a host name listed in the certificate"
             .to_owned()
     } else if has("root certificate file") && has("does not exist") {
@@ -115,13 +120,24 @@ fn explain_connection_error(message: &str, url: &DbUrl) -> String {
             "the CA certificate file {} does not exist; point sslrootcert at the CA certificate that signed the server's",
             url.sslrootcert().unwrap_or("(the default ~/.postgresql/root.crt)")
         )
+    } else if has("alert unknown ca")
+        || has("alert bad certificate")
+        || has("alert certificate unknown")
+    {
+        "the server did not accept the client certificate; point sslcert and sslkey at a certificate \
+         signed by the CA the server trusts, and its key"
+            .to_owned()
+    } else if has("requires a valid client certificate") {
+        "the server admits this user only with a client certificate; point sslcert and sslkey at the \
+         user's certificate and key"
+            .to_owned()
     } else if has("certificate verify failed") || has("root certificate file") {
         "the server's certificate could not be verified; point sslrootcert at the CA certificate that signed it"
             .to_owned()
     } else if has("no encryption") || (has("no pg_hba.conf entry") && has("SSL off")) {
         "the server requires an encrypted connection; use sslmode=verify-full (or require) in the database url"
             .to_owned()
-    } else if has("server does not support SSL") {
+    } else if has("server does not support SSL") || has("server does not support TLS") {
         "the server does not support TLS but sslmode asks for it; use a TLS-enabled server or change sslmode"
             .to_owned()
     } else if has("unsupported startup parameter") {

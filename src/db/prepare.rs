@@ -133,7 +133,7 @@ pub fn prepare_async<T>(
 ) -> anyhow::Result<(T, AsyncPool, DbUrl)> {
     let timed = url.with_session_timeouts(setup.statement_timeout);
     let pool = async_pool(setup, tokio, &timed, size)?;
-    if let Some(inspection) = tokio.block_on(asynch::inspect_quickly(&pool)) {
+    if let Some(inspection) = tokio.block_on(asynch::inspect_quickly(&pool, &timed)) {
         if let Some(line) = url.unverified_remote(std::env::var("PGSSLMODE").ok().as_deref()) {
             tracing::warn!("{line}");
         }

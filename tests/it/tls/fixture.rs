@@ -14,7 +14,9 @@ pub(super) const SENTINEL: &str = "Sentinel-tls-Pa55";
 
 /// The TLS-only server with users `maxroach` (the README's application
 /// user), `nogrant` (no privileges) and `plainroach` (also admitted
-/// without TLS), all with password [`SENTINEL`].
+/// without TLS), all with password [`SENTINEL`], and `certroach`, admitted
+/// by a client certificate our CA signed (as in CockroachDB's secure
+/// cluster tutorial), without a password.
 pub(super) struct TlsServer {
     pub(super) dir: PathBuf,
     pub(super) port: u16,
@@ -49,10 +51,12 @@ impl TlsServer {
         cluster.configure(
             &format!(
                 "ssl = on\nssl_cert_file = '{d}/server.crt'\nssl_key_file = '{d}/server.key'\n\
+                 ssl_ca_file = '{d}/ca.crt'\n\
                  listen_addresses = '127.0.0.1'\nfsync = off\nmax_connections = 100",
                 d = dir.display()
             ),
-            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n\
+            "local all all trust\nhostssl all certroach 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
              hostssl all all ::1/128 scram-sha-256\nhostnossl all plainroach 127.0.0.1/32 scram-sha-256\n",
         );
         let port = cluster.start_on_some_port();
@@ -64,7 +68,8 @@ impl TlsServer {
                 &format!(
                     "CREATE USER maxroach WITH PASSWORD '{SENTINEL}';
                      CREATE USER nogrant WITH PASSWORD '{SENTINEL}';
-                     CREATE USER plainroach WITH PASSWORD '{SENTINEL}';"
+                     CREATE USER plainroach WITH PASSWORD '{SENTINEL}';
+                     CREATE USER certroach;"
                 ),
             ],
         );
@@ -78,13 +83,18 @@ impl TlsServer {
     }
 
     pub(super) fn ca(&self) -> String {
-        self.dir.join("ca.crt").display().to_string()
+        self.file("ca.crt")
+    }
+
+    /// The path of one of the files [`make_certificates`] made.
+    pub(super) fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
     }
 }
 
 /// A database of its own on the shared server: the schema from dbinit.sql
-/// (run by the admin), and `maxroach` and `plainroach` granted what the
-/// README grants.
+/// (run by the admin), and `maxroach`, `plainroach` and `certroach`
+/// granted what the README grants.
 pub(super) struct TlsDb {
     pub(super) server: &'static TlsServer,
     pub(super) name: String,
@@ -105,7 +115,9 @@ impl TlsDb {
             "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO maxroach;
              GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO plainroach;
              GRANT SELECT, INSERT ON TABLE transfers TO maxroach;
-             GRANT SELECT, INSERT ON TABLE transfers TO plainroach;",
+             GRANT SELECT, INSERT ON TABLE transfers TO plainroach;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE accounts TO certroach;
+             GRANT SELECT, INSERT ON TABLE transfers TO certroach;",
         );
         db
     }
@@ -148,8 +160,9 @@ impl TlsDb {
     }
 }
 
-/// A CA, a server certificate it signed for `localhost` only, and a second
-/// CA that signed nothing.
+/// A CA, a server certificate it signed for `localhost` only, a client
+/// certificate it signed for `certroach`, a second CA, and a client
+/// certificate for `certroach` that the second CA signed.
 pub(super) fn make_certificates(dir: &Path) {
     let openssl = |args: &[&str]| {
         run(Command::new("openssl").args(args).current_dir(dir));
@@ -201,6 +214,37 @@ pub(super) fn make_certificates(dir: &Path) {
         "-out",
         "server.crt",
     ]);
-    // PostgreSQL refuses a key others can read.
-    run(Command::new("chmod").arg("600").arg(dir.join("server.key")));
+    for (client, ca) in [("client", "ca"), ("other-client", "other-ca")] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=certroach",
+            "-keyout",
+            &format!("{client}.key"),
+            "-out",
+            &format!("{client}.csr"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{client}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{client}.crt"),
+        ]);
+    }
+    // PostgreSQL, and libpq, refuse a key others can read.
+    for key in ["server.key", "client.key", "other-client.key"] {
+        run(Command::new("chmod").arg("600").arg(dir.join(key)));
+    }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
+mod asynchronous;
 mod fixture;
 
 use crate::helpers::*;
