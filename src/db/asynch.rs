@@ -7,6 +7,9 @@
 //! tokio-postgres reads a subset of libpq's options. An option it cannot
 //! honour (a service file, `target_session_attrs=read-only`, ...) is
 //! refused by name before anything connects, instead of being dropped.
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use diesel::ConnectionResult;
@@ -182,18 +185,32 @@ impl AsyncConnector {
     /// # Errors
     /// `BadConnection` with that line.
     pub async fn connect(&self) -> ConnectionResult<AsyncPgConnection> {
+        Ok(self.connect_asking(None).await?.0)
+    }
+
+    /// [`AsyncConnector::connect`], and the first row of `first` (a query
+    /// without parameters), asked before diesel-async sets the session up:
+    /// one round trip, where diesel-async would prepare the query in one
+    /// and run it in another.
+    ///
+    /// # Errors
+    /// As [`AsyncConnector::connect`]; the query's failure, as its text.
+    pub async fn connect_asking(
+        &self,
+        first: Option<&str>,
+    ) -> ConnectionResult<(AsyncPgConnection, Option<tokio_postgres::Row>)> {
         let explained = |text: &str| {
             diesel::ConnectionError::BadConnection(super::connect::explain(text, &self.url))
         };
-        let connected = match &self.tls {
-            Err(text) => return Err(explained(text)),
+        match &self.tls {
+            Err(text) => Err(explained(text)),
             Ok(None) => {
                 let (client, connection) = self
                     .config
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(|err| explained(&full_text(&err)))?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                set_up(client, connection, first).await
             }
             Ok(Some(tls)) => {
                 let (client, connection) = self
@@ -201,11 +218,44 @@ impl AsyncConnector {
                     .connect(tls.clone())
                     .await
                     .map_err(|err| explained(&full_text(&err)))?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                set_up(client, connection, first).await
             }
-        };
-        connected
+        }
     }
+}
+
+/// Asks `first` on the bare tokio-postgres client (driving its connection
+/// meanwhile: diesel-async spawns the task that does so later), then hands
+/// both to diesel-async.
+async fn set_up<T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
+    first: Option<&str>,
+) -> ConnectionResult<(AsyncPgConnection, Option<tokio_postgres::Row>)>
+where
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    let mut row = None;
+    if let Some(sql) = first {
+        let mut asked = std::pin::pin!(client.query_typed(sql, &[]));
+        let answer = std::future::poll_fn(|cx| {
+            if let Poll::Ready(answer) = asked.as_mut().poll(cx) {
+                return Poll::Ready(answer.map_err(|err| full_text(&err)));
+            }
+            match Pin::new(&mut connection).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    Poll::Ready(Err("the server closed the connection".to_owned()))
+                }
+                Poll::Ready(Err(err)) => Poll::Ready(Err(full_text(&err))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+        .map_err(diesel::ConnectionError::BadConnection)?;
+        row = answer.into_iter().next();
+    }
+    let conn = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+    Ok((conn, row))
 }
 
 /// An error with its causes, as libpq would have put them in one message.
@@ -258,9 +308,15 @@ pub fn async_pool(
 /// the connection failed. It is made outside the pool, so one failed
 /// attempt ends it: the pool would retry until its checkout wait ran out.
 pub async fn inspect_quickly(pool: &AsyncPool, url: &DbUrl) -> Option<super::Inspection> {
-    use diesel_async::RunQueryDsl;
-    let mut conn = AsyncConnector::new(url).ok()?.connect().await.ok()?;
-    let found = super::quick_check().get_result(&mut conn).await.ok()?;
+    let sql = super::quick_check_sql();
+    let connector = AsyncConnector::new(url).ok()?;
+    let (conn, row) = connector.connect_asking(Some(&sql)).await.ok()?;
+    let row = row?;
+    let found = (
+        row.try_get(0).ok()?,
+        row.try_get(1).ok()?,
+        row.try_get(2).ok()?,
+    );
     let inspection = super::quick_inspection(found)?;
     // Full only if another task got there first: then this one is spare.
     let _ = pool.add(conn);

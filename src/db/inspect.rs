@@ -98,6 +98,15 @@ pub(crate) fn quick_check() -> diesel::dsl::select<(
     ))
 }
 
+/// The quick check's SQL, for a client that is not Diesel's.
+pub(crate) fn quick_check_sql() -> String {
+    use diesel::query_builder::{QueryBuilder, QueryFragment};
+    let mut sql = diesel::pg::PgQueryBuilder::default();
+    // Literal SQL only: building it cannot fail.
+    let _ = QueryFragment::<diesel::pg::Pg>::to_sql(&quick_check(), &mut sql, &diesel::pg::Pg);
+    sql.finish()
+}
+
 /// What the quick check's answer says: an inspection when all holds.
 pub(crate) fn quick_inspection(
     (version, allowed, ours): (String, bool, bool),

@@ -132,10 +132,12 @@ impl TlsSettings {
         let rootcert = get("sslrootcert", "PGSSLROOTCERT");
         let roots = match rootcert.as_deref() {
             Some("system") if mode == Mode::VerifyFull => Roots::System,
-            Some("system") => return Err(format!(
+            Some("system") => {
+                return Err(format!(
                 "weak sslmode \"{}\" may not be used with sslrootcert=system (use \"verify-full\")",
                 mode.name()
-            )),
+            ))
+            }
             named => {
                 let file = named.map(PathBuf::from).or_else(|| in_home("root.crt"));
                 match file {

@@ -257,6 +257,15 @@
 //! - a call dropped anywhere else is told as `Outcome::Cancelled`;
 //! - a panic in the unit rolls back, then goes on.
 //!
+//! The `BEGIN` is not waited for: the unit's first statement goes out in
+//! its flight, one round trip less per transaction than the blocking
+//! front end. The message opens the block with a bare `BEGIN` and sets the
+//! options with `SET TRANSACTION` (`BEGIN; SET TRANSACTION ISOLATION LEVEL
+//! SERIALIZABLE; ...`): should the server refuse an option, the block is
+//! aborted and the unit's statements fail with 25P02, where a refused
+//! `BEGIN ISOLATION LEVEL ...` would have left PostgreSQL's session idle
+//! and let them run on their own.
+//!
 //! The helper frames async transactions with its own statements and keeps
 //! diesel-async's count of open transactions in step itself: diesel-async
 //! marks a connection whose own transaction statement was dropped half-way

@@ -41,6 +41,7 @@ use tracing::Instrument;
 
 use crate::core::{classify, Core, Do, Plan, Verdict};
 use crate::decide::{self, failed_at_savepoint_commit, Stage};
+use crate::retrier::pipelinable_begin;
 use crate::{Applied, Committed, Keyed, Protocol, Retrier, Server, TxError, UnitError};
 
 /// A boxed unit's future: what a unit that an async closure cannot express
@@ -388,6 +389,19 @@ async fn start<S: AsyncSource, E>(
 
 /// Opens the transaction (diesel-async counts it), with the statements
 /// unnamed once a pooler was met, and asks the isolation level once.
+///
+/// The `BEGIN` is sent, not waited for: the unit's first statement goes
+/// out behind it, in the same flight, and the transaction costs one round
+/// trip less (the "BEGIN pipelined with the first statement"). Its
+/// answer is read and dropped by tokio-postgres's connection task. Nothing
+/// is lost by not waiting: the message opens the block with a bare `BEGIN`
+/// ([`pipelinable_begin`] says why), so a connection that fails fails the
+/// unit's first statement as well, and any other failure in the message
+/// leaves the block aborted, where the unit's statements fail with 25P02:
+/// none runs outside the transaction. The unit's statements follow the
+/// `BEGIN` on the one connection, in order. `tests/retries/pipelining.rs`
+/// checks the flights, that the unit runs inside with the options set, and
+/// a message the server refuses.
 async fn begin(
     retrier: &Retrier,
     conn: &mut AsyncPgConnection,
@@ -395,7 +409,7 @@ async fn begin(
     plan: &Plan,
 ) -> Result<(), DieselError> {
     if open_transaction(conn) != Some(true) {
-        conn.batch_execute(sql).await?;
+        send_only(conn, &pipelinable_begin(sql))?;
         let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
         match status {
             TransactionManagerStatus::Valid(valid) => {
@@ -415,6 +429,19 @@ async fn begin(
         retrier.isolation_reported(plan.isolation, &reported);
     }
     Ok(())
+}
+
+/// Sends `sql` on `conn` without waiting for its answer: the first poll of
+/// tokio-postgres's `batch_execute` queues the message for the connection
+/// task (in order with whatever is sent after it), and the rest of the
+/// future only reads the answer. A connection already closed says so at
+/// once.
+fn send_only(conn: &mut AsyncPgConnection, sql: &str) -> Result<(), DieselError> {
+    let sending = std::pin::pin!(conn.batch_execute(sql));
+    match sending.poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(result) => result,
+        Poll::Pending => Ok(()),
+    }
 }
 
 /// One of the helper's own statements failed at `stage`.

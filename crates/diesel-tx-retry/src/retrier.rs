@@ -597,6 +597,29 @@ impl Shared {
     }
 }
 
+/// The `BEGIN` message of [`format_begin`], for a front end that sends it
+/// without waiting for its answer (the async one, which pipelines it with
+/// the unit's first statement): a bare `BEGIN`, then the options as `SET
+/// TRANSACTION`, in the same message.
+///
+/// Why: in PostgreSQL a `BEGIN` whose options fail (SERIALIZABLE on a hot
+/// standby) returns the session to idle ("we assume that the user will
+/// interpret the error as meaning the BEGIN failed to get him into a
+/// transaction block", `AbortCurrentTransaction` in xact.c), and a
+/// statement already on its way behind it would run on its own, outside
+/// any transaction. A bare `BEGIN` fails only with the connection; once it
+/// ran, any failure after it aborts the block, and every statement behind
+/// it fails with 25P02 until the rollback. Both servers take `SET
+/// TRANSACTION` right after `BEGIN` (CockroachDB's docs: "after you BEGIN
+/// it but before executing the first statement that manipulates a
+/// database").
+pub(crate) fn pipelinable_begin(begin: &str) -> Cow<'_, str> {
+    match begin.strip_prefix("BEGIN ISOLATION LEVEL ") {
+        Some(rest) => Cow::Owned(format!("BEGIN; SET TRANSACTION ISOLATION LEVEL {rest}")),
+        None => Cow::Borrowed(begin),
+    }
+}
+
 fn format_begin(plan: &Plan, limit: Option<Duration>) -> String {
     let mut sql = format!("BEGIN ISOLATION LEVEL {}", plan.isolation.sql());
     if plan.read_only {
@@ -952,6 +975,36 @@ mod tests {
         assert_eq!(
             r.begin_sql(&plan(Protocol::Restart, SER, true), start),
             "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY; SET LOCAL statement_timeout = 20000"
+        );
+    }
+
+    #[test]
+    fn a_pipelined_begin_opens_the_block_bare_and_sets_its_options_after() {
+        let clock = FakeClock::new();
+        let start = clock.now();
+        let r = retrier(Some(30), Some(20), &clock);
+        let cases = [
+            (
+                plan(Protocol::Restart, SER, false),
+                "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000",
+            ),
+            (
+                plan(Protocol::Restart, SER, true),
+                "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY; SET LOCAL statement_timeout = 20000",
+            ),
+            (
+                plan(Protocol::Savepoint, SER, false),
+                "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = 20000; \
+                 SAVEPOINT cockroach_restart",
+            ),
+        ];
+        for (plan, expected) in cases {
+            assert_eq!(pipelinable_begin(&r.begin_sql(&plan, start)), expected);
+        }
+        let unbounded = retrier(None, None, &clock);
+        assert_eq!(
+            pipelinable_begin(&unbounded.begin_sql(&plan(Protocol::Restart, SER, false), start)),
+            "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"
         );
     }
 

@@ -37,7 +37,9 @@ pub struct RoundTrip {
     /// The proxied connection it happened on, numbered from 0.
     pub connection: usize,
     /// What the client sent: SQL text, or `<ssl request>`, `<startup>`,
-    /// `<password>`; the other extended-protocol messages are not listed.
+    /// `<password>`, or `<bind>` for a flight that only runs statements
+    /// prepared earlier; the other extended-protocol messages are not
+    /// listed.
     pub sent: Vec<String>,
 }
 
@@ -391,6 +393,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn per_phase(round_trips: &[RoundTrip]) -> BTreeMap<&'static str, usize> {
     let mut counts = BTreeMap::new();
     let mut transaction: Vec<&RoundTrip> = Vec::new();
+    let mut last = "? other";
     let label_tx = |tx: &[&RoundTrip]| {
         let all: Vec<&str> = tx
             .iter()
@@ -416,17 +419,25 @@ pub fn per_phase(round_trips: &[RoundTrip]) -> BTreeMap<&'static str, usize> {
             }
             continue;
         }
-        let phase = if sent("<") || sent("SET TIME ZONE") || sent("SET CLIENT_ENCODING") {
+        let phase = if rt.sent == [BIND] {
+            // Runs what the flight before it prepared.
+            last
+        } else if sent("<") || sent("SET TIME ZONE") || sent("SET CLIENT_ENCODING") {
             "1 connect"
         } else if sent("version()") {
             "2 setup"
         } else {
             "? other"
         };
+        last = phase;
         *counts.entry(phase).or_default() += 1;
     }
     counts
 }
+
+/// What a flight that only runs prepared statements (Bind, Execute, Sync)
+/// is listed as.
+pub const BIND: &str = "<bind>";
 
 /// The session as the two directions of one connection share it.
 #[derive(Default)]
@@ -706,6 +717,12 @@ impl ClientSide {
                 sent.push("<terminate>".to_owned());
                 None
             }
+            // A statement prepared earlier, run: a flight of its own when
+            // nothing else is in it (see `log`).
+            b'B' => {
+                sent.push(BIND.to_owned());
+                None
+            }
             _ => None,
         };
         let Some(sql) = sql else {
@@ -797,6 +814,13 @@ impl ClientSide {
             current
                 .sent
                 .extend(sent.into_iter().filter(|s| s != "<terminate>"));
+            // `<bind>` names a flight that runs prepared statements only:
+            // beside SQL text it says nothing, and once is enough.
+            if current.sent.iter().any(|s| s != BIND) {
+                current.sent.retain(|s| s != BIND);
+            } else {
+                current.sent.truncate(1);
+            }
         }
     }
 }

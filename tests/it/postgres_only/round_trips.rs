@@ -10,14 +10,21 @@ use crate::helpers::*;
 use testbed::proxy::{per_phase, Proxy, RoundTrip};
 
 fn main_job_through_proxy(params: &str) -> (Vec<RoundTrip>, usize) {
+    main_job_through(Duration::ZERO, params, &[])
+}
+
+/// The main job through a proxy that delays each direction by `delay`.
+fn main_job_through(delay: Duration, params: &str, args: &[&str]) -> (Vec<RoundTrip>, usize) {
     let db = TestDb::migrated();
-    let proxy = Proxy::start(db.tcp_addr(), Duration::ZERO).unwrap();
+    let proxy = Proxy::start(db.tcp_addr(), delay).unwrap();
     let url = format!(
         "postgresql://postgres@127.0.0.1:{}/{}{params}",
         proxy.port(),
         db.name
     );
-    assert_ok(&bank(&["--database-url", &url]));
+    let mut all = vec!["--database-url", &url];
+    all.extend_from_slice(args);
+    assert_ok(&bank(&all));
     (proxy.round_trips(), proxy.connections())
 }
 
@@ -48,4 +55,39 @@ fn libpqs_default_sslmode_adds_one_round_trip_to_ask_for_tls() {
     assert_eq!(per_phase(&round_trips), expect(4), "{round_trips:#?}");
     assert_eq!(round_trips[0].sent, ["<ssl request>"]);
     assert_eq!(round_trips.len(), 15);
+}
+
+#[test]
+fn the_async_main_job_sends_each_begin_with_its_first_statement() {
+    // A flight is what goes out before an answer comes back; at 20 ms each
+    // way a statement sent in the same poll as the BEGIN is in its flight.
+    let (round_trips, connections) =
+        main_job_through(Duration::from_millis(20), "?sslmode=disable", &["--async"]);
+    assert_eq!(connections, 1);
+    // tokio-postgres's startup; the quick check, asked before diesel-async
+    // sets the session up (one flight); diesel-async's two SETs, prepared
+    // one after the other and run together (three). Then each transaction:
+    // BEGIN with its first statement's Parse, the Bind, each further
+    // statement's Parse and Bind, the commit.
+    assert_eq!(
+        per_phase(&round_trips),
+        BTreeMap::from([
+            ("1 connect", 4),
+            ("2 setup", 1),
+            ("3 create", 3),
+            ("4 transfer", 5),
+            ("5 delete", 3),
+        ]),
+        "{round_trips:#?}"
+    );
+    assert_eq!(round_trips.len(), 16);
+    let begins: Vec<&RoundTrip> = round_trips
+        .iter()
+        .filter(|rt| rt.sent.iter().any(|s| s.starts_with("BEGIN")))
+        .collect();
+    assert_eq!(begins.len(), 3);
+    for (begin, first) in begins.iter().zip(["INSERT", "SELECT", "DELETE"]) {
+        assert_eq!(begin.sent.len(), 2, "{begin:?}");
+        assert!(begin.sent[1].starts_with(first), "{begin:?}");
+    }
 }

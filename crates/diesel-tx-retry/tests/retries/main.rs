@@ -12,6 +12,7 @@ mod fixture;
 mod harness;
 mod lifetime;
 mod metrics;
+mod pipelining;
 mod read_committed;
 mod round_trips;
 mod server_errors;
