@@ -123,6 +123,16 @@ pub(super) fn explain(message: &str, url: &DbUrl) -> String {
     } else if has("alert unknown ca")
         || has("alert bad certificate")
         || has("alert certificate unknown")
+        // Under TLS 1.3 the client finishes its handshake before the
+        // server checks the client's certificate: a server that refuses
+        // it closes the connection with our startup message unread, and
+        // the reset may overtake its alert. With a certificate sent, that
+        // is the likely cause, and one line for both keeps the message the
+        // same from run to run.
+        || (url.presents_client_certificate()
+            && (has("Connection reset by peer")
+                || has("server closed the connection unexpectedly")
+                || has("SSL SYSCALL error: EOF detected")))
     {
         "the server did not accept the client certificate; point sslcert and sslkey at a certificate \
          signed by the CA the server trusts, and its key"
@@ -149,5 +159,36 @@ pub(super) fn explain(message: &str, url: &DbUrl) -> String {
         format!("{first_line}; create the database first or fix the name in the url")
     } else {
         first_line.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_as_tls_begins_with_a_client_certificate_sent_names_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("client.crt");
+        std::fs::write(&cert, "a certificate").unwrap();
+        let with_cert = DbUrl::parse(&format!(
+            "host=db.example dbname=bank sslcert={}",
+            cert.display()
+        ))
+        .unwrap();
+        let alert = "error performing TLS handshake: tlsv1 alert unknown ca";
+        let reset = "error communicating with the server: Connection reset by peer (os error 104)";
+        let expected = explain(alert, &with_cert);
+        assert!(
+            expected.starts_with("the server did not accept the client certificate"),
+            "{expected}"
+        );
+        // Whichever of the two a run sees, the same line.
+        assert_eq!(explain(reset, &with_cert), expected);
+        // Without a certificate (a named file that is not there, whatever
+        // the environment holds) a reset is only a reset.
+        let without =
+            DbUrl::parse("host=db.example dbname=bank sslcert=/nonexistent/client.crt").unwrap();
+        assert!(!explain(reset, &without).contains("certificate"));
     }
 }

@@ -104,6 +104,22 @@ impl DbUrl {
         self.info.get("sslrootcert")
     }
 
+    /// Whether connections present a client certificate: `sslcert` in the
+    /// string or `PGSSLCERT`, or libpq's default file
+    /// (`~/.postgresql/postgresql.crt`), when the file is there.
+    pub fn presents_client_certificate(&self) -> bool {
+        let named = self
+            .info
+            .get("sslcert")
+            .map(str::to_owned)
+            .or_else(|| std::env::var("PGSSLCERT").ok().filter(|v| !v.is_empty()));
+        let file = named.map(std::path::PathBuf::from).or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::Path::new(&home).join(".postgresql/postgresql.crt"))
+        });
+        file.is_some_and(|f| f.is_file())
+    }
+
     /// A warning when a password or data may go to whoever answers: a host
     /// that is neither a Unix socket nor a loopback address, reached with
     /// an `sslmode` below `verify-ca` (libpq's default `prefer`, and
