@@ -24,64 +24,95 @@ pub const MAX_ROWS_PER_TRANSACTION: usize = 1_000_000;
 /// Worker threads the workload may run, each with its own connection.
 pub const WORKERS: RangeInclusive<u64> = 1..=1_024;
 
-/// A value out of range. The messages name the flag, since a command line
-/// is where these values come from.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    /// `--accounts`.
-    #[error(
-        "--accounts {0} is out of range: it must be between {min} (the transfer needs two accounts) \
-         and {max} (every id is kept in memory)",
-        min = ACCOUNTS.start(),
-        max = ACCOUNTS.end()
-    )]
-    Accounts(i128),
-    /// `--delete`.
-    #[error("--delete {delete} is out of range: it must be between 1 and the {accounts} accounts created")]
-    Delete {
-        /// What was asked for.
-        delete: i128,
-        /// The accounts the run creates.
-        accounts: u64,
-    },
-    /// `--rows-per-insert`.
-    #[error(
-        "--rows-per-insert {0} is out of range: it must be between 1 and {MAX_ROWS_PER_INSERT} \
-         (each row binds 2 of the 65535 parameters a statement may have)"
-    )]
-    RowsPerInsert(i128),
-    /// `--rows-per-transaction`.
-    #[error(
-        "--rows-per-transaction {0} is out of range: it must be between 1 and \
-         {MAX_ROWS_PER_TRANSACTION} (a batch is built in memory)"
-    )]
-    RowsPerTransaction(i128),
-    /// `--workers`.
-    #[error(
-        "--workers {0} is out of range: it must be between {min} and {max}",
-        min = WORKERS.start(),
-        max = WORKERS.end()
-    )]
-    Workers(i128),
-    /// `--transfers`.
-    #[error("--transfers {0} is out of range: it must be at least 1")]
-    Transfers(i128),
+/// The counts a run is asked for, each with its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Accounts to create.
+    Accounts,
+    /// Accounts to delete at the end of the main job.
+    Delete,
+    /// Rows per multi-row `INSERT`.
+    RowsPerInsert,
+    /// Rows per transaction when creating accounts.
+    RowsPerTransaction,
+    /// The workload's workers.
+    Workers,
+    /// The workload's transfers in all.
+    Transfers,
 }
 
-/// Checks `value` against `range`, or says which flag is wrong and how.
-fn within(
-    value: i128,
-    range: RangeInclusive<u64>,
-    error: impl Fn(i128) -> PlanError,
-) -> Result<u64, PlanError> {
-    u64::try_from(value)
-        .ok()
-        .filter(|v| range.contains(v))
-        .ok_or_else(|| error(value))
+impl Count {
+    /// What the plan calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Count::Accounts => "accounts",
+            Count::Delete => "accounts to delete",
+            Count::RowsPerInsert => "rows per insert",
+            Count::RowsPerTransaction => "rows per transaction",
+            Count::Workers => "workers",
+            Count::Transfers => "transfers",
+        }
+    }
 }
 
-fn to_usize(value: u64, original: i128, error: fn(i128) -> PlanError) -> Result<usize, PlanError> {
-    usize::try_from(value).map_err(|_| error(original))
+/// A count out of its range, in the plan's words; the command line puts
+/// its flag's name in place of [`Count::name`] (`config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} {value} is out of range: {}", count.name(), self.rule())]
+pub struct PlanError {
+    /// Which count.
+    pub count: Count,
+    /// What was asked for.
+    pub value: u64,
+    /// The accounts the run creates (the bound of [`Count::Delete`]).
+    created: u64,
+}
+
+impl PlanError {
+    fn new(count: Count, value: u64) -> Self {
+        Self {
+            count,
+            value,
+            created: 0,
+        }
+    }
+
+    /// The range, and why it is what it is.
+    pub fn rule(&self) -> String {
+        match self.count {
+            Count::Accounts => format!(
+                "it must be between {} (the transfer needs two accounts) and {} (every id is kept in memory)",
+                ACCOUNTS.start(),
+                ACCOUNTS.end()
+            ),
+            Count::Delete => format!(
+                "it must be between 1 and the {} accounts created",
+                self.created
+            ),
+            Count::RowsPerInsert => format!(
+                "it must be between 1 and {MAX_ROWS_PER_INSERT} (each row binds 2 of the 65535 \
+                 parameters a statement may have)"
+            ),
+            Count::RowsPerTransaction => format!(
+                "it must be between 1 and {MAX_ROWS_PER_TRANSACTION} (a batch is built in memory)"
+            ),
+            Count::Workers => format!(
+                "it must be between {} and {}",
+                WORKERS.start(),
+                WORKERS.end()
+            ),
+            Count::Transfers => "it must be at least 1".to_owned(),
+        }
+    }
+}
+
+/// `value` as a `usize` if it is within `range`.
+fn within(value: u64, range: RangeInclusive<u64>, count: Count) -> Result<usize, PlanError> {
+    range
+        .contains(&value)
+        .then(|| usize::try_from(value).ok())
+        .flatten()
+        .ok_or(PlanError::new(count, value))
 }
 
 /// How account creation is batched.
@@ -95,22 +126,19 @@ impl Batches {
     /// Rows per multi-row `INSERT` and rows per transaction.
     ///
     /// # Errors
-    /// [`PlanError::RowsPerInsert`] or [`PlanError::RowsPerTransaction`].
-    pub fn new(rows_per_insert: i128, rows_per_transaction: i128) -> Result<Self, PlanError> {
-        let max_insert = MAX_ROWS_PER_INSERT as u64;
-        let max_tx = MAX_ROWS_PER_TRANSACTION as u64;
-        let insert = within(rows_per_insert, 1..=max_insert, PlanError::RowsPerInsert)?;
-        let tx = within(
-            rows_per_transaction,
-            1..=max_tx,
-            PlanError::RowsPerTransaction,
-        )?;
+    /// [`Count::RowsPerInsert`] or [`Count::RowsPerTransaction`] out of
+    /// range.
+    pub fn new(rows_per_insert: u64, rows_per_transaction: u64) -> Result<Self, PlanError> {
         Ok(Self {
-            rows_per_insert: to_usize(insert, rows_per_insert, PlanError::RowsPerInsert)?,
-            rows_per_transaction: to_usize(
-                tx,
+            rows_per_insert: within(
+                rows_per_insert,
+                1..=MAX_ROWS_PER_INSERT as u64,
+                Count::RowsPerInsert,
+            )?,
+            rows_per_transaction: within(
                 rows_per_transaction,
-                PlanError::RowsPerTransaction,
+                1..=MAX_ROWS_PER_TRANSACTION as u64,
+                Count::RowsPerTransaction,
             )?,
         })
     }
@@ -149,17 +177,16 @@ impl Plan {
     /// Create `accounts` accounts, transfer between two, delete `delete`.
     ///
     /// # Errors
-    /// [`PlanError::Accounts`] or [`PlanError::Delete`].
-    pub fn new(accounts: i128, delete: i128, batches: Batches) -> Result<Self, PlanError> {
-        let created = within(accounts, ACCOUNTS, PlanError::Accounts)?;
-        let doomed = within(delete, 1..=created, |delete| PlanError::Delete {
-            delete,
-            accounts: created,
+    /// [`Count::Accounts`] or [`Count::Delete`] out of range.
+    pub fn new(accounts: u64, delete: u64, batches: Batches) -> Result<Self, PlanError> {
+        let created = within(accounts, ACCOUNTS, Count::Accounts)?;
+        let delete = within(delete, 1..=accounts, Count::Delete).map_err(|err| PlanError {
+            created: accounts,
+            ..err
         })?;
         Ok(Self {
-            accounts: to_usize(created, accounts, PlanError::Accounts)?,
-            // At most `accounts`, which fits.
-            delete: to_usize(doomed, accounts, PlanError::Accounts)?,
+            accounts: created,
+            delete,
             seed: None,
             quiet: false,
             batches,
@@ -215,9 +242,12 @@ impl Length {
     /// After `transfers` transfers.
     ///
     /// # Errors
-    /// [`PlanError::Transfers`].
-    pub fn transfers(transfers: i128) -> Result<Self, PlanError> {
-        within(transfers, 1..=u64::MAX, PlanError::Transfers).map(Length::Transfers)
+    /// [`Count::Transfers`] out of range (none).
+    pub fn transfers(transfers: u64) -> Result<Self, PlanError> {
+        if transfers == 0 {
+            return Err(PlanError::new(Count::Transfers, transfers));
+        }
+        Ok(Length::Transfers(transfers))
     }
 }
 
@@ -235,18 +265,16 @@ impl Settings {
     /// `length` is reached.
     ///
     /// # Errors
-    /// [`PlanError::Workers`] or [`PlanError::Accounts`].
+    /// [`Count::Workers`] or [`Count::Accounts`] out of range.
     pub fn new(
-        workers: i128,
-        accounts: i128,
+        workers: u64,
+        accounts: u64,
         length: Length,
         seed: Option<u64>,
     ) -> Result<Self, PlanError> {
-        let threads = within(workers, WORKERS, PlanError::Workers)?;
-        let created = within(accounts, ACCOUNTS, PlanError::Accounts)?;
         Ok(Self {
-            workers: to_usize(threads, workers, PlanError::Workers)?,
-            accounts: to_usize(created, accounts, PlanError::Accounts)?,
+            workers: within(workers, WORKERS, Count::Workers)?,
+            accounts: within(accounts, ACCOUNTS, Count::Accounts)?,
             length,
             seed,
         })
@@ -277,71 +305,63 @@ impl Settings {
 mod tests {
     use super::*;
 
+    fn out(count: Count, value: u64) -> Result<(), PlanError> {
+        Err(PlanError::new(count, value))
+    }
+
     #[test]
     fn a_plan_refuses_every_value_out_of_range_naming_it() {
         let batches = Batches::default();
-        assert_eq!(Plan::new(1, 1, batches), Err(PlanError::Accounts(1)));
-        assert_eq!(Plan::new(-3, 1, batches), Err(PlanError::Accounts(-3)));
-        let huge = i128::from(u64::MAX);
-        assert_eq!(Plan::new(huge, 1, batches), Err(PlanError::Accounts(huge)));
-        assert_eq!(
-            Plan::new(10, 11, batches),
-            Err(PlanError::Delete {
-                delete: 11,
-                accounts: 10
+        let plan = |a, d| Plan::new(a, d, batches).map(drop);
+        assert_eq!(plan(1, 1), out(Count::Accounts, 1));
+        assert_eq!(plan(u64::MAX, 1), out(Count::Accounts, u64::MAX));
+        let delete = |value| {
+            Err(PlanError {
+                count: Count::Delete,
+                value,
+                created: 10,
             })
-        );
-        assert_eq!(
-            Plan::new(10, 0, batches),
-            Err(PlanError::Delete {
-                delete: 0,
-                accounts: 10
-            })
-        );
-        let plan = Plan::new(2, 2, batches).unwrap();
-        assert_eq!((plan.accounts(), plan.delete()), (2, 2));
-        assert!(Plan::new(100_000_000, 5, batches).is_ok());
-        assert_eq!(
-            Plan::new(100_000_001, 5, batches),
-            Err(PlanError::Accounts(100_000_001))
-        );
+        };
+        assert_eq!(plan(10, 11), delete(11));
+        assert_eq!(plan(10, 0), delete(0));
+        let two = Plan::new(2, 2, batches).unwrap();
+        assert_eq!((two.accounts(), two.delete()), (2, 2));
+        assert!(plan(100_000_000, 5).is_ok());
+        assert_eq!(plan(100_000_001, 5), out(Count::Accounts, 100_000_001));
     }
 
     #[test]
     fn batches_and_settings_refuse_values_out_of_range() {
-        assert_eq!(Batches::new(0, 1), Err(PlanError::RowsPerInsert(0)));
-        assert_eq!(
-            Batches::new(32_768, 1),
-            Err(PlanError::RowsPerInsert(32_768))
-        );
-        assert_eq!(Batches::new(1, -1), Err(PlanError::RowsPerTransaction(-1)));
-        assert!(Batches::new(32_767, 1_000_000).is_ok());
+        let batches = |i, t| Batches::new(i, t).map(drop);
+        assert_eq!(batches(0, 1), out(Count::RowsPerInsert, 0));
+        assert_eq!(batches(32_768, 1), out(Count::RowsPerInsert, 32_768));
+        assert_eq!(batches(1, 0), out(Count::RowsPerTransaction, 0));
+        assert!(batches(32_767, 1_000_000).is_ok());
+        assert_eq!(Length::transfers(0).map(drop), out(Count::Transfers, 0));
         let length = Length::transfers(5).unwrap();
-        assert_eq!(Length::transfers(0), Err(PlanError::Transfers(0)));
+        let settings = |w, a| Settings::new(w, a, length, None).map(drop);
         assert_eq!(
-            Settings::new(5_000_000_000, 10, length, None),
-            Err(PlanError::Workers(5_000_000_000))
+            settings(5_000_000_000, 10),
+            out(Count::Workers, 5_000_000_000)
         );
-        assert_eq!(
-            Settings::new(0, 10, length, None),
-            Err(PlanError::Workers(0))
-        );
-        assert_eq!(
-            Settings::new(4, 1, length, None),
-            Err(PlanError::Accounts(1))
-        );
+        assert_eq!(settings(0, 10), out(Count::Workers, 0));
+        assert_eq!(settings(4, 1), out(Count::Accounts, 1));
     }
 
     #[test]
-    fn messages_name_the_flag_the_value_and_the_range() {
+    fn messages_speak_of_the_plan_the_value_and_the_range() {
         assert_eq!(
-            PlanError::Accounts(-3).to_string(),
-            "--accounts -3 is out of range: it must be between 2 (the transfer needs two accounts) \
+            PlanError::new(Count::Accounts, 1).to_string(),
+            "accounts 1 is out of range: it must be between 2 (the transfer needs two accounts) \
              and 100000000 (every id is kept in memory)"
         );
         assert_eq!(
-            PlanError::Workers(5_000_000_000).to_string(),
-            "--workers 5000000000 is out of range: it must be between 1 and 1024"
+            Plan::new(5, 6, Batches::default()).unwrap_err().to_string(),
+            "accounts to delete 6 is out of range: it must be between 1 and the 5 accounts created"
+        );
+        assert_eq!(
+            PlanError::new(Count::Workers, 5_000_000_000).to_string(),
+            "workers 5000000000 is out of range: it must be between 1 and 1024"
         );
     }
 }

@@ -12,8 +12,8 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::plan::{Batches, Length, Plan, PlanError, Settings};
-use values::{in_range, parse_request_timeout, parse_seconds};
+use crate::plan::{Batches, Count, Length, Plan, PlanError, Settings};
+use values::{parse_request_timeout, parse_seconds, whole};
 
 pub use dotenv::load_dotenv;
 pub use retry::{IsolationChoice, ProtocolChoice, RetryArgs, RetryBudgetChoice, RunArgs};
@@ -170,15 +170,15 @@ pub enum Command {
 #[command(group(clap::ArgGroup::new("length").required(true).args(["transfers", "duration"])))]
 pub struct WorkloadArgs {
     /// Threads running transfers, each with its own pooled connection (1 to 1024).
-    #[arg(long, value_name = "W", default_value = "4", value_parser = in_range(crate::plan::WORKERS), allow_negative_numbers = true)]
+    #[arg(long, value_name = "W", default_value = "4", value_parser = whole(), allow_negative_numbers = true)]
     pub workers: u64,
 
     /// Accounts to create and transfer between (2 to 100000000).
-    #[arg(long, value_name = "A", default_value = "100", value_parser = in_range(crate::plan::ACCOUNTS), allow_negative_numbers = true)]
+    #[arg(long, value_name = "A", default_value = "100", value_parser = whole(), allow_negative_numbers = true)]
     pub accounts: u64,
 
     /// Stop after this many transfers in all (at least 1).
-    #[arg(long, value_name = "T", value_parser = in_range(1..=u64::MAX), allow_negative_numbers = true)]
+    #[arg(long, value_name = "T", value_parser = whole(), allow_negative_numbers = true)]
     pub transfers: Option<u64>,
 
     /// Stop after this many seconds.
@@ -206,21 +206,34 @@ pub struct WorkloadArgs {
     pub request_timeout: Option<Duration>,
 }
 
-impl TryFrom<&WorkloadArgs> for Settings {
-    type Error = PlanError;
+/// A count the plan refused, in the command line's words: its flag in
+/// place of the plan's name for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{} {} is out of range: {}", flag(self.0.count), self.0.value, self.0.rule())]
+pub struct FlagError(pub PlanError);
 
-    fn try_from(args: &WorkloadArgs) -> Result<Self, PlanError> {
+/// The flag that sets `count`.
+fn flag(count: Count) -> &'static str {
+    match count {
+        Count::Accounts => "accounts",
+        Count::Delete => "delete",
+        Count::RowsPerInsert => "rows-per-insert",
+        Count::RowsPerTransaction => "rows-per-transaction",
+        Count::Workers => "workers",
+        Count::Transfers => "transfers",
+    }
+}
+
+impl TryFrom<&WorkloadArgs> for Settings {
+    type Error = FlagError;
+
+    fn try_from(args: &WorkloadArgs) -> Result<Self, FlagError> {
         // clap requires exactly one of the two.
         let length = match (args.transfers, args.duration) {
-            (Some(transfers), _) => Length::transfers(i128::from(transfers))?,
+            (Some(transfers), _) => Length::transfers(transfers).map_err(FlagError)?,
             (None, duration) => Length::Duration(duration.unwrap_or_default()),
         };
-        Settings::new(
-            i128::from(args.workers),
-            i128::from(args.accounts),
-            length,
-            args.seed,
-        )
+        Settings::new(args.workers, args.accounts, length, args.seed).map_err(FlagError)
     }
 }
 
@@ -229,11 +242,11 @@ impl TryFrom<&WorkloadArgs> for Settings {
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
     /// How many accounts to create (2, for the transfer, to 100000000: every id is kept in memory).
-    #[arg(long, value_name = "N", default_value = "100", value_parser = in_range(crate::plan::ACCOUNTS), allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value = "100", value_parser = whole(), allow_negative_numbers = true)]
     pub accounts: u64,
 
     /// How many of the new accounts to delete at the end (1 to --accounts).
-    #[arg(long, value_name = "N", default_value = "5", value_parser = in_range(1..=*crate::plan::ACCOUNTS.end()), allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value = "5", value_parser = whole(), allow_negative_numbers = true)]
     pub delete: u64,
 
     /// Seed the random generator: the same seed gives the same ids, balances and choices.
@@ -245,11 +258,11 @@ pub struct JobArgs {
     pub quiet: bool,
 
     /// Rows per multi-row INSERT when creating accounts (1 to 32767: each row binds 2 of a statement's 65535 parameters).
-    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT as u64, value_parser = in_range(1..=crate::bank::MAX_ROWS_PER_INSERT as u64), allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = crate::bank::ROWS_PER_INSERT as u64, value_parser = whole(), allow_negative_numbers = true)]
     pub rows_per_insert: u64,
 
     /// Accounts created per transaction (1 to 1000000: a batch is built in memory).
-    #[arg(long, value_name = "N", default_value_t = crate::plan::ROWS_PER_TRANSACTION as u64, value_parser = in_range(1..=crate::plan::MAX_ROWS_PER_TRANSACTION as u64), allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = crate::plan::ROWS_PER_TRANSACTION as u64, value_parser = whole(), allow_negative_numbers = true)]
     pub rows_per_transaction: u64,
 }
 
@@ -266,18 +279,15 @@ impl JobArgs {
 }
 
 impl TryFrom<&JobArgs> for Plan {
-    type Error = PlanError;
+    type Error = FlagError;
 
-    fn try_from(args: &JobArgs) -> Result<Self, PlanError> {
-        let batches = Batches::new(
-            i128::from(args.rows_per_insert),
-            i128::from(args.rows_per_transaction),
-        )?;
-        Ok(
-            Plan::new(i128::from(args.accounts), i128::from(args.delete), batches)?
-                .seeded(args.seed)
-                .quiet(args.quiet),
-        )
+    fn try_from(args: &JobArgs) -> Result<Self, FlagError> {
+        let batches =
+            Batches::new(args.rows_per_insert, args.rows_per_transaction).map_err(FlagError)?;
+        Ok(Plan::new(args.accounts, args.delete, batches)
+            .map_err(FlagError)?
+            .seeded(args.seed)
+            .quiet(args.quiet))
     }
 }
 
@@ -301,24 +311,17 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_range_checked_by_clap_and_the_delete_count_by_the_plan() {
+    fn clap_reads_whole_numbers_and_the_plan_checks_their_ranges_in_the_flags_words() {
         for (args, expected) in [
             (
-                &["bank", "--accounts", "1"][..],
-                "1 is not in 2..=100000000",
-            ),
-            (
                 &["bank", "--accounts", "-3"][..],
-                "invalid value '-3' for '--accounts <N>'",
+                "invalid value '-3' for '--accounts <N>': must be a whole number",
             ),
             (
-                &["bank", "--rows-per-insert", "32768"][..],
-                "32768 is not in 1..=32767",
+                &["bank", "--accounts", "18446744073709551616"][..],
+                "must be a whole number below 18446744073709551616",
             ),
-            (
-                &["bank", "workload", "--workers", "0", "--transfers", "1"][..],
-                "0 is not in 1..=1024",
-            ),
+            // The retry helper's own settings keep clap's range check.
             (
                 &["bank", "--max-retries", "4294967295"][..],
                 "4294967295 is not in 0..=4294967294",
@@ -328,13 +331,41 @@ mod tests {
             let err = Cli::try_parse_from(args).unwrap_err().to_string();
             assert!(err.contains(expected), "{args:?}: {err}");
         }
-        let cli = Cli::try_parse_from(["bank", "--accounts", "5", "--delete", "6"]).unwrap();
+        let plan = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            Plan::try_from(&cli.job)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
         assert_eq!(
-            Plan::try_from(&cli.job),
-            Err(PlanError::Delete {
-                delete: 6,
-                accounts: 5
-            })
+            plan(&["bank", "--accounts", "1"]),
+            Err("--accounts 1 is out of range: it must be between 2 (the transfer needs two accounts) \
+                 and 100000000 (every id is kept in memory)"
+                .to_owned())
+        );
+        assert_eq!(
+            plan(&["bank", "--rows-per-insert", "32768"]),
+            Err("--rows-per-insert 32768 is out of range: it must be between 1 and 32767 (each row \
+                 binds 2 of the 65535 parameters a statement may have)"
+                .to_owned())
+        );
+        assert_eq!(
+            plan(&["bank", "--accounts", "5", "--delete", "6"]),
+            Err(
+                "--delete 6 is out of range: it must be between 1 and the 5 accounts created"
+                    .to_owned()
+            )
+        );
+        let cli = Cli::try_parse_from(["bank", "workload", "--workers", "0", "--transfers", "1"])
+            .unwrap();
+        let Some(Command::Workload(args)) = &cli.command else {
+            panic!("not the workload")
+        };
+        assert_eq!(
+            Settings::try_from(args)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err("--workers 0 is out of range: it must be between 1 and 1024".to_owned())
         );
     }
 

@@ -7,19 +7,32 @@ use std::time::Duration;
 
 use clap::error::ErrorKind;
 
-/// clap's own range check for a whole number within `range` (one of the
-/// plan's ranges, so that the flag and the library agree), after a check
-/// that the text is a whole number that fits: clap's own word for `-5` or
-/// `many` would be Rust's "invalid digit found in string".
+/// clap's own range check for a whole number within `range`, after a
+/// check that the text is a whole number that fits: clap's own word for
+/// `-5` or `many` would be Rust's "invalid digit found in string". For
+/// the flags whose range is the command line's own (the retry helper's
+/// settings); the plan's counts use [`whole`], and the plan checks them.
 pub(super) fn in_range(range: RangeInclusive<u64>) -> Whole {
     let parser = clap::value_parser!(u64).range(*range.start()..=*range.end());
-    Whole { range, parser }
+    Whole {
+        range: Some(range),
+        parser,
+    }
 }
 
-/// See [`in_range`].
+/// A whole number, no more: its range is the plan's to check, once
+/// (`crate::plan`), and the command line only names the flag.
+pub(super) fn whole() -> Whole {
+    Whole {
+        range: None,
+        parser: clap::value_parser!(u64).range(..),
+    }
+}
+
+/// See [`in_range`] and [`whole`].
 #[derive(Clone)]
 pub(super) struct Whole {
-    range: RangeInclusive<u64>,
+    range: Option<RangeInclusive<u64>>,
     parser: clap::builder::RangedU64ValueParser<u64>,
 }
 
@@ -33,13 +46,15 @@ impl clap::builder::TypedValueParser for Whole {
         value: &std::ffi::OsStr,
     ) -> Result<u64, clap::Error> {
         let text = value.to_string_lossy();
-        let whole = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-        if whole && text.parse::<u64>().is_ok() {
+        let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+        if digits && text.parse::<u64>().is_ok() {
             return self.parser.parse_ref(cmd, arg, value);
         }
-        let what = match (self.range.start(), self.range.end()) {
-            (start, &u64::MAX) => format!("must be a whole number of at least {start}"),
-            (start, end) => format!("must be a whole number from {start} to {end}"),
+        let what = match self.range.as_ref().map(|r| (r.start(), r.end())) {
+            Some((start, &u64::MAX)) => format!("must be a whole number of at least {start}"),
+            Some((start, end)) => format!("must be a whole number from {start} to {end}"),
+            None if digits => format!("must be a whole number below {}", u128::from(u64::MAX) + 1),
+            None => "must be a whole number".to_owned(),
         };
         let flag = arg.map_or_else(String::new, |arg| format!(" for '{arg}'"));
         Err(clap::Error::raw(
