@@ -25,7 +25,7 @@
 //!   `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY`) as libpq's do.
 //!
 //! Failures use libpq's wording, so the one place that explains libpq's
-//! messages ([`super::connect`]) names them for both front ends.
+//! messages (`connect.rs`) names them for both front ends.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -613,6 +613,7 @@ impl Shared {
 /// TRANSACTION` right after `BEGIN` (CockroachDB's docs: "after you BEGIN
 /// it but before executing the first statement that manipulates a
 /// database").
+#[cfg(feature = "async")]
 pub(crate) fn pipelinable_begin(begin: &str) -> Cow<'_, str> {
     match begin.strip_prefix("BEGIN ISOLATION LEVEL ") {
         Some(rest) => Cow::Owned(format!("BEGIN; SET TRANSACTION ISOLATION LEVEL {rest}")),
@@ -978,6 +979,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "async")]
     #[test]
     fn a_pipelined_begin_opens_the_block_bare_and_sets_its_options_after() {
         let clock = FakeClock::new();
