@@ -202,24 +202,36 @@ impl AsyncConnector {
         let explained = |text: &str| {
             diesel::ConnectionError::BadConnection(super::connect::explain(text, &self.url))
         };
-        match &self.tls {
-            Err(text) => Err(explained(text)),
-            Ok(None) => {
-                let (client, connection) = self
-                    .config
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|err| explained(&full_text(&err)))?;
-                set_up(client, connection, first).await
+        let connecting = async {
+            match &self.tls {
+                Err(text) => Err(explained(text)),
+                Ok(None) => {
+                    let (client, connection) = self
+                        .config
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .map_err(|err| explained(&full_text(&err)))?;
+                    set_up(client, connection, first).await
+                }
+                Ok(Some(tls)) => {
+                    let (client, connection) = self
+                        .config
+                        .connect(tls.clone())
+                        .await
+                        .map_err(|err| explained(&full_text(&err)))?;
+                    set_up(client, connection, first).await
+                }
             }
-            Ok(Some(tls)) => {
-                let (client, connection) = self
-                    .config
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|err| explained(&full_text(&err)))?;
-                set_up(client, connection, first).await
-            }
+        };
+        // libpq's connect_timeout bounds the whole connect (TLS, the
+        // startup, authentication); tokio-postgres's only the socket's. A
+        // server that accepts and never answers would hold this for ever.
+        // 0 means no bound, as in libpq.
+        match self.config.get_connect_timeout().filter(|t| !t.is_zero()) {
+            Some(bound) => tokio::time::timeout(*bound, connecting)
+                .await
+                .unwrap_or_else(|_| Err(explained("timeout expired"))),
+            None => connecting.await,
         }
     }
 }

@@ -166,3 +166,23 @@ fn the_async_front_ends_refusals_are_one_line_before_anything_connects() {
     );
     assert!(!line.contains("s3cret"), "{line}");
 }
+
+#[test]
+fn a_server_that_never_answers_the_async_start_up_times_out_as_the_blocking_one_does() {
+    // The kernel completes the TCP handshake for the backlog, but nothing
+    // ever answers: the URL's connect_timeout bounds the whole connect, as
+    // libpq's does (tokio-postgres's own bounds only the socket's).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url =
+        format!("postgresql://app:s3cret@127.0.0.1:{port}/bank?sslmode=disable&connect_timeout=1");
+    let began = Instant::now();
+    let (child, _dir) = spawn_bank(&[], &["--database-url", &url, "--async"]);
+    let (out, _, ended) = wait_bounded(child, began, Duration::from_secs(30));
+    assert!(ended, "still waiting after 30 s");
+    assert_eq!(out.status.code(), Some(1));
+    let line = one_line(&out);
+    assert!(line.contains("timed out"), "{line}");
+    assert!(!line.contains("s3cret"), "{line}");
+    drop(silent);
+}
