@@ -15,7 +15,7 @@ mod migrations;
 mod pool;
 pub mod prepare;
 pub mod shape;
-pub mod tls;
+mod tls;
 mod url;
 
 pub use connect::{establish, establish_with_timeouts, ConnectError};

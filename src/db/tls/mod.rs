@@ -36,7 +36,7 @@ use tokio_postgres::config::SslMode;
 
 /// libpq's `sslmode` values, `allow` read as `prefer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(super) enum Mode {
     /// No TLS.
     Disable,
     /// TLS when the server offers it (`prefer`, and `allow`).
@@ -51,7 +51,7 @@ pub enum Mode {
 
 /// What the server's certificate is checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Roots {
+pub(super) enum Roots {
     /// Not checked: no CA file, in a mode that allows it.
     Unchecked,
     /// The CA certificates in this file.
@@ -60,20 +60,23 @@ pub enum Roots {
     System,
 }
 
-/// How the async front end's connections speak TLS.
+/// How the async front end's connections speak TLS. Its fields are
+/// private: only [`TlsSettings::from_options`] makes one, so that no
+/// combination libpq would not make (a host checked on an unchecked chain)
+/// can be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
+pub(super) struct TlsSettings {
     /// The `sslmode`.
-    pub mode: Mode,
+    mode: Mode,
     /// What the server's certificate is checked against.
-    pub roots: Roots,
+    roots: Roots,
     /// The client certificate and its key, when there is one.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// Where libpq's defaults live: the process's environment and files, or a
 /// test's stand-ins.
-pub trait Surroundings {
+pub(super) trait Surroundings {
     /// An environment variable.
     fn var(&self, name: &str) -> Option<String>;
     /// The user's home directory.
@@ -83,7 +86,7 @@ pub trait Surroundings {
 }
 
 /// The process's own environment and file system.
-pub struct Process;
+pub(super) struct Process;
 
 impl Surroundings for Process {
     fn var(&self, name: &str) -> Option<String> {
@@ -104,7 +107,7 @@ impl TlsSettings {
     /// # Errors
     /// An option's value libpq would refuse, or a CA file that a verifying
     /// mode needs and that does not exist, in libpq's words.
-    pub fn from_options(
+    pub(super) fn from_options(
         option: impl Fn(&str) -> Option<String>,
         around: &impl Surroundings,
     ) -> Result<Self, String> {
@@ -186,7 +189,7 @@ impl TlsSettings {
 
     /// tokio-postgres's mode: whether TLS is skipped, tried or required
     /// (the checks are the connector's).
-    pub fn ssl_mode(&self) -> SslMode {
+    pub(super) fn ssl_mode(&self) -> SslMode {
         match self.mode {
             Mode::Disable => SslMode::Disable,
             Mode::Prefer => SslMode::Prefer,
@@ -200,7 +203,7 @@ impl TlsSettings {
     /// # Errors
     /// A file OpenSSL cannot read, or a key others may read, in libpq's
     /// words.
-    pub fn connector(&self) -> Result<Option<MakeTlsConnector>, String> {
+    pub(super) fn connector(&self) -> Result<Option<MakeTlsConnector>, String> {
         if self.mode == Mode::Disable {
             return Ok(None);
         }
