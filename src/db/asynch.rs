@@ -2,7 +2,7 @@
 //! diesel-async connections made by tokio-postgres from the same
 //! libpq-style URL, with the same connection policy (timeouts, keepalives,
 //! `application_name`, the session timeouts in `options`), and TLS by
-//! libpq's rules ([`super::tls`]).
+//! libpq's rules (`tls/`).
 //!
 //! tokio-postgres reads a subset of libpq's options. An option it cannot
 //! honour (a service file, `target_session_attrs=read-only`, ...) is
