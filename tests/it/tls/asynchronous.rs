@@ -14,7 +14,7 @@ use diesel::sql_types::{Bool, Text};
 use diesel::QueryableByName;
 use diesel_async::RunQueryDsl;
 
-use super::fixture::{TlsDb, SENTINEL};
+use super::fixture::{misconfigurations, TlsDb, SENTINEL};
 use crate::helpers::*;
 use bank::db::asynch::AsyncConnector;
 use bank::db::DbUrl;
@@ -77,53 +77,19 @@ fn the_async_front_end_verifies_the_server_and_names_each_failure_as_the_sync_on
     assert_eq!(db.admin_sql("SELECT count(*) FROM accounts"), "95");
     assert_eq!(connect_async(&db.url()), Ok((true, String::new())));
 
-    let other_ca = db.server.file("other-ca.crt");
-    let cases = [
-        (
-            db.url_with(
-                "localhost",
-                SENTINEL,
-                "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
+    // The blocking tests' cases, and a chain checked without the name.
+    let mut cases = misconfigurations(&db);
+    cases.push((
+        db.url_with(
+            "localhost",
+            SENTINEL,
+            &format!(
+                "sslmode=verify-ca&sslrootcert={}",
+                db.server.file("other-ca.crt")
             ),
-            "the CA certificate file /nonexistent/ca.crt does not exist",
         ),
-        (
-            db.url_with(
-                "localhost",
-                SENTINEL,
-                &format!("sslmode=verify-full&sslrootcert={other_ca}"),
-            ),
-            "certificate could not be verified",
-        ),
-        (
-            db.url_with(
-                "localhost",
-                SENTINEL,
-                &format!("sslmode=verify-ca&sslrootcert={other_ca}"),
-            ),
-            "certificate could not be verified",
-        ),
-        (
-            db.url_with(
-                "127.0.0.1",
-                SENTINEL,
-                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
-            ),
-            "does not match the host name",
-        ),
-        (
-            db.url_with("localhost", SENTINEL, "sslmode=disable"),
-            "requires an encrypted connection",
-        ),
-        (
-            db.url_with(
-                "localhost",
-                "wrong-password",
-                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
-            ),
-            "password authentication failed",
-        ),
-    ];
+        "certificate could not be verified",
+    ));
     for (url, expected) in &cases {
         let [sync, asynchronous] = both_front_ends(url);
         assert_eq!(sync.status.code(), Some(1), "{url}: {}", stderr(&sync));

@@ -160,6 +160,53 @@ impl TlsDb {
     }
 }
 
+/// URLs that cannot connect, each with the words its failure must hold:
+/// a missing CA file, a CA that did not sign the server's certificate, a
+/// host name the certificate does not list, no TLS for a TLS-only server,
+/// a wrong password.
+pub(super) fn misconfigurations(db: &TlsDb) -> Vec<(String, &'static str)> {
+    let ca = db.server.ca();
+    let other_ca = db.server.file("other-ca.crt");
+    vec![
+        (
+            db.url_with(
+                "localhost",
+                SENTINEL,
+                "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
+            ),
+            "the CA certificate file /nonexistent/ca.crt does not exist",
+        ),
+        (
+            db.url_with(
+                "localhost",
+                SENTINEL,
+                &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+            ),
+            "certificate could not be verified",
+        ),
+        (
+            db.url_with(
+                "127.0.0.1",
+                SENTINEL,
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            "does not match the host name",
+        ),
+        (
+            db.url_with("localhost", SENTINEL, "sslmode=disable"),
+            "requires an encrypted connection",
+        ),
+        (
+            db.url_with(
+                "localhost",
+                "wrong-password",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            "password authentication failed",
+        ),
+    ]
+}
+
 /// A CA, a server certificate it signed for `localhost` only, a client
 /// certificate it signed for `certroach`, a second CA, and a client
 /// certificate for `certroach` that the second CA signed.

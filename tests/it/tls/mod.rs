@@ -15,7 +15,7 @@ mod asynchronous;
 mod fixture;
 
 use crate::helpers::*;
-use fixture::{TlsDb, SENTINEL};
+use fixture::{misconfigurations, TlsDb, SENTINEL};
 use testbed::proxy::Proxy;
 
 fn assert_one_line_failure(out: &Output, expected: &str) {
@@ -47,46 +47,7 @@ fn verified_tls_works_and_each_misconfiguration_is_one_clear_line() {
     // pg_hba.conf admits TCP connections only as hostssl, and the
     // sslmode=disable case below is refused: the job ran over TLS.
 
-    let other_ca = db.server.dir.join("other-ca.crt").display().to_string();
-    let cases = [
-        (
-            db.url_with(
-                "localhost",
-                SENTINEL,
-                "sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
-            ),
-            "the CA certificate file /nonexistent/ca.crt does not exist",
-        ),
-        (
-            db.url_with(
-                "localhost",
-                SENTINEL,
-                &format!("sslmode=verify-full&sslrootcert={other_ca}"),
-            ),
-            "certificate could not be verified",
-        ),
-        (
-            db.url_with(
-                "127.0.0.1",
-                SENTINEL,
-                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
-            ),
-            "does not match the host name",
-        ),
-        (
-            db.url_with("localhost", SENTINEL, "sslmode=disable"),
-            "requires an encrypted connection",
-        ),
-        (
-            db.url_with(
-                "localhost",
-                "wrong-password",
-                &format!("sslmode=verify-full&sslrootcert={}", db.server.ca()),
-            ),
-            "password authentication failed",
-        ),
-    ];
-    for (url, expected) in cases {
+    for (url, expected) in misconfigurations(&db) {
         assert_one_line_failure(&bank(&["--database-url", &url]), expected);
     }
 }
