@@ -70,6 +70,20 @@ pub fn insert_accounts_resolving(
             .load(conn)?;
         found.extend(accounts.into_iter().map(|a| (a.id, a.balance)));
     }
+    earlier_batch(attempt, &found, inserted)
+}
+
+/// After a commit in doubt, what the rows found say of the batch: all
+/// there with our balances and none inserted now is the earlier attempt's
+/// batch; anything else is someone else's rows. `found` maps the batch's
+/// ids that exist to their balances; `inserted` is how many this attempt
+/// inserted. Shared with the async unit.
+pub(crate) fn earlier_batch(
+    attempt: &Keyed<'_, &[Account]>,
+    found: &std::collections::HashMap<Uuid, i64>,
+    inserted: usize,
+) -> Result<Applied<usize>, BankError> {
+    let rows = *attempt.key();
     if let Some(other) = rows.iter().find(|a| found.get(&a.id) != Some(&a.balance)) {
         attempt.not_applied_earlier();
         return Err(BankError::NotOurs(other.id));
@@ -133,16 +147,26 @@ pub fn delete_accounts(
                 .get_results::<Uuid>(conn)?,
         );
     }
+    Ok(deleted_of(ids, &deleted, in_doubt))
+}
+
+/// What a deletion of `ids` did, from the ids its statements returned
+/// (see [`delete_accounts`]). Shared with the async unit.
+pub(crate) fn deleted_of(
+    ids: &[Uuid],
+    deleted: &HashSet<Uuid>,
+    in_doubt: bool,
+) -> Applied<Vec<Uuid>> {
     if in_doubt {
         if deleted.is_empty() && !ids.is_empty() {
-            return Ok(Applied::Earlier(ids.to_vec()));
+            return Applied::Earlier(ids.to_vec());
         }
-        return Ok(Applied::Now(ids.to_vec()));
+        return Applied::Now(ids.to_vec());
     }
-    Ok(Applied::Now(
+    Applied::Now(
         ids.iter()
             .copied()
             .filter(|id| deleted.contains(id))
             .collect(),
-    ))
+    )
 }

@@ -10,6 +10,8 @@ use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::accounts::{deleted_of, earlier_batch};
+use super::transfer::{amount_to_move, applied_now, check_request, find};
 use super::{
     applied_earlier, Amount, BankError, MoveFunds, Transfer, IDS_PER_STATEMENT, MAX_ROWS_PER_INSERT,
 };
@@ -58,15 +60,7 @@ pub async fn create_batch(
             .await?;
         found.extend(accounts.into_iter().map(|a| (a.id, a.balance)));
     }
-    if let Some(other) = rows.iter().find(|a| found.get(&a.id) != Some(&a.balance)) {
-        attempt.not_applied_earlier();
-        return Err(BankError::NotOurs(other.id));
-    }
-    if inserted > 0 {
-        attempt.not_applied_earlier();
-        return Err(BankError::NotOurs(rows[0].id));
-    }
-    Ok(Applied::Earlier(rows.len()))
+    earlier_batch(attempt, &found, inserted)
 }
 
 /// [`super::transfer`]: both rows locked in id order, then the ledger row
@@ -82,19 +76,8 @@ pub async fn transfer(
     amount: Amount,
 ) -> Result<Applied<Transfer>, BankError> {
     let key = *attempt.key();
-    if from == to {
-        return Err(BankError::SameAccount(from));
-    }
-    if let Amount::Exactly(amount @ ..=0) = amount {
-        return Err(BankError::NotPositive(amount));
-    }
+    check_request(from, to, amount)?;
     let both = || accounts::id.eq_any(array::<SqlUuid, _>((from, to)));
-    let find = |rows: &[Account], id: Uuid| {
-        rows.iter()
-            .find(|a| a.id == id)
-            .copied()
-            .ok_or(BankError::AccountNotFound(id))
-    };
     if attempt.in_doubt() {
         let amount = match ledger_amount(conn, key).await? {
             Some(amount) => Some(amount),
@@ -143,17 +126,7 @@ pub async fn transfer(
         .load(conn)
         .await?;
     let (source, destination) = (find(&rows, from)?, find(&rows, to)?);
-    let amount = match amount {
-        Amount::HalfOfSource => source.balance / 2,
-        Amount::Exactly(amount) => amount,
-    };
-    if amount > source.balance {
-        return Err(BankError::InsufficientFunds {
-            id: from,
-            balance: source.balance,
-            amount,
-        });
-    }
+    let amount = amount_to_move(source, amount)?;
     let after: Vec<Account> = MoveFunds {
         key,
         from,
@@ -168,14 +141,7 @@ pub async fn transfer(
             .ok_or(BankError::AccountNotFound(from))?;
         return Ok(applied_earlier(key, source, destination, amount));
     }
-    Ok(Applied::Now(Transfer {
-        key,
-        from: source,
-        to: destination,
-        amount,
-        from_after: find(&after, from)?,
-        to_after: find(&after, to)?,
-    }))
+    applied_now(key, source, destination, amount, &after)
 }
 
 async fn ledger_amount(conn: &mut AsyncPgConnection, key: Uuid) -> QueryResult<Option<i64>> {
@@ -206,16 +172,5 @@ pub async fn delete_accounts(
                 .await?,
         );
     }
-    if in_doubt {
-        if deleted.is_empty() && !ids.is_empty() {
-            return Ok(Applied::Earlier(ids.to_vec()));
-        }
-        return Ok(Applied::Now(ids.to_vec()));
-    }
-    Ok(Applied::Now(
-        ids.iter()
-            .copied()
-            .filter(|id| deleted.contains(id))
-            .collect(),
-    ))
+    Ok(deleted_of(ids, &deleted, in_doubt))
 }

@@ -50,12 +50,7 @@ pub fn transfer(
     amount: Amount,
 ) -> Result<Applied<Transfer>, BankError> {
     let key = *attempt.key();
-    if from == to {
-        return Err(BankError::SameAccount(from));
-    }
-    if let Amount::Exactly(amount @ ..=0) = amount {
-        return Err(BankError::NotPositive(amount));
-    }
+    check_request(from, to, amount)?;
     // `id = ANY(ARRAY[$1, $2])`, two parameters in an array of known length:
     // one index scan that returns the rows in id order, so the server locks
     // them in that order without sorting. Not `id = ANY($1)` with one array
@@ -64,12 +59,6 @@ pub fn transfer(
     // plans as two bitmap index scans, a heap scan and a sort: with the
     // write below, 51 against 39 µs of the server's time (bench/NOTES.md).
     let both = accounts::id.eq_any(array::<SqlUuid, _>((from, to)));
-    let find = |rows: &[Account], id: Uuid| {
-        rows.iter()
-            .find(|a| a.id == id)
-            .copied()
-            .ok_or(BankError::AccountNotFound(id))
-    };
     if attempt.in_doubt() {
         // First the ledger, without locks: an earlier attempt that committed
         // is found at once, whatever contention the accounts are under.
@@ -110,17 +99,7 @@ pub fn transfer(
         .select(Account::as_select())
         .load(conn)?;
     let (source, destination) = (find(&rows, from)?, find(&rows, to)?);
-    let amount = match amount {
-        Amount::HalfOfSource => source.balance / 2,
-        Amount::Exactly(amount) => amount,
-    };
-    if amount > source.balance {
-        return Err(BankError::InsufficientFunds {
-            id: from,
-            balance: source.balance,
-            amount,
-        });
-    }
+    let amount = amount_to_move(source, amount)?;
     let after: Vec<Account> = MoveFunds {
         key,
         from,
@@ -134,13 +113,62 @@ pub fn transfer(
         let amount = ledger_amount(conn, key)?.ok_or(BankError::AccountNotFound(from))?;
         return Ok(applied_earlier(key, source, destination, amount));
     }
+    applied_now(key, source, destination, amount, &after)
+}
+
+/// What a transfer asks for, checked before anything is read: two
+/// accounts, a positive amount. Shared with the async unit.
+pub(crate) fn check_request(from: Uuid, to: Uuid, amount: Amount) -> Result<(), BankError> {
+    if from == to {
+        return Err(BankError::SameAccount(from));
+    }
+    if let Amount::Exactly(amount @ ..=0) = amount {
+        return Err(BankError::NotPositive(amount));
+    }
+    Ok(())
+}
+
+/// The account `id` among `rows`.
+pub(crate) fn find(rows: &[Account], id: Uuid) -> Result<Account, BankError> {
+    rows.iter()
+        .find(|a| a.id == id)
+        .copied()
+        .ok_or(BankError::AccountNotFound(id))
+}
+
+/// How much leaves `source`: `amount` resolved against its balance, which
+/// must cover it.
+pub(crate) fn amount_to_move(source: Account, amount: Amount) -> Result<i64, BankError> {
+    let amount = match amount {
+        Amount::HalfOfSource => source.balance / 2,
+        Amount::Exactly(amount) => amount,
+    };
+    if amount > source.balance {
+        return Err(BankError::InsufficientFunds {
+            id: source.id,
+            balance: source.balance,
+            amount,
+        });
+    }
+    Ok(amount)
+}
+
+/// The transfer this attempt applied: the balances before, and `after`,
+/// the rows the write returned.
+pub(crate) fn applied_now(
+    key: Uuid,
+    source: Account,
+    destination: Account,
+    amount: i64,
+    after: &[Account],
+) -> Result<Applied<Transfer>, BankError> {
     Ok(Applied::Now(Transfer {
         key,
         from: source,
         to: destination,
         amount,
-        from_after: find(&after, from)?,
-        to_after: find(&after, to)?,
+        from_after: find(after, source.id)?,
+        to_after: find(after, destination.id)?,
     }))
 }
 
