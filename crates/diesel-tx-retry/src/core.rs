@@ -236,6 +236,30 @@ impl<'r, V, E> Core<'r, V, E> {
 
     /// No connection could be had for an attempt.
     pub(crate) fn no_connection(&mut self, err: Box<dyn std::error::Error + Send + Sync>) {
+        // Only a connection can settle a commit in doubt, and an outage
+        // that cut a COMMIT often outlasts one pool checkout: while a doubt
+        // is pending, a failed checkout is retried as a lost connection is,
+        // within the attempts and the deadline (never the shared budget,
+        // which does not end a doubt). Without a doubt nothing committed,
+        // and the pool's own wait was the bound.
+        if self.doubt.is_some() {
+            let backoff = self.retrier.backoff_for(self.attempts);
+            if self.spent(self.elapsed() + backoff).is_none() {
+                debug!(
+                    attempts = self.attempts,
+                    error = %err,
+                    "no connection while a commit is in doubt; trying again"
+                );
+                let cause = Some(Cause::ConnectionLost);
+                self.tell(cause, Outcome::Reconnected, backoff, None, None);
+                crate::metrics::retry(Cause::ConnectionLost);
+                if !backoff.is_zero() {
+                    self.todo.push_back(Do::Wait(backoff));
+                }
+                self.begin();
+                return;
+            }
+        }
         self.tell(None, Outcome::NoConnection, Duration::ZERO, None, None);
         // The earlier attempt may have committed: never "nothing committed".
         let result = match self.doubt.take() {

@@ -207,7 +207,10 @@ pub enum TxError<E> {
     #[error("the connection is already inside a transaction; call the retry helper outside any transaction")]
     AlreadyInTransaction,
     /// No connection could be had (a pool's checkout timed out). Nothing
-    /// was committed by the attempt that needed it.
+    /// was committed by the attempt that needed it. While an idempotent
+    /// call's commit is in doubt, a failed checkout is retried instead,
+    /// within the attempts and the deadline; if they run out first, the
+    /// call ends in [`TxError::AmbiguousCommit`].
     #[error("could not get a connection from the pool")]
     NoConnection(#[source] Box<dyn StdError + Send + Sync>),
 }

@@ -174,7 +174,11 @@
 //! told by [`Keyed::in_doubt`], looks for its key and returns what it found
 //! ([`Applied::Earlier`], or [`Applied::Now`] when it applied the change).
 //! There is no flag to forget and no setter to skip: a plain unit
-//! ([`Retrier::transaction`]) is never retried after a doubt.
+//! ([`Retrier::transaction`]) is never retried after a doubt. Only a
+//! connection can settle a doubt, so while one is pending a failed checkout
+//! (the outage that cut the COMMIT is not over) is retried after the
+//! backoff like a lost connection, within the attempts and the deadline;
+//! without a doubt, it ends the call with [`TxError::NoConnection`].
 //!
 //! The rule that makes this safe is the key's uniqueness, not a read after
 //! the fact. The first attempt's transaction may still be open on the server

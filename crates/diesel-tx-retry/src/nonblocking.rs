@@ -113,7 +113,9 @@ pub trait AsyncSource: Send {
     ///
     /// # Errors
     /// Why none could be had; the call ends with
-    /// [`TxError::NoConnection`].
+    /// [`TxError::NoConnection`], unless a commit is in doubt: then the
+    /// helper asks again, after its backoff, within the attempts and the
+    /// deadline.
     fn checkout(
         &mut self,
     ) -> impl Future<Output = Result<Self::Conn, Box<dyn StdError + Send + Sync>>> + Send;

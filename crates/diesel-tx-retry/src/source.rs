@@ -27,7 +27,9 @@ pub trait Source {
     ///
     /// # Errors
     /// Why none could be had (a pool's checkout timed out); the call ends
-    /// with [`TxError::NoConnection`](crate::TxError::NoConnection).
+    /// with [`TxError::NoConnection`](crate::TxError::NoConnection), unless
+    /// a commit is in doubt: then the helper asks again, after its backoff,
+    /// within the attempts and the deadline.
     fn checkout(&mut self) -> Result<Self::Conn<'_>, Box<dyn StdError + Send + Sync>>;
 
     /// Whether a second checkout gives another connection: a pool's does,

@@ -235,10 +235,15 @@ fn transfers_survive_kills_partitions_restarts_and_freezes() {
             namespace,
         })
         .unwrap();
+    // The deadline outlasts the longest outage the fault thread makes, so
+    // that every commit in doubt can be resolved: a partition of up to 5 s
+    // right before a restart, then r2d2's pause between failed connects
+    // (up to half its 10 s checkout timeout), then a checkout. An in-doubt
+    // call that gets no connection asks again until then.
     let retrier = Retrier::default()
         .for_server(Server::PostgreSql)
         .with_max_attempts(30)
-        .with_deadline(Duration::from_secs(20))
+        .with_deadline(Duration::from_secs(45))
         .with_statement_timeout(Duration::from_secs(2));
     let outcomes = Mutex::new(Outcomes::default());
     let retries = AtomicU32::new(0);

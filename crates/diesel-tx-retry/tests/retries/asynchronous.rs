@@ -3,6 +3,7 @@
 //! call's future after 1, 2, 3... polls, and during a slow COMMIT.
 
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -15,7 +16,8 @@ use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_tx_retry::testing::{self, AsyncMeet};
 use diesel_tx_retry::{
-    internal, Applied, Attempt, Cause, Keyed, Observer, Outcome, Protocol, Server, TxError,
+    internal, Applied, AsyncSource, Attempt, Cause, Keyed, Observer, Outcome, Protocol, Server,
+    TxError,
 };
 use testbed::proxy::{Cut, Proxy};
 use testbed::Database;
@@ -232,6 +234,79 @@ fn a_commit_cut_is_resolved_by_an_idempotent_unit(protocol: Protocol) {
             "{cut:?}: {result:?}"
         );
     }
+}
+
+/// A pool that cannot be reached for its checkouts numbered `refused`
+/// (the first is 1).
+struct Outage<'p> {
+    pool: &'p AsyncPool,
+    checkouts: usize,
+    refused: RangeInclusive<usize>,
+}
+
+impl AsyncSource for Outage<'_> {
+    type Conn = <&'static AsyncPool as AsyncSource>::Conn;
+
+    async fn checkout(&mut self) -> Result<Self::Conn, Box<dyn std::error::Error + Send + Sync>> {
+        self.checkouts += 1;
+        if self.refused.contains(&self.checkouts) {
+            return Err("timed out waiting for connection".into());
+        }
+        Ok(self.pool.get_owned().await?)
+    }
+}
+
+/// As the blocking front end does: after a COMMIT cut once it reached the
+/// server, two checkouts fail; the helper asks again after its backoff and
+/// resolves the doubt by the key.
+#[test]
+fn an_outage_after_a_commit_in_doubt_is_waited_out() {
+    let db = with_faults();
+    let proxy = Proxy::cutting_commits(db.tcp_addr(), 1_000, Cut::AfterForwarding).unwrap();
+    let seen = Arc::new(Seen::default());
+    let (retrier, clock) = on_postgres(Protocol::Restart);
+    let retrier = retrier.with_observer(seen.clone());
+    let done = runtime().block_on(async {
+        let pool = pool_of(&db.url_via(proxy.port()), 1).await;
+        let outage = Outage {
+            pool: &pool,
+            checkouts: 0,
+            refused: 2..=3,
+        };
+        retrier
+            .build_transaction()
+            .run_idempotent_async(
+                outage,
+                "keyed",
+                async |conn: &mut AsyncPgConnection, attempt: &Keyed<'_, &str>| {
+                    if attempt.in_doubt()
+                        && count_async(conn, "SELECT count(*) AS n FROM marks WHERE note = 'keyed'")
+                            .await?
+                            == 1
+                    {
+                        return Ok(Applied::Earlier(()));
+                    }
+                    mark_async(conn, attempt.key()).await?;
+                    Ok::<_, DieselError>(Applied::Now(()))
+                },
+            )
+            .await
+            .unwrap()
+    });
+    assert_eq!((done.attempts(), *done.value()), (4, Applied::Earlier(())));
+    let lost = Some(Cause::ConnectionLost);
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        vec![
+            (1, lost, Outcome::Reconnected),
+            (2, lost, Outcome::Reconnected),
+            (3, lost, Outcome::Reconnected),
+            (4, None, Outcome::Committed),
+        ]
+    );
+    let ms = Duration::from_millis;
+    assert_eq!(clock.sleeps(), [ms(10), ms(20), ms(40)]);
+    assert_eq!(db.count("marks"), 1);
 }
 
 for_each_protocol!(

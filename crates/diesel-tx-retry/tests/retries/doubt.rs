@@ -2,13 +2,20 @@
 //! first `COMMIT`, before forwarding it (the server rolls back) or just
 //! after (the server commits, and its answer is lost). A plain unit ends in
 //! doubt; an idempotent one is retried on a new connection, finds out by
-//! its key what happened, and says so. And a connection killed before the
-//! call's first statement.
+//! its key what happened, and says so, even when no connection can be had
+//! for a while after the cut. And a connection killed before the call's
+//! first statement.
+
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::Error as DieselError;
-use diesel_tx_retry::{Applied, Protocol, Resolution, TxError};
+use diesel_tx_retry::{
+    Applied, Attempt, Cause, Observer, Outcome, Pooled, Protocol, Resolution, Source, TxError,
+};
 use testbed::proxy::{Cut, Proxy};
 
 use crate::fixture::*;
@@ -162,4 +169,140 @@ fn a_refusal_after_the_unit_settled_the_doubt_is_definite() {
         }
         assert_eq!(db.count("marks"), 0);
     }
+}
+
+/// A pool that cannot be reached for its checkouts numbered `refused`
+/// (the first is 1): a server gone for a while, as after the outage that
+/// cut a COMMIT.
+struct Outage<'p> {
+    pool: &'p Pool<ConnectionManager<PgConnection>>,
+    checkouts: usize,
+    refused: RangeInclusive<usize>,
+}
+
+impl<'p> Outage<'p> {
+    fn new(
+        pool: &'p Pool<ConnectionManager<PgConnection>>,
+        refused: RangeInclusive<usize>,
+    ) -> Self {
+        Self {
+            pool,
+            checkouts: 0,
+            refused,
+        }
+    }
+}
+
+impl Source for Outage<'_> {
+    type Conn<'s>
+        = Pooled<ConnectionManager<PgConnection>>
+    where
+        Self: 's;
+
+    fn checkout(&mut self) -> Result<Self::Conn<'_>, Box<dyn std::error::Error + Send + Sync>> {
+        self.checkouts += 1;
+        if self.refused.contains(&self.checkouts) {
+            return Err("timed out waiting for connection".into());
+        }
+        let mut pool = self.pool;
+        pool.checkout()
+    }
+}
+
+/// Every attempt the observer was told of: (number, cause, outcome).
+#[derive(Default)]
+struct Seen(Mutex<Vec<(u32, Option<Cause>, Outcome)>>);
+
+impl Observer for Seen {
+    fn attempt(&self, attempt: &Attempt) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((attempt.number(), attempt.cause(), attempt.outcome()));
+    }
+}
+
+/// After a COMMIT cut either way, the pool cannot give a connection for two
+/// checkouts: only a connection can settle the doubt, so the helper asks
+/// again after its backoff (each ask an attempt) and resolves it by the key.
+/// When the attempts run out first, the call stays in doubt; without a
+/// doubt, a failed checkout ends the call at once, as nothing committed.
+#[test]
+fn an_outage_after_a_commit_in_doubt_is_waited_out_within_the_attempts() {
+    let ms = Duration::from_millis;
+    let lost = Some(Cause::ConnectionLost);
+    for cut in [Cut::BeforeForwarding, Cut::AfterForwarding] {
+        let db = with_faults();
+        let proxy = Proxy::cutting_commits(db.tcp_addr(), 1_000, cut).unwrap();
+        let pool = pool_via(&db, &proxy);
+        let seen = Arc::new(Seen::default());
+        let (retrier, clock) = on_postgres(Protocol::Restart);
+        let retrier = retrier.with_observer(seen.clone());
+        let done = retrier
+            .build_transaction()
+            .run_idempotent(Outage::new(&pool, 2..=3), "keyed", |conn, attempt| {
+                mark_once(conn, attempt.key(), attempt.in_doubt())
+            })
+            .unwrap();
+        let resolution = match cut {
+            Cut::AfterForwarding => Resolution::AppliedEarlier,
+            Cut::BeforeForwarding => Resolution::AppliedNow,
+        };
+        assert_eq!(
+            (done.attempts(), done.doubt()),
+            (4, Some(resolution)),
+            "{cut:?}"
+        );
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![
+                (1, lost, Outcome::Reconnected),
+                (2, lost, Outcome::Reconnected),
+                (3, lost, Outcome::Reconnected),
+                (4, None, Outcome::Committed),
+            ],
+            "{cut:?}"
+        );
+        assert_eq!(clock.sleeps(), [ms(10), ms(20), ms(40)], "{cut:?}");
+        assert_eq!(db.count("marks"), 1, "{cut:?}: applied once");
+    }
+
+    // The outage outlasts the attempts: in doubt, never "no connection".
+    let db = with_faults();
+    let proxy = Proxy::cutting_commits(db.tcp_addr(), 1_000, Cut::AfterForwarding).unwrap();
+    let pool = pool_via(&db, &proxy);
+    let (retrier, _) = retrier(diesel_tx_retry::Server::PostgreSql, Protocol::Restart, 3);
+    let result =
+        retrier.idempotent_transaction(Outage::new(&pool, 2..=99), "keyed", |conn, attempt| {
+            mark_once(conn, attempt.key(), attempt.in_doubt())
+        });
+    assert!(
+        matches!(result, Err(TxError::AmbiguousCommit { attempts: 3, .. })),
+        "{result:?}"
+    );
+    assert_eq!(db.count("marks"), 1);
+
+    // No doubt: the connection was lost before anything was sent, and the
+    // pool has no other one. Nothing committed, and the call says so.
+    let db = with_faults();
+    let pool = Pool::builder()
+        .max_size(1)
+        .test_on_check_out(false)
+        .build(ConnectionManager::<PgConnection>::new(&db.url))
+        .unwrap();
+    let idle = backend_pid(&mut pool.get().unwrap());
+    diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
+        .bind::<diesel::sql_types::Integer, _>(idle)
+        .execute(&mut db.conn())
+        .unwrap();
+    let (retrier, _) = on_postgres(Protocol::Restart);
+    let result =
+        retrier.idempotent_transaction(Outage::new(&pool, 2..=2), "keyed", |conn, attempt| {
+            mark_once(conn, attempt.key(), attempt.in_doubt())
+        });
+    assert!(
+        matches!(result, Err(TxError::NoConnection(_))),
+        "{result:?}"
+    );
+    assert_eq!(db.count("marks"), 0);
 }
