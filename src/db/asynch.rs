@@ -7,17 +7,16 @@
 //! tokio-postgres reads a subset of libpq's options. An option it cannot
 //! honour (a service file, `target_session_attrs=read-only`, ...) is
 //! refused by name before anything connects, instead of being dropped.
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use diesel::ConnectionResult;
 use diesel_async::pooled_connection::bb8::Pool;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::AsyncPgConnection;
+use futures_util::StreamExt;
 use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::config::{ChannelBinding, SslMode, TargetSessionAttrs};
+use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
 use super::tls::{Process, TlsSettings};
 use super::DbUrl;
@@ -189,16 +188,16 @@ impl AsyncConnector {
     }
 
     /// [`AsyncConnector::connect`], and the first row of `first` (a query
-    /// without parameters), asked before diesel-async sets the session up:
-    /// one round trip, where diesel-async would prepare the query in one
-    /// and run it in another.
+    /// without parameters, in text), sent ahead of diesel-async's session
+    /// set-up and in its first flight: no round trip of its own, where
+    /// diesel-async would prepare the query in one and run it in another.
     ///
     /// # Errors
     /// As [`AsyncConnector::connect`]; the query's failure, as its text.
     pub async fn connect_asking(
         &self,
         first: Option<&str>,
-    ) -> ConnectionResult<(AsyncPgConnection, Option<tokio_postgres::Row>)> {
+    ) -> ConnectionResult<(AsyncPgConnection, Option<SimpleQueryRow>)> {
         let explained = |text: &str| {
             diesel::ConnectionError::BadConnection(super::connect::explain(text, &self.url))
         };
@@ -236,37 +235,35 @@ impl AsyncConnector {
     }
 }
 
-/// Asks `first` on the bare tokio-postgres client (driving its connection
-/// meanwhile: diesel-async spawns the task that does so later), then hands
-/// both to diesel-async.
+/// Queues `first` on the bare tokio-postgres client in the simple query
+/// protocol (the request goes to the connection's queue at once, and its
+/// answer waits in its own stream), hands both to diesel-async, whose
+/// session set-up follows in the same flight, then reads the answer.
 async fn set_up<T>(
     client: tokio_postgres::Client,
-    mut connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
+    connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
     first: Option<&str>,
-) -> ConnectionResult<(AsyncPgConnection, Option<tokio_postgres::Row>)>
+) -> ConnectionResult<(AsyncPgConnection, Option<SimpleQueryRow>)>
 where
     T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
 {
-    let mut row = None;
-    if let Some(sql) = first {
-        let mut asked = std::pin::pin!(client.query_typed(sql, &[]));
-        let answer = std::future::poll_fn(|cx| {
-            if let Poll::Ready(answer) = asked.as_mut().poll(cx) {
-                return Poll::Ready(answer.map_err(|err| full_text(&err)));
-            }
-            match Pin::new(&mut connection).poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    Poll::Ready(Err("the server closed the connection".to_owned()))
-                }
-                Poll::Ready(Err(err)) => Poll::Ready(Err(full_text(&err))),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-        .map_err(diesel::ConnectionError::BadConnection)?;
-        row = answer.into_iter().next();
-    }
+    let failed =
+        |err: tokio_postgres::Error| diesel::ConnectionError::BadConnection(full_text(&err));
+    let asked = match first {
+        Some(sql) => Some(client.simple_query_raw(sql).await.map_err(failed)?),
+        None => None,
+    };
     let conn = AsyncPgConnection::try_from_client_and_connection(client, connection).await?;
+    let mut row = None;
+    if let Some(answer) = asked {
+        let mut answer = std::pin::pin!(answer);
+        // Read to the end: the stream is over at the query's ReadyForQuery.
+        while let Some(message) = answer.next().await {
+            if let SimpleQueryMessage::Row(found) = message.map_err(failed)? {
+                row.get_or_insert(found);
+            }
+        }
+    }
     Ok((conn, row))
 }
 
@@ -324,11 +321,7 @@ pub async fn inspect_quickly(pool: &AsyncPool, url: &DbUrl) -> Option<super::Ins
     let connector = AsyncConnector::new(url).ok()?;
     let (conn, row) = connector.connect_asking(Some(&sql)).await.ok()?;
     let row = row?;
-    let found = (
-        row.try_get(0).ok()?,
-        row.try_get(1).ok()?,
-        row.try_get(2).ok()?,
-    );
+    let found = super::quick_found_in_text(row.get(0)?, row.get(1)?, row.get(2)?)?;
     let inspection = super::quick_inspection(found)?;
     // Full only if another task got there first: then this one is spare.
     let _ = pool.add(conn);

@@ -107,6 +107,22 @@ pub(crate) fn quick_check_sql() -> String {
     sql.finish()
 }
 
+/// The quick check's answer as the simple query protocol gives it, in
+/// text (both servers write a boolean as `t` or `f`): `None` for anything
+/// else, which the whole inspection then settles.
+pub(crate) fn quick_found_in_text(
+    version: &str,
+    allowed: &str,
+    ours: &str,
+) -> Option<(String, bool, bool)> {
+    let boolean = |text: &str| match text {
+        "t" => Some(true),
+        "f" => Some(false),
+        _ => None,
+    };
+    Some((version.to_owned(), boolean(allowed)?, boolean(ours)?))
+}
+
 /// What the quick check's answer says: an inspection when all holds.
 pub(crate) fn quick_inspection(
     (version, allowed, ours): (String, bool, bool),
@@ -214,4 +230,26 @@ pub fn null_balances(conn: &mut PgConnection) -> QueryResult<i64> {
         .filter(crate::schema::accounts::balance.nullable().is_null())
         .count()
         .get_result(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quick_found_in_text;
+
+    #[test]
+    fn the_quick_checks_text_answer_reads_t_and_f_and_nothing_else() {
+        let version = "PostgreSQL 15.18";
+        assert_eq!(
+            quick_found_in_text(version, "t", "f"),
+            Some((version.to_owned(), true, false))
+        );
+        assert_eq!(
+            quick_found_in_text(version, "f", "t"),
+            Some((version.to_owned(), false, true))
+        );
+        for odd in ["true", "1", "", "T"] {
+            assert_eq!(quick_found_in_text(version, odd, "t"), None, "{odd:?}");
+            assert_eq!(quick_found_in_text(version, "t", odd), None, "{odd:?}");
+        }
+    }
 }

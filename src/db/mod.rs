@@ -22,7 +22,7 @@ pub use connect::{establish, establish_with_timeouts, ConnectError};
 pub use inspect::{
     inspect, inspect_fully, inspect_quickly, null_balances, AccountsTable, Inspection,
 };
-pub(crate) use inspect::{quick_check_sql, quick_inspection};
+pub(crate) use inspect::{quick_check_sql, quick_found_in_text, quick_inspection};
 pub use log::log_statements;
 pub use migrations::{run_migrations, MigrationError, ACCOUNTS_MIGRATION, MIGRATIONS};
 pub use pool::{pool, pool_of, Aged, Connects, Manager, PgPool, POOL_CHECKOUT_WAIT};

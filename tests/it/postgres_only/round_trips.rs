@@ -64,23 +64,26 @@ fn the_async_main_job_sends_each_begin_with_its_first_statement() {
     let (round_trips, connections) =
         main_job_through(Duration::from_millis(20), "?sslmode=disable", &["--async"]);
     assert_eq!(connections, 1);
-    // tokio-postgres's startup; the quick check, asked before diesel-async
-    // sets the session up (one flight); diesel-async's two SETs, prepared
-    // one after the other and run together (three). Then each transaction:
-    // BEGIN with its first statement's Parse, the Bind, each further
-    // statement's Parse and Bind, the commit.
+    // tokio-postgres's startup; diesel-async's two SETs, prepared one
+    // after the other and run together (three flights), the quick check
+    // sent ahead in the first of them. Then each transaction: BEGIN with
+    // its first statement's Parse, the Bind, each further statement's
+    // Parse and Bind, the commit.
     assert_eq!(
         per_phase(&round_trips),
         BTreeMap::from([
             ("1 connect", 4),
-            ("2 setup", 1),
             ("3 create", 3),
             ("4 transfer", 5),
             ("5 delete", 3),
         ]),
         "{round_trips:#?}"
     );
-    assert_eq!(round_trips.len(), 16);
+    assert_eq!(round_trips.len(), 15);
+    let setup = &round_trips[1].sent;
+    assert_eq!(setup.len(), 2, "{setup:?}");
+    assert!(setup[0].starts_with("SELECT version()"), "{setup:?}");
+    assert_eq!(setup[1], "SET TIME ZONE 'UTC'");
     let begins: Vec<&RoundTrip> = round_trips
         .iter()
         .filter(|rt| rt.sent.iter().any(|s| s.starts_with("BEGIN")))
