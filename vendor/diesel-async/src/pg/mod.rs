@@ -167,6 +167,9 @@ const FAKE_OID: u32 = 0;
 pub struct AsyncPgConnection {
     conn: tokio_postgres::Client,
     stmt_cache: Mutex<StatementCache<diesel::pg::Pg, Statement>>,
+    // PATCH (bank): the statements this connection ran once, by a hash of
+    // their SQL (see `Sighting`).
+    seen: std::sync::Mutex<Sighting>,
     transaction_state: Mutex<AnsiTransactionManager>,
     metadata_cache: Mutex<PgMetadataCache>,
     connection_future: Option<broadcast::Receiver<Arc<tokio_postgres::Error>>>,
@@ -336,12 +339,64 @@ impl Drop for AsyncPgConnection {
     }
 }
 
+// PATCH (bank): a statement's first run on a connection, and every run of
+// a statement Diesel does not cache, goes out as one unnamed
+// Parse/Bind/Describe/Execute/Sync flight (tokio-postgres's
+// `query_typed_raw`), as libpq's `PQexecParams` does for Diesel's blocking
+// connection. Upstream prepares every statement in a flight of its own
+// first, which costs a round trip a statement on a new connection. From
+// its second run on, a cacheable statement is prepared and kept, as
+// upstream does (pgjdbc's `prepareThreshold` works the same way).
+/// What runs: a statement prepared and kept, or SQL sent unnamed.
+pub(crate) enum Prepared {
+    Stmt(Statement),
+    Unnamed(String),
+}
+
+/// Which statements a connection has run once, by a hash of their SQL; at
+/// most `Sighting::MAX` of them, after which every statement counts as
+/// seen (and goes to the statement cache, as upstream).
+#[derive(Default)]
+struct Sighting(std::collections::HashSet<u64>);
+
+impl Sighting {
+    const MAX: usize = 1024;
+
+    /// Whether `sql` is run for the first time (and remember it).
+    fn first(&mut self, sql: &str) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        if self.0.len() >= Self::MAX {
+            return false;
+        }
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(sql);
+        self.0.insert(hash)
+    }
+}
+
+/// The binds with their types, as `query_typed_raw` takes them.
+fn typed(binds: Vec<ToSqlHelper>) -> QueryResult<Vec<(ToSqlHelper, Type)>> {
+    binds
+        .into_iter()
+        .map(|bind| {
+            let ty = type_from_oid(&bind.0)?;
+            Ok((bind, ty))
+        })
+        .collect()
+}
+
 async fn load_prepared(
     conn: &tokio_postgres::Client,
-    stmt: Statement,
+    stmt: Prepared,
     binds: Vec<ToSqlHelper>,
 ) -> QueryResult<BoxStream<'static, QueryResult<PgRow>>> {
-    let res = conn.query_raw(&stmt, binds).await.map_err(ErrorHelper)?;
+    let res = match stmt {
+        Prepared::Stmt(stmt) => conn.query_raw(&stmt, binds).await.map_err(ErrorHelper)?,
+        Prepared::Unnamed(sql) => conn
+            .query_typed_raw(&sql, typed(binds)?)
+            .await
+            .map_err(ErrorHelper)?,
+    };
 
     Ok(res
         .map_err(|e| diesel::result::Error::from(ErrorHelper(e)))
@@ -351,17 +406,32 @@ async fn load_prepared(
 
 async fn execute_prepared(
     conn: &tokio_postgres::Client,
-    stmt: Statement,
+    stmt: Prepared,
     binds: Vec<ToSqlHelper>,
 ) -> QueryResult<usize> {
-    let binds = binds
-        .iter()
-        .map(|b| b as &(dyn ToSql + Sync))
-        .collect::<Vec<_>>();
-
-    let res = tokio_postgres::Client::execute(conn, &stmt, &binds as &[_])
-        .await
-        .map_err(ErrorHelper)?;
+    let res = match stmt {
+        Prepared::Stmt(stmt) => {
+            let binds = binds
+                .iter()
+                .map(|b| b as &(dyn ToSql + Sync))
+                .collect::<Vec<_>>();
+            tokio_postgres::Client::execute(conn, &stmt, &binds as &[_])
+                .await
+                .map_err(ErrorHelper)?
+        }
+        Prepared::Unnamed(sql) => {
+            let rows = conn
+                .query_typed_raw(&sql, typed(binds)?)
+                .await
+                .map_err(ErrorHelper)?;
+            let mut rows = std::pin::pin!(rows);
+            // To the end: the count comes with the command's completion.
+            while let Some(row) = rows.next().await {
+                row.map_err(ErrorHelper)?;
+            }
+            rows.rows_affected().unwrap_or(0)
+        }
+    };
     res.try_into()
         .map_err(|e| diesel::result::Error::DeserializationError(Box::new(e)))
 }
@@ -506,6 +576,7 @@ impl AsyncPgConnection {
         let mut conn = Self {
             conn,
             stmt_cache: Mutex::new(StatementCache::new()),
+            seen: std::sync::Mutex::new(Sighting::default()),
             transaction_state: Mutex::new(AnsiTransactionManager::default()),
             metadata_cache: Mutex::new(PgMetadataCache::new()),
             connection_future,
@@ -546,7 +617,7 @@ impl AsyncPgConnection {
     fn with_prepared_statement<'a, T, F, R>(
         &'a self,
         query: T,
-        callback: fn(&'a tokio_postgres::Client, Statement, Vec<ToSqlHelper>) -> F,
+        callback: fn(&'a tokio_postgres::Client, Prepared, Vec<ToSqlHelper>) -> F,
     ) -> BoxFuture<'a, QueryResult<R>>
     where
         T: QueryFragment<diesel::pg::Pg> + QueryId,
@@ -580,7 +651,7 @@ impl AsyncPgConnection {
 
     fn with_prepared_statement_after_sql_built<'a, F, R>(
         &'a self,
-        callback: fn(&'a tokio_postgres::Client, Statement, Vec<ToSqlHelper>) -> F,
+        callback: fn(&'a tokio_postgres::Client, Prepared, Vec<ToSqlHelper>) -> F,
         is_safe_to_cache_prepared: QueryResult<bool>,
         query_id: Option<std::any::TypeId>,
         to_sql_result: QueryResult<()>,
@@ -593,6 +664,7 @@ impl AsyncPgConnection {
     {
         let raw_connection = &self.conn;
         let stmt_cache = &self.stmt_cache;
+        let seen = &self.seen;
         let metadata_cache = &self.metadata_cache;
         let tm = &self.transaction_state;
         let instrumentation = self.instrumentation.clone();
@@ -661,6 +733,18 @@ impl AsyncPgConnection {
                         })?;
                 }
             }
+            // PATCH (bank): see `Prepared`.
+            let unnamed = !is_safe_to_cache_prepared
+                || seen.lock().unwrap_or_else(|e| e.into_inner()).first(&sql);
+            if unnamed {
+                let binds = bind_collector
+                    .metadata
+                    .into_iter()
+                    .zip(bind_collector.binds)
+                    .map(|(meta, bind)| ToSqlHelper(meta, bind))
+                    .collect::<Vec<_>>();
+                return callback(raw_connection, Prepared::Unnamed(sql.clone()), binds).await;
+            }
             let stmt = {
                 let mut stmt_cache = stmt_cache.lock().await;
                 let helper = QueryFragmentHelper {
@@ -694,7 +778,7 @@ impl AsyncPgConnection {
                 .zip(bind_collector.binds)
                 .map(|(meta, bind)| ToSqlHelper(meta, bind))
                 .collect::<Vec<_>>();
-                callback(raw_connection, stmt.clone(), binds).await
+                callback(raw_connection, Prepared::Stmt(stmt.clone()), binds).await
             };
             let res = res.await;
             let mut tm = tm.lock().await;
