@@ -108,8 +108,9 @@ pub(crate) fn quick_check_sql() -> String {
 }
 
 /// The quick check's answer as the simple query protocol gives it, in
-/// text (both servers write a boolean as `t` or `f`): `None` for anything
-/// else, which the whole inspection then settles.
+/// text: both servers write a boolean as `t` or `f` (PostgreSQL's
+/// `boolout`; CockroachDB's pgwire `writeTextBool`, read in its source, not
+/// run). `None` for anything else, which the whole inspection then settles.
 pub(crate) fn quick_found_in_text(
     version: &str,
     allowed: &str,
