@@ -7,16 +7,15 @@
 //! first statement.
 
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::Error as DieselError;
-use diesel_tx_retry::{
-    Applied, Attempt, Cause, Observer, Outcome, Pooled, Protocol, Resolution, Source, TxError,
-};
+use diesel_tx_retry::{Applied, Cause, Outcome, Pooled, Protocol, Resolution, Source, TxError};
 use testbed::proxy::{Cut, Proxy};
+use testbed::Database;
 
 use crate::fixture::*;
 
@@ -105,20 +104,26 @@ fn a_budget_spent_before_the_doubt_is_resolved_stays_ambiguous() {
     assert_eq!(db.count("marks"), 1);
 }
 
-#[test]
-fn a_connection_killed_before_the_call_is_replaced_at_begin() {
-    let db = with_faults();
+/// A pool of one connection to `db`, killed while idle in the pool, which
+/// checks nothing on checkout; and the killed backend's pid.
+fn pool_with_its_connection_killed(db: &Database) -> (Pool<ConnectionManager<PgConnection>>, i32) {
     let pool = Pool::builder()
         .max_size(1)
         .test_on_check_out(false)
         .build(ConnectionManager::<PgConnection>::new(&db.url))
         .unwrap();
     let idle = backend_pid(&mut pool.get().unwrap());
-    // Killed while idle in the pool, which checks nothing on checkout.
     diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
         .bind::<diesel::sql_types::Integer, _>(idle)
         .execute(&mut db.conn())
         .unwrap();
+    (pool, idle)
+}
+
+#[test]
+fn a_connection_killed_before_the_call_is_replaced_at_begin() {
+    let db = with_faults();
+    let (pool, idle) = pool_with_its_connection_killed(&db);
     let (retrier, _) = on_postgres(Protocol::Restart);
     let done = retrier
         .build_transaction()
@@ -209,19 +214,6 @@ impl Source for Outage<'_> {
     }
 }
 
-/// Every attempt the observer was told of: (number, cause, outcome).
-#[derive(Default)]
-struct Seen(Mutex<Vec<(u32, Option<Cause>, Outcome)>>);
-
-impl Observer for Seen {
-    fn attempt(&self, attempt: &Attempt) {
-        self.0
-            .lock()
-            .unwrap()
-            .push((attempt.number(), attempt.cause(), attempt.outcome()));
-    }
-}
-
 /// After a COMMIT cut either way, the pool cannot give a connection for two
 /// checkouts: only a connection can settle the doubt, so the helper asks
 /// again after its backoff (each ask an attempt) and resolves it by the key.
@@ -285,16 +277,7 @@ fn an_outage_after_a_commit_in_doubt_is_waited_out_within_the_attempts() {
     // No doubt: the connection was lost before anything was sent, and the
     // pool has no other one. Nothing committed, and the call says so.
     let db = with_faults();
-    let pool = Pool::builder()
-        .max_size(1)
-        .test_on_check_out(false)
-        .build(ConnectionManager::<PgConnection>::new(&db.url))
-        .unwrap();
-    let idle = backend_pid(&mut pool.get().unwrap());
-    diesel::sql_query("SELECT pg_terminate_backend($1, 5000)")
-        .bind::<diesel::sql_types::Integer, _>(idle)
-        .execute(&mut db.conn())
-        .unwrap();
+    let (pool, _) = pool_with_its_connection_killed(&db);
     let (retrier, _) = on_postgres(Protocol::Restart);
     let result =
         retrier.idempotent_transaction(Outage::new(&pool, 2..=2), "keyed", |conn, attempt| {

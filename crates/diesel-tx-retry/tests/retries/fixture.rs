@@ -2,7 +2,7 @@
 //! of `testbed::faults` when it asks), a helper that never sleeps for real,
 //! and small readers of the session's state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::dsl::sql;
@@ -11,7 +11,9 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Text};
 use diesel_tx_retry::internal::{self, FakeClock};
-use diesel_tx_retry::{Backoff, Protocol, Retrier, Server, TxError};
+use diesel_tx_retry::{
+    Attempt, Backoff, Cause, Observer, Outcome, Protocol, Retrier, Server, TxError,
+};
 use testbed::proxy::Proxy;
 use testbed::Database;
 
@@ -114,5 +116,35 @@ pub fn failed_kind<T>(result: &Result<T, TxError<DieselError>>) -> Option<Databa
     match result {
         Err(TxError::Failed(DieselError::DatabaseError(kind, _))) => Some(*kind),
         _ => None,
+    }
+}
+
+/// A tokio runtime of two worker threads, as a service on a small machine
+/// runs.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every attempt the observer was told of: (number, cause, outcome).
+#[derive(Default)]
+pub struct Seen(pub Mutex<Vec<(u32, Option<Cause>, Outcome)>>);
+
+impl Observer for Seen {
+    fn attempt(&self, attempt: &Attempt) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((attempt.number(), attempt.cause(), attempt.outcome()));
+    }
+}
+
+impl Seen {
+    /// The outcomes alone, in order.
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.0.lock().unwrap().iter().map(|s| s.2).collect()
     }
 }

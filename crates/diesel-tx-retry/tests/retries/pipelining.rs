@@ -51,14 +51,6 @@ async fn bump_and_look(conn: &mut AsyncPgConnection) -> Result<Inside, diesel::r
     .await
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn pool_of(url: String) -> Pool<AsyncPgConnection> {
     Pool::builder()
         .max_size(1)

@@ -2,7 +2,7 @@
 //! guarantees as the blocking one; cancel safety in `cancellation`.
 
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::result::Error as DieselError;
@@ -12,8 +12,7 @@ use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_tx_retry::testing::{self, AsyncMeet};
 use diesel_tx_retry::{
-    internal, Applied, AsyncSource, Attempt, Cause, Keyed, Observer, Outcome, Protocol, Server,
-    TxError,
+    internal, Applied, AsyncSource, Cause, Keyed, Outcome, Protocol, Server, TxError,
 };
 use testbed::proxy::{Cut, Proxy};
 use testbed::Database;
@@ -23,14 +22,6 @@ use crate::fixture::*;
 mod cancellation;
 
 type AsyncPool = Pool<AsyncPgConnection>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn pool_of(url: &str, size: u32) -> AsyncPool {
     Pool::builder()
@@ -70,25 +61,6 @@ struct N {
 
 async fn count_async(conn: &mut AsyncPgConnection, sql: &str) -> Result<i64, DieselError> {
     Ok(diesel::sql_query(sql).get_result::<N>(conn).await?.n)
-}
-
-/// Every attempt the observer was told of: (number, cause, outcome).
-#[derive(Default)]
-struct Seen(Mutex<Vec<(u32, Option<Cause>, Outcome)>>);
-
-impl Observer for Seen {
-    fn attempt(&self, attempt: &Attempt) {
-        self.0
-            .lock()
-            .unwrap()
-            .push((attempt.number(), attempt.cause(), attempt.outcome()));
-    }
-}
-
-impl Seen {
-    fn outcomes(&self) -> Vec<Outcome> {
-        self.0.lock().unwrap().iter().map(|s| s.2).collect()
-    }
 }
 
 /// Waits, within `bound`, until no session of `db` but the watcher's has
